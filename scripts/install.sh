@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install Bulwark with its test tools.
+# Usage: scripts/install.sh            (VENV=path to choose another environment)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install --quiet --upgrade pip
+$PIP install --quiet -c constraints.txt -e ".[dev]"
+# torchattacks 3.5.1 declares torchvision and requests~=2.25.1 but imports neither; its real
+# needs (numpy, scipy, tqdm) come with Bulwark's own dependencies.
+$PIP install --quiet --no-deps "torchattacks==3.5.1"
+"$VENV/bin/python" -c "import torch, torchattacks; print('bulwark env ready: torch', torch.__version__, '| torchattacks', torchattacks.__version__)"

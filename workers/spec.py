@@ -1,0 +1,392 @@
+"""The job spec: one pydantic model shared by the CLI, the runner and the service.
+
+It imports without torch. A recipe is a composition of orthogonal parts (DESIGN.md):
+adversary x loss x regularizers x weight perturbation x labels, under a threat model and a
+schedule. A named preset (``"recipe": "fgsm-elle"``) fills in the papers' per-epsilon
+defaults; every field the user gives overrides the preset's value (see ``workers.presets``).
+
+Unknown fields and out-of-range values are rejected with the field path and allowed range.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------------------------- numbers
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def parse_epsilon(value: Any) -> float:
+    """Accept 0.03137, "0.03137" or "8/255" (the way papers write it)."""
+    if isinstance(value, bool):
+        raise ValueError("epsilon must be a number or a fraction such as '8/255'")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        m = _FRACTION.match(value)
+        if m:
+            den = float(m.group(2))
+            if den == 0:
+                raise ValueError("epsilon fraction has a zero denominator")
+            return float(Fraction(m.group(1)) / Fraction(m.group(2)))
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"epsilon must be a number or a fraction such as '8/255', got {value!r}")
+
+
+# ---------------------------------------------------------------------------------- dataset
+DatasetName = Literal[
+    "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "digits", "synthetic", "npz"
+]
+
+
+class SyntheticSpec(_Strict):
+    """Seeded synthetic images for tests: class-dependent blobs, learnable but not trivial."""
+
+    num_classes: int = Field(10, ge=2, le=1000)
+    image_size: int = Field(28, ge=4, le=256)
+    channels: Literal[1, 3] = 1
+    n_train: int = Field(2048, ge=16, le=1_000_000)
+    n_test: int = Field(512, ge=16, le=1_000_000)
+    seed: int = Field(0, ge=0)
+
+
+class DatasetSpec(_Strict):
+    name: DatasetName = "mnist"
+    root: str | None = Field(
+        None, description="data root; default: $BULWARK_DATA_ROOT, ./data, ../shared/data"
+    )
+    path: str | None = Field(None, description="the .npz file (name = 'npz' only)")
+    val_size: int = Field(1024, ge=0, le=100_000, description="held-out training images")
+    train_limit: int | None = Field(None, ge=1, description="use only this many train images")
+    test_limit: int | None = Field(None, ge=1, description="use only this many test images")
+    crop_padding: int | None = Field(
+        None, ge=0, le=16, description="random-crop padding; None = dataset default"
+    )
+    flip: bool | None = Field(None, description="random horizontal flip; None = dataset default")
+    download: bool = Field(False, description="opt in to downloading the standard files")
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+
+    @model_validator(mode="after")
+    def _npz_needs_path(self) -> DatasetSpec:
+        if self.name == "npz" and not self.path:
+            raise ValueError("dataset.path is required when dataset.name is 'npz'")
+        if self.name != "npz" and self.path:
+            raise ValueError("dataset.path is only used with dataset.name 'npz'")
+        return self
+
+
+# ---------------------------------------------------------------------------------- model
+class ModelSpec(_Strict):
+    arch: Literal["small_cnn", "preact_resnet18", "wide_resnet"] = "small_cnn"
+    depth: int = Field(28, ge=10, le=70, description="WideResNet depth (6n+4)")
+    widen_factor: int = Field(10, ge=1, le=20, description="WideResNet widen factor")
+
+    @model_validator(mode="after")
+    def _wrn_depth(self) -> ModelSpec:
+        if self.arch == "wide_resnet" and (self.depth - 4) % 6 != 0:
+            raise ValueError(f"model.depth must be 6n+4 for wide_resnet (e.g. 28, 34), got {self.depth}")
+        return self
+
+
+# ---------------------------------------------------------------------------------- threat
+class ThreatSpec(_Strict):
+    """Perturbation set: the ε-ball of the norm, intersected with the image box [0, 1]."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    epsilon: float = Field(8 / 255, description="radius in [0,1] pixel units; '8/255' accepted")
+
+    @field_validator("epsilon", mode="before")
+    @classmethod
+    def _parse_eps(cls, v: Any) -> float:
+        return parse_epsilon(v)
+
+    @model_validator(mode="after")
+    def _range(self) -> ThreatSpec:
+        hi = 1.0 if self.norm == "linf" else 64.0
+        if not (0.0 < self.epsilon <= hi):
+            raise ValueError(f"threat.epsilon must be in (0, {hi:g}] for norm {self.norm}, got {self.epsilon}")
+        return self
+
+
+# ---------------------------------------------------------------------------------- recipe
+class NoAdversary(_Strict):
+    kind: Literal["none"] = "none"
+
+
+class FGSMAdversary(_Strict):
+    """FGSM (Goodfellow'15): zero init, one signed step of α = ε."""
+
+    kind: Literal["fgsm"] = "fgsm"
+    alpha: float = Field(1.0, gt=0, le=4, description="step size as a multiple of ε")
+
+
+class FGSMRSAdversary(_Strict):
+    """RS-FGSM (Wong'20): η ~ U[-ε, ε], step α = 1.25ε, projected back onto the ε-ball."""
+
+    kind: Literal["fgsm_rs"] = "fgsm_rs"
+    alpha: float = Field(1.25, gt=0, le=4, description="step size as a multiple of ε")
+
+
+class NFGSMAdversary(_Strict):
+    """N-FGSM (de Jorge'22): η ~ U[-kε, kε], step α = ε, no projection (clip to [0,1] only)."""
+
+    kind: Literal["n_fgsm"] = "n_fgsm"
+    k: float = Field(2.0, ge=0, le=8, description="noise magnitude as a multiple of ε")
+    alpha: float = Field(1.0, gt=0, le=4, description="step size as a multiple of ε")
+
+
+class PGDAdversary(_Strict):
+    """PGD (Madry'18): `steps` projected steps of α from a random start in the ε-ball."""
+
+    kind: Literal["pgd"] = "pgd"
+    steps: int = Field(10, ge=1, le=1000)
+    alpha: float = Field(0.25, gt=0, le=4, description="step size as a multiple of ε")
+    restarts: int = Field(1, ge=1, le=100)
+    random_start: bool = True
+
+
+Adversary = Annotated[
+    NoAdversary | FGSMAdversary | FGSMRSAdversary | NFGSMAdversary | PGDAdversary,
+    Field(discriminator="kind"),
+]
+
+
+class CELoss(_Strict):
+    kind: Literal["ce"] = "ce"
+
+
+class TradesLoss(_Strict):
+    """TRADES (Zhang'19): CE(f(x), y) + β·KL(f(x_adv) ‖ f(x)); the attack maximizes the KL."""
+
+    kind: Literal["trades"] = "trades"
+    beta: float = Field(6.0, ge=0, le=100)
+
+
+Loss = Annotated[CELoss | TradesLoss, Field(discriminator="kind")]
+
+
+class ELLE(_Strict):
+    """ELLE (Abad Rocamora'24): λ·E_lin, the local-linearity error on random triplets."""
+
+    kind: Literal["elle"] = "elle"
+    lam: float = Field(1000.0, ge=0, le=1e6, description="λ (papers: 1e3..1e4)")
+    official_double_step: bool = Field(
+        False, description="repeat optimizer.step() as the official code does (a quirk)"
+    )
+
+
+class ELLEA(_Strict):
+    """ELLE-A: λ resets to λ_max when E_lin spikes above mean + s·std of its history."""
+
+    kind: Literal["elle_a"] = "elle_a"
+    lam_max: float = Field(4000.0, ge=0, le=1e6)
+    sensitivity: float = Field(2.0, gt=0, le=100, description="s")
+    decay: float = Field(0.99, gt=0, lt=1, description="γ, per iteration")
+    official_double_step: bool = False
+
+
+class AAER(_Strict):
+    """AAER (Lin'23): penalize abnormal adversarial examples (the ascent step lowered the loss)."""
+
+    kind: Literal["aaer"] = "aaer"
+    lam1: float = Field(1.0, ge=0, le=1e4)
+    lam2: float = Field(2.5, ge=0, le=1e4)
+    lam3: float = Field(1.5, ge=0, le=1e4)
+    gradient: Literal["official", "paper"] = Field(
+        "official",
+        description="official: only the logit-variation term carries gradient (as the code); "
+        "paper: gradient also flows through the CE variation",
+    )
+
+
+class GradAlign(_Strict):
+    """GradAlign (Andriushchenko'20): λ·(1 − cos(∇ℓ(x), ∇ℓ(x+η))), double backprop."""
+
+    kind: Literal["gradalign"] = "gradalign"
+    lam: float = Field(0.2, ge=0, le=1e4)
+
+
+Regularizer = Annotated[ELLE | ELLEA | AAER | GradAlign, Field(discriminator="kind")]
+
+
+class RecipeSpec(_Strict):
+    preset: str | None = Field(None, description="the preset this recipe started from")
+    adversary: Adversary = Field(default_factory=NoAdversary)
+    loss: Loss = Field(default_factory=CELoss)
+    regularizers: list[Regularizer] = Field(default_factory=list, max_length=4)
+    # Extension points (next issues): AWP and ADR.
+    weight_perturbation: None = None
+    labels: Literal["hard"] = "hard"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecipeSpec:
+        kinds = [r.kind for r in self.regularizers]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"recipe.regularizers lists a regularizer twice: {kinds}")
+        if "elle" in kinds and "elle_a" in kinds:
+            raise ValueError("recipe.regularizers: use either elle or elle_a, not both")
+        if "aaer" in kinds and self.adversary.kind not in ("fgsm", "fgsm_rs", "n_fgsm"):
+            raise ValueError(
+                "recipe.regularizers: aaer needs a single-step adversary "
+                f"(fgsm, fgsm_rs, n_fgsm), got {self.adversary.kind}"
+            )
+        if self.loss.kind == "trades" and self.adversary.kind != "pgd":
+            raise ValueError("recipe.loss trades needs adversary kind 'pgd' (its KL attack)")
+        return self
+
+
+# ---------------------------------------------------------------------------------- schedule
+class LRSchedule(_Strict):
+    """lr as a function of fractional epoch t in [0, epochs]; set every iteration."""
+
+    kind: Literal["piecewise", "cyclic", "cosine", "constant"] = "cyclic"
+    lr_max: float = Field(0.2, gt=0, le=10)
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        description="piecewise: fractions of the run where lr is multiplied by gamma",
+    )
+    gamma: float = Field(0.1, gt=0, le=1)
+    peak: float = Field(0.5, gt=0, lt=1, description="cyclic: fraction of the run at lr_max")
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not (0 < m < 1) for m in v) or v != sorted(v):
+            raise ValueError("milestones must be increasing fractions of the run in (0, 1)")
+        return v
+
+
+class ScheduleSpec(_Strict):
+    epochs: int = Field(30, ge=1, le=1000)
+    batch_size: int = Field(128, ge=1, le=4096)
+    optimizer: Literal["sgd"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0, le=0.1)
+    lr: LRSchedule = Field(default_factory=LRSchedule)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+class MonitorSpec(_Strict):
+    """Per-epoch checks on the held-out validation slice (model in eval mode)."""
+
+    size: int = Field(
+        1024, ge=0, le=100_000, description="0 disables; capped by dataset.val_size"
+    )
+    pgd_steps: int = Field(10, ge=1, le=200)
+    pgd_alpha: float = Field(0.25, gt=0, le=4, description="multiple of ε")
+    co_drop: float = Field(
+        0.5, gt=0, lt=1,
+        description="catastrophic overfitting: PGD acc below co_drop x its best so far ...",
+    )
+    co_gap: float = Field(0.2, gt=0, le=1, description="... while FGSM acc exceeds PGD acc by this")
+
+
+class PGDEval(_Strict):
+    steps: int = Field(50, ge=1, le=10_000)
+    restarts: int = Field(10, ge=1, le=100)
+    alpha: float = Field(0.25, gt=0, le=4, description="step as a multiple of ε (state it!)")
+
+
+class AutoAttackEval(_Strict):
+    version: Literal["standard", "apgd-ce", "apgd-t"] = "standard"
+
+
+class FinalEval(_Strict):
+    n: int | None = Field(None, ge=1, description="test points; None = the whole test set")
+    batch_size: int = Field(256, ge=1, le=8192)
+    fgsm: bool = True
+    pgd: PGDEval | None = Field(default_factory=PGDEval)
+    autoattack: AutoAttackEval | None = Field(default_factory=AutoAttackEval)
+
+
+class EvaluationSpec(_Strict):
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec)
+    final: FinalEval = Field(default_factory=FinalEval)
+    certification: None = None  # randomized smoothing: next issue
+
+
+class ComputeSpec(_Strict):
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
+
+
+# ---------------------------------------------------------------------------------- job
+class JobSpec(_Strict):
+    spec_version: Literal[1] = SPEC_VERSION
+    name: str | None = Field(None, max_length=200)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    threat: ThreatSpec = Field(default_factory=ThreatSpec)
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        from workers.presets import apply_preset
+
+        return apply_preset(data) if isinstance(data, dict) else data
+
+
+# ---------------------------------------------------------------------------------- errors
+def format_validation_error(exc: Exception) -> str:
+    """One line per problem: `field.path: message`, for the CLI."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    lines = []
+    for e in errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("function-after",))
+        msg = e.get("msg", "")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{loc or '(spec)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_spec_file(path: str) -> JobSpec:
+    """Read a JSON or YAML spec file and validate it (raises SpecError with readable text)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: the spec must be a mapping at the top level")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{p}: invalid job spec\n{format_validation_error(e)}") from e
+    except ValueError as e:  # raised by preset resolution
+        raise SpecError(f"{p}: invalid job spec\n{e}") from e
+
+
+class SpecError(ValueError):
+    pass
