@@ -1,0 +1,121 @@
+"""ELLE and ELLE-A (Abad Rocamora et al., ICLR 2024): Efficient Local Linearity Enforcement.
+
+For x_a, x_b ~ U(x + [-ε, ε]^d) and α ~ U[0, 1], x_c = (1 − α)·x_a + α·x_b:
+
+    E_lin = (1/B) Σ_i [ ℓ(x_c,i) − (1 − α_i)·ℓ(x_a,i) − α_i·ℓ(x_b,i) ]²
+
+For a twice-differentiable ℓ the residual is ≈ −½·α(1 − α)·(x_a − x_b)ᵀ ∇²ℓ (x_a − x_b), so
+λ·E_lin penalizes curvature along random chords with one extra forward/backward over the 3B
+triplet batch and no double backprop. None of the three losses is detached, and (as in the
+official code) the triplet points are not clipped to [0, 1]: they probe the loss surface,
+they are not adversarial inputs.
+
+ELLE-A replaces the constant λ by a controller: λ ← λ_max when E_lin spikes above
+mean(H) + s·std(H) of its whole history H (population std, |H| > 2), else λ ← γ·λ; E_lin is then
+appended to H. The controller lives on the device (no host sync per step) and keeps H as
+Welford running moments, which give the same mean and std as the full list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from attacks.norms import get_norm
+from attacks.objectives import cross_entropy
+from defenses.context import Regularizer, StepContext
+
+
+def linearity_residual(loss_fn: Callable[[Tensor], Tensor], x_a: Tensor, x_b: Tensor,
+                       alpha: Tensor) -> Tensor:
+    """Per-example ℓ(x_c) − (1−α)ℓ(x_a) − αℓ(x_b), with one call of ``loss_fn`` on 3B inputs."""
+    a = alpha.view(-1, *([1] * (x_a.dim() - 1)))
+    x_c = (1 - a) * x_a + a * x_b
+    l_a, l_b, l_c = loss_fn(torch.cat([x_a, x_b, x_c])).chunk(3)
+    return l_c - (1 - alpha) * l_a - alpha * l_b
+
+
+def local_linearity_error(ctx: StepContext) -> Tensor:
+    """E_lin on one random triplet per example around the clean x (radius ε)."""
+    g = get_norm(ctx.norm)
+    x = ctx.x
+    x_a, x_b = x + g.uniform(x, ctx.eps), x + g.uniform(x, ctx.eps)
+    alpha = torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+    target3 = torch.cat([ctx.target] * 3)
+    residual = linearity_residual(lambda z: cross_entropy(ctx.model(z), target3), x_a, x_b, alpha)
+    return residual.pow(2).mean()
+
+
+class ELLE(Regularizer):
+    def __init__(self, spec):
+        self.lam = spec.lam
+        self.double_step = spec.official_double_step
+
+    def __call__(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        e_lin = local_linearity_error(ctx)
+        return self.lam * e_lin, {"elle_e_lin": e_lin.detach(),
+                                  "elle_lambda": torch.tensor(self.lam, device=e_lin.device)}
+
+
+class ELLEAController:
+    """λ_t for ELLE-A. ``update(E_lin)`` applies the reset/decay rule, then appends to H."""
+
+    def __init__(self, lam_max: float, sensitivity: float, decay: float, device=None):
+        self.lam_max, self.s, self.gamma = lam_max, sensitivity, decay
+        f64 = {"dtype": torch.float64, "device": device}
+        self.lam = torch.zeros((), **f64)
+        self.n = torch.zeros((), **f64)     # |H|
+        self.mean = torch.zeros((), **f64)  # mean(H)
+        self.m2 = torch.zeros((), **f64)    # Σ (h − mean)²
+
+    def std(self) -> Tensor:
+        return (self.m2 / self.n.clamp_min(1)).sqrt()
+
+    def update(self, e_lin: Tensor) -> None:
+        e = e_lin.detach().to(self.lam)
+        spike = (self.n > 2) & (e > self.mean + self.s * self.std())
+        self.lam = torch.where(spike, torch.full_like(self.lam, self.lam_max), self.gamma * self.lam)
+        self.n = self.n + 1
+        d = e - self.mean
+        self.mean = self.mean + d / self.n
+        self.m2 = self.m2 + d * (e - self.mean)
+
+    def to(self, device) -> ELLEAController:
+        for k in ("lam", "n", "mean", "m2"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).clone() for k in ("lam", "n", "mean", "m2")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("lam", "n", "mean", "m2"):
+            setattr(self, k, state[k].to(getattr(self, k)))
+
+
+class ELLEA(Regularizer):
+    def __init__(self, spec):
+        self.controller = ELLEAController(spec.lam_max, spec.sensitivity, spec.decay)
+        self.double_step = spec.official_double_step
+        self._last: Tensor | None = None
+
+    def __call__(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.controller.lam.device != ctx.x.device:
+            self.controller.to(ctx.x.device)
+        e_lin = local_linearity_error(ctx)
+        self._last = e_lin.detach()
+        lam = self.controller.lam
+        return lam.to(e_lin.dtype) * e_lin, {"elle_e_lin": self._last, "elle_lambda": lam.float()}
+
+    def after_step(self) -> None:
+        if self._last is not None:
+            self.controller.update(self._last)
+            self._last = None
+
+    def state_dict(self) -> dict:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state)

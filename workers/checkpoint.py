@@ -1,0 +1,59 @@
+"""Atomic checkpoints and weights files.
+
+A checkpoint (``checkpoint.pt``) holds only tensors, numbers, strings, lists and dicts and is
+read back with ``torch.load(weights_only=True)``: no arbitrary object is ever unpickled. It is
+written to a temporary file, fsynced and moved into place with ``os.replace``, so a crash
+mid-write leaves the previous checkpoint intact. Final weights go to safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata or {})
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, model: nn.Module, device="cpu") -> nn.Module:
+    """Load safetensors weights (never a pickle) into ``model``; all keys must match."""
+    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    return model

@@ -1,0 +1,78 @@
+"""Per-epoch monitoring on the held-out validation slice and the catastrophic-overfitting watch.
+
+Catastrophic overfitting (CO; Wong et al. 2020) shows as PGD accuracy collapsing within an
+epoch or two while accuracy against the single-step attack the model trains on stays high.
+Rule (all on the monitor slice, model in eval mode): at epoch e, CO is flagged when
+
+    pgd_acc(e) < co_drop · max_{e' < e} pgd_acc(e')   and   fgsm_acc(e) − pgd_acc(e) ≥ co_gap
+
+(defaults co_drop = 0.5, co_gap = 0.2). An event is recorded at the onset (the first flagged
+epoch after an unflagged one), with the epoch and the figures; every epoch's history row says
+whether the rule held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from attacks import FGSM, PGD
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).sum()
+
+
+def monitor(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,
+            alpha: float, batch_size: int) -> dict[str, float]:
+    """Clean, FGSM and PGD-`steps` accuracy (step α·ε, random start) in eval mode."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.long, device=x.device)
+    fgsm = FGSM(model, eps, norm=norm)
+    pgd = PGD(model, eps, alpha=alpha * eps, steps=steps, norm=norm)
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            counts[0] += _accuracy(model, xb, yb)
+            counts[1] += _accuracy(model, fgsm(xb, yb), yb)
+            counts[2] += _accuracy(model, pgd(xb, yb), yb)
+    finally:
+        model.train(was_training)
+    n = max(int(x.shape[0]), 1)
+    clean, f, p = (c / n for c in counts.tolist())
+    return {"clean_acc": clean, "fgsm_acc": f, "pgd_acc": p, "n": int(x.shape[0])}
+
+
+@dataclass
+class COWatchdog:
+    co_drop: float = 0.5
+    co_gap: float = 0.2
+    best_pgd: float | None = None
+    flagged: bool = False
+    events: list[dict] = field(default_factory=list)
+
+    def check(self, epoch: int, m: dict[str, float]) -> bool:
+        """Update with epoch ``epoch``'s monitor figures; True when the CO rule holds."""
+        pgd, fgsm = m["pgd_acc"], m["fgsm_acc"]
+        holds = (self.best_pgd is not None and pgd < self.co_drop * self.best_pgd
+                 and fgsm - pgd >= self.co_gap)
+        if holds and not self.flagged:
+            self.events.append({
+                "type": "catastrophic_overfitting", "epoch": epoch, "pgd_acc": pgd,
+                "fgsm_acc": fgsm, "clean_acc": m["clean_acc"], "best_pgd_acc": self.best_pgd,
+                "rule": f"pgd_acc < {self.co_drop} x best_pgd_acc and "
+                        f"fgsm_acc - pgd_acc >= {self.co_gap}",
+            })
+        self.flagged = holds
+        self.best_pgd = pgd if self.best_pgd is None else max(self.best_pgd, pgd)
+        return holds
+
+    def state_dict(self) -> dict:
+        return {"best_pgd": self.best_pgd, "flagged": self.flagged, "events": self.events}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.best_pgd, self.flagged, self.events = s["best_pgd"], s["flagged"], list(s["events"])

@@ -1,0 +1,248 @@
+"""The job runner: data → model → recipe → epochs (train, monitor, checkpoint) → final report.
+
+One call, ``run_job(spec, out_dir)``, used by ``bulwark run`` and by the Celery task. The whole
+training set lives on the device as one uint8 tensor; batches are augmented there. Every epoch
+starts from RNG states derived from (seed, epoch), and a checkpoint is written atomically at the
+end of every epoch, so a resumed run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from defenses import Recipe
+from workers.checkpoint import load_checkpoint, save_checkpoint, save_weights, write_json
+from workers.data import DeviceLoader, load_dataset, split_validation
+from workers.models import build_model
+from workers.monitor import COWatchdog, monitor
+from workers.report import REPORT_VERSION, environment, final_evaluation
+from workers.schedule import lr_at
+from workers.spec import JobSpec
+
+CHECKPOINT = "checkpoint.pt"
+Event = Callable[[str, dict[str, Any]], None]
+
+
+class Cancelled(Exception):
+    """Raised inside the loop when ``should_stop`` says so; the last checkpoint stands."""
+
+
+@dataclass
+class Timing:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _mean_metrics(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    values = torch.stack([sums[k].float() for k in keys]).div(max(steps, 1)).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
+            resume: bool = False, progress: bool = True, on_event: Event | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train and evaluate ``spec``; write ``report.json`` and ``model.safetensors`` to out_dir.
+
+    Raises ``Cancelled`` if ``should_stop()`` turns true (checked between steps); the
+    checkpoint of the last finished epoch remains and ``resume=True`` continues from it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    emit = on_event or (lambda kind, data: None)
+    timing = Timing()
+    t_start = time.perf_counter()
+    sched, ev = spec.schedule, spec.evaluation
+    eps, norm = spec.threat.epsilon, spec.threat.norm
+
+    with timing.phase("data"):
+        data = load_dataset(spec.dataset)
+        train_x, train_y, val_x, val_y = split_validation(
+            data.train_x, data.train_y, spec.dataset.val_size, sched.seed)
+        loader = DeviceLoader(train_x, train_y, sched.batch_size, device=dev,
+                              crop_padding=data.crop_padding, flip=data.flip, shuffle=True)
+        n_mon = min(ev.monitor.size, val_x.shape[0])
+        mon_x = val_x[:n_mon].to(dev).float().div_(255)
+        mon_y = val_y[:n_mon].to(dev)
+
+    torch.manual_seed(sched.seed)
+    model = build_model(spec.model.arch, num_classes=data.num_classes,
+                        in_channels=data.train_x.shape[1], image_size=data.train_x.shape[2],
+                        mean=data.mean, std=data.std, depth=spec.model.depth,
+                        widen_factor=spec.model.widen_factor).to(dev)
+    channels_last = spec.compute.channels_last == "on" or (
+        spec.compute.channels_last == "auto" and dev.type == "cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=sched.momentum,
+                                weight_decay=sched.weight_decay, nesterov=sched.nesterov)
+    scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
+    recipe = Recipe(spec.recipe, eps=eps, norm=norm)
+    watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=dev)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        recipe.load_state_dict(state["recipe"])
+        watchdog.load_state_dict(state["watchdog"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        for k, v in state["timing"].items():
+            timing.seconds[k] = float(v)
+        emit("resumed", {"epoch": start_epoch})
+
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * sched.epochs
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, unit="step",
+                   dynamic_ncols=True, desc=spec.name or (spec.recipe.preset or "job"))
+    emit("started", {"epochs": sched.epochs, "start_epoch": start_epoch, "device": str(dev)})
+
+    try:
+        for epoch in range(start_epoch, sched.epochs):
+            torch.manual_seed(epoch_seed(sched.seed, epoch))
+            gen = torch.Generator(device="cpu").manual_seed(epoch_seed(sched.seed, epoch) + 1)
+            model.train()
+            t_epoch = time.perf_counter()
+            sums: dict[str, torch.Tensor] = {}
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), dtype=torch.long, device=dev)
+            seen = 0
+            with timing.phase("train"):
+                for i, (x, y) in enumerate(loader.epoch(gen)):
+                    if should_stop is not None and should_stop():
+                        raise Cancelled(f"stopped during epoch {epoch + 1}")
+                    lr = lr_at(sched.lr, epoch + i / steps_per_epoch, sched.epochs)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with _autocast(dev, spec.compute.precision):
+                        out_step = recipe.step(model, x, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(out_step.loss).backward()
+                    for _ in range(recipe.optimizer_steps):
+                        scaler.step(optimizer)
+                    scaler.update()
+                    recipe.after_step()
+                    b = y.shape[0]
+                    seen += b
+                    loss_sum += out_step.loss.detach() * b
+                    correct += (out_step.logits.detach().argmax(1) == y).sum()
+                    for k, v in out_step.metrics.items():
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    if bar is not None:
+                        bar.update(1)
+            train_seconds = time.perf_counter() - t_epoch
+            with timing.phase("monitor"):
+                mon = (monitor(model, mon_x, mon_y, eps=eps, norm=norm,
+                               steps=ev.monitor.pgd_steps, alpha=ev.monitor.pgd_alpha,
+                               batch_size=max(sched.batch_size, 256)) if n_mon else None)
+            co = watchdog.check(epoch + 1, mon) if mon else False
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,  # at the epoch's last step
+                "train_loss": float(loss_sum) / max(seen, 1),
+                "train_acc": float(correct) / max(seen, 1),
+                "monitor": mon,
+                "catastrophic_overfitting": co,
+                "metrics": _mean_metrics(sums, steps_per_epoch),
+                "seconds": time.perf_counter() - t_epoch,
+                "train_seconds": train_seconds,
+            }
+            history.append(row)
+            if bar is not None and mon:
+                bar.set_postfix(epoch=epoch + 1, clean=f"{mon['clean_acc']:.3f}",
+                                pgd=f"{mon['pgd_acc']:.3f}")
+            with timing.phase("checkpoint"):
+                save_checkpoint(ckpt_path, {
+                    "epoch": epoch + 1, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "recipe": recipe.state_dict(), "watchdog": watchdog.state_dict(),
+                    "history": history, "timing": dict(timing.seconds),
+                    "rng": {"torch": torch.get_rng_state(), "seed": sched.seed},
+                })
+            emit("epoch", row)
+            if co:
+                emit("catastrophic_overfitting", watchdog.events[-1])
+    finally:
+        if bar is not None:
+            bar.close()
+
+    emit("phase", {"phase": "final_evaluation"})
+    with timing.phase("final_evaluation"):
+        test_x, test_y = data.test_x, data.test_y
+        if ev.final.n is not None:
+            test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
+        torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
+        final = final_evaluation(model, test_x.to(dev).float().div_(255), test_y.to(dev),
+                                 ev.final, eps=eps, norm=norm, num_classes=data.num_classes,
+                                 seed=sched.seed, on_phase=lambda p: emit("phase", {"phase": p}))
+
+    save_weights(out / "model.safetensors", model, {
+        "arch": spec.model.arch, "num_classes": str(data.num_classes),
+        "in_channels": str(data.train_x.shape[1]), "image_size": str(data.train_x.shape[2]),
+        "format": "bulwark-v1"})
+    timing.seconds["total"] = time.perf_counter() - t_start
+    report = {
+        "report_version": REPORT_VERSION,
+        "spec": spec.model_dump(mode="json"),
+        "environment": environment(dev, sched.seed, channels_last, spec.compute.precision),
+        "dataset": {"name": data.name, "num_classes": data.num_classes,
+                    "train": int(train_x.shape[0]), "validation": int(val_x.shape[0]),
+                    "test": int(data.test_x.shape[0]), "monitor": n_mon,
+                    "shape": list(data.train_x.shape[1:])},
+        "history": history,
+        "events": watchdog.events,
+        "final": final,
+        "certification": None,
+        "timing": {k: round(v, 3) for k, v in timing.seconds.items()},
+        "artifacts": ["report.json", "model.safetensors", CHECKPOINT],
+    }
+    write_json(out / "report.json", report)
+    emit("finished", {"final": final})
+    return report
+
