@@ -92,6 +92,9 @@ class ELLEAController:
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("lam", "n", "mean", "m2"):
+            if k not in state:
+                raise ValueError(f"ELLE-A state lacks {k!r}: the checkpoint was written by "
+                                 "another recipe")
             setattr(self, k, state[k].to(getattr(self, k)))
 
 

@@ -110,15 +110,16 @@ PRESETS: dict[str, Callable[[float], dict]] = {
 }
 
 
-def merge(base: Any, override: Any) -> Any:
-    """Deep merge: dicts key by key; lists of ``kind``-tagged dicts matched by kind;
-    a dict whose ``kind`` differs from the base's replaces it; anything else replaces."""
+def merge(base: Any, override: Any, *, by_kind: bool = True) -> Any:
+    """Deep merge: dicts key by key; lists of ``kind``-tagged dicts matched by kind; with
+    ``by_kind``, a dict whose ``kind`` differs from the base's replaces it (a recipe part of
+    another kind shares no fields); anything else replaces."""
     if isinstance(base, dict) and isinstance(override, dict):
-        if "kind" in override and base.get("kind") not in (None, override["kind"]):
+        if by_kind and "kind" in override and base.get("kind") not in (None, override["kind"]):
             return copy.deepcopy(override)
         out = copy.deepcopy(base)
         for k, v in override.items():
-            out[k] = merge(out[k], v) if k in out else copy.deepcopy(v)
+            out[k] = merge(out[k], v, by_kind=by_kind) if k in out else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(override, list):
         by_kind = {b["kind"]: b for b in base if isinstance(b, dict) and "kind" in b}
@@ -150,6 +151,9 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     out["recipe"] = merge(base["recipe"], recipe)
     user_schedule = data.get("schedule")
-    out["schedule"] = merge(base["schedule"], user_schedule) if isinstance(user_schedule, dict) \
-        else (user_schedule if user_schedule is not None else copy.deepcopy(base["schedule"]))
+    # Schedules merge field by field: {"lr": {"kind": "cosine"}} keeps the preset's lr_max.
+    out["schedule"] = (merge(base["schedule"], user_schedule, by_kind=False)
+                       if isinstance(user_schedule, dict)
+                       else user_schedule if user_schedule is not None
+                       else copy.deepcopy(base["schedule"]))
     return out

@@ -121,6 +121,9 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=dev)
+        if state.get("spec") != spec.model_dump_json():
+            raise ValueError(f"{ckpt_path} was written for a different job spec; resume with "
+                             "the same spec, or start over in another folder")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -199,7 +202,8 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
                                 pgd=f"{mon['pgd_acc']:.3f}")
             with timing.phase("checkpoint"):
                 save_checkpoint(ckpt_path, {
-                    "epoch": epoch + 1, "model": model.state_dict(),
+                    "epoch": epoch + 1, "spec": spec.model_dump_json(),
+                    "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "recipe": recipe.state_dict(), "watchdog": watchdog.state_dict(),
                     "history": history, "timing": dict(timing.seconds),

@@ -338,6 +338,14 @@ class JobSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
 
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        double = any(getattr(r, "official_double_step", False) for r in self.recipe.regularizers)
+        if double and self.compute.precision == "fp16":
+            raise ValueError("official_double_step cannot be combined with compute.precision "
+                             "fp16 (the loss scaler steps once per batch); use fp32 or bf16")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:

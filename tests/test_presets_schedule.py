@@ -1,0 +1,321 @@
+"""workers.presets, workers.spec and workers.schedule (no torch): the papers' per-ε defaults
+from ALGORITHMS.md §0–2, field-by-field overrides, spec validation, and lr schedules against
+their closed forms."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from workers.presets import PRESETS
+from workers.schedule import lr_at
+from workers.spec import JobSpec, LRSchedule, format_validation_error
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a", "n-fgsm-elle-a",
+        "rs-aaer", "n-aaer", "fgsm-gradalign"}
+LONG = {"pgd-at", "trades"}
+
+
+def job(recipe, epsilon: object = "8/255", norm: str = "linf", **extra) -> JobSpec:
+    return JobSpec.model_validate({"recipe": recipe,
+                                   "threat": {"epsilon": epsilon, "norm": norm}, **extra})
+
+
+def reg(spec: JobSpec, kind: str):
+    (r,) = [r for r in spec.recipe.regularizers if r.kind == kind]
+    return r
+
+
+# ---------------------------------------------------------------------------------- presets
+def test_preset_names_are_the_documented_set():
+    assert set(PRESETS) == FAST | LONG
+
+
+@pytest.mark.parametrize("e,lam", [(8, 1000.0), (4, 1000.0), (16, 5000.0), (10, 5000.0),
+                                   (20, 5000.0), (24, 10000.0), (22, 10000.0), (26, 10000.0)])
+def test_fgsm_elle_lambda_per_epsilon(e, lam):
+    spec = job("fgsm-elle", f"{e}/255")
+    assert reg(spec, "elle").lam == lam
+    assert spec.recipe.adversary.kind == "fgsm" and spec.recipe.adversary.alpha == 1.0
+
+
+@pytest.mark.parametrize("e,lam", [(2, 0.036), (4, 0.063), (6, 0.112), (8, 0.2), (10, 0.356),
+                                   (12, 0.632), (14, 1.124), (16, 2.0), (20, 2.0), (32, 2.0)])
+def test_gradalign_lambda_at_table_points(e, lam):
+    assert reg(job("fgsm-gradalign", f"{e}/255"), "gradalign").lam == pytest.approx(lam, abs=1e-9)
+
+
+@pytest.mark.parametrize("e,lo,hi", [(3, 0.036, 0.063), (9, 0.2, 0.356), (11, 0.356, 0.632),
+                                     (15, 1.124, 2.0), (8.5, 0.2, 0.356)])
+def test_gradalign_lambda_between_table_points_is_strictly_between(e, lo, hi):
+    lam = reg(job("fgsm-gradalign", e / 255), "gradalign").lam
+    assert lo < lam < hi
+
+
+def test_gradalign_lambda_midpoint_is_log_linear():
+    # the documented interpolation: log-linear, so the midpoint is the geometric mean
+    lam = reg(job("fgsm-gradalign", "9/255"), "gradalign").lam
+    assert lam == pytest.approx(math.sqrt(0.2 * 0.356), abs=1e-6)
+
+
+@pytest.mark.parametrize("preset,e,lams", [
+    ("rs-aaer", 8, (2.5, 1.5)), ("rs-aaer", 12, (5.0, 2.5)), ("rs-aaer", 16, (7.0, 3.25)),
+    ("rs-aaer", 32, (6.0, 1.5)), ("n-aaer", 8, (1.5, 0.15)), ("n-aaer", 12, (5.0, 0.55)),
+    ("n-aaer", 16, (8.5, 1.5)), ("n-aaer", 32, (3.5, 0.7)),
+])
+def test_aaer_lambdas_per_epsilon(preset, e, lams):
+    spec = job(preset, f"{e}/255")
+    r = reg(spec, "aaer")
+    assert (r.lam1, r.lam2, r.lam3) == (1.0, *lams)
+    assert r.gradient == "official"
+
+
+@pytest.mark.parametrize("e,rs,n", [(4, (2.5, 1.5), (1.5, 0.15)), (13, (5.0, 2.5), (5.0, 0.55)),
+                                    (14.5, (7.0, 3.25), (8.5, 1.5)), (22, (7.0, 3.25), (8.5, 1.5)),
+                                    (26, (6.0, 1.5), (3.5, 0.7)), (40, (6.0, 1.5), (3.5, 0.7))])
+def test_aaer_lambdas_between_table_points_take_the_nearest_entry(e, rs, n):
+    r = reg(job("rs-aaer", e / 255), "aaer")
+    assert (r.lam2, r.lam3) == rs
+    r = reg(job("n-aaer", e / 255), "aaer")
+    assert (r.lam2, r.lam3) == n
+
+
+def test_aaer_presets_use_their_base_attacks():
+    rs = job("rs-aaer").recipe.adversary
+    n = job("n-aaer").recipe.adversary
+    assert (rs.kind, rs.alpha) == ("fgsm_rs", 1.25)
+    assert (n.kind, n.k, n.alpha) == ("n_fgsm", 2.0, 1.0)  # N-AAER: α = 1.0ε, not 1.25ε
+
+
+def test_single_step_adversaries():
+    assert job("fgsm").recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
+    assert job("fgsm-rs").recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.25}
+    assert job("n-fgsm").recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0,
+                                                           "alpha": 1.0}
+    assert job("standard").recipe.adversary.kind == "none"
+    for name in FAST:
+        assert job(name).recipe.loss.kind == "ce"
+
+
+@pytest.mark.parametrize("name", ["fgsm-elle-a", "n-fgsm-elle-a"])
+def test_elle_a_presets(name):
+    spec = job(name, "16/255")
+    r = reg(spec, "elle_a")
+    assert (r.lam_max, r.sensitivity, r.decay) == (4000.0, 2.0, 0.99)  # λ_max 4000 at every ε
+    assert not r.official_double_step
+    expected = "fgsm" if name == "fgsm-elle-a" else "n_fgsm"
+    assert spec.recipe.adversary.kind == expected
+
+
+@pytest.mark.parametrize("name", sorted(LONG))
+def test_multi_step_presets(name):
+    spec = job(name)
+    s = spec.schedule
+    assert s.epochs == 200 and s.batch_size == 128
+    assert (s.momentum, s.weight_decay) == (0.9, 5e-4)
+    assert s.lr.kind == "piecewise" and s.lr.lr_max == 0.1
+    assert s.lr.milestones == [0.5, 0.75] and s.lr.gamma == 0.1
+    adv = spec.recipe.adversary
+    assert (adv.kind, adv.steps, adv.restarts, adv.random_start) == ("pgd", 10, 1, True)
+    assert adv.alpha * 8 / 255 == pytest.approx(2 / 255)  # PGD-10, step 2/255 at 8/255
+    assert spec.recipe.regularizers == []
+    if name == "trades":
+        assert spec.recipe.loss.kind == "trades" and spec.recipe.loss.beta == 6.0
+    else:
+        assert spec.recipe.loss.kind == "ce"
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_fast_presets_schedule(name):
+    s = job(name).schedule
+    assert s.epochs == 30 and s.batch_size == 128
+    assert (s.momentum, s.weight_decay) == (0.9, 5e-4)
+    assert (s.lr.kind, s.lr.lr_max, s.lr.peak) == ("cyclic", 0.2, 0.5)
+
+
+def test_l2_threat_uses_the_8_255_entries():
+    spec = job("fgsm-gradalign", 0.5, norm="l2")
+    assert reg(spec, "gradalign").lam == pytest.approx(0.2)
+    assert reg(job("fgsm-elle", 2.0, norm="l2"), "elle").lam == 1000.0
+    assert reg(job("n-aaer", 1.0, norm="l2"), "aaer").lam2 == 1.5
+
+
+def test_preset_recorded_in_the_recipe():
+    assert job("fgsm-elle").recipe.preset == "fgsm-elle"
+    assert job({"preset": "trades"}).recipe.preset == "trades"
+
+
+# ---------------------------------------------------------------------------------- overrides
+def test_user_overrides_win_field_by_field():
+    spec = JobSpec.model_validate({
+        "recipe": {"preset": "fgsm-elle", "regularizers": [{"kind": "elle", "lam": 123}]},
+        "schedule": {"epochs": 2},
+    })
+    assert reg(spec, "elle").lam == 123.0
+    assert spec.schedule.epochs == 2
+    assert (spec.schedule.lr.kind, spec.schedule.lr.lr_max) == ("cyclic", 0.2)
+    assert spec.schedule.momentum == 0.9 and spec.schedule.batch_size == 128
+    assert spec.recipe.adversary.kind == "fgsm"
+
+
+def test_nested_override_keeps_the_rest_of_the_block():
+    spec = JobSpec.model_validate({"recipe": "pgd-at", "schedule": {"lr": {"lr_max": 0.05}}})
+    assert spec.schedule.lr.kind == "piecewise" and spec.schedule.lr.lr_max == 0.05
+    assert spec.schedule.lr.milestones == [0.5, 0.75] and spec.schedule.epochs == 200
+    spec = JobSpec.model_validate({
+        "recipe": {"preset": "rs-aaer", "regularizers": [{"kind": "aaer", "lam3": 9.0}]},
+        "threat": {"epsilon": "16/255"}})
+    r = reg(spec, "aaer")
+    assert (r.lam1, r.lam2, r.lam3) == (1.0, 7.0, 9.0)
+
+
+def test_same_kind_adversary_override_merges_and_other_kind_replaces():
+    spec = JobSpec.model_validate({"recipe": {"preset": "n-fgsm",
+                                              "adversary": {"kind": "n_fgsm", "k": 3.0}}})
+    assert (spec.recipe.adversary.k, spec.recipe.adversary.alpha) == (3.0, 1.0)
+    spec = JobSpec.model_validate({"recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
+    assert spec.recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.0}
+    # another kind replaces the whole adversary: N-FGSM's own defaults, not FGSM's fields
+    spec = JobSpec.model_validate({"recipe": {"preset": "fgsm-elle",
+                                              "adversary": {"kind": "n_fgsm"}}})
+    assert spec.recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0}
+    assert reg(spec, "elle").lam == 1000.0
+    spec = JobSpec.model_validate({"recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
+    assert spec.recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
+
+
+def test_schedule_overrides_merge_field_by_field():
+    spec = JobSpec.model_validate({"recipe": "pgd-at", "schedule": {"lr": {"kind": "cosine"}}})
+    # changing the lr kind keeps the preset's other lr fields (lr_max 0.1, not the default 0.2)
+    assert spec.schedule.lr.kind == "cosine"
+    assert spec.schedule.lr.lr_max == pytest.approx(0.1)
+    assert spec.schedule.epochs == 200
+
+
+# ---------------------------------------------------------------------------------- spec checks
+def errors_of(data) -> str:
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(data)
+    return str(info.value) + "\n" + format_validation_error(info.value)
+
+
+def test_unknown_field_is_rejected_by_name():
+    assert "bogus_field" in errors_of({"bogus_field": 1})
+    text = errors_of({"recipe": {"preset": "fgsm", "adversary": {"kind": "fgsm", "steps": 3}}})
+    assert "steps" in text
+    assert "not permitted" in text
+
+
+@pytest.mark.parametrize("threat,range_text", [
+    ({"epsilon": 2.0}, "(0, 1]"), ({"epsilon": 0}, "(0, 1]"), ({"epsilon": "-8/255"}, None),
+    ({"epsilon": 65.0, "norm": "l2"}, "(0, 64]"),
+])
+def test_epsilon_out_of_range(threat, range_text):
+    text = errors_of({"threat": threat})
+    assert "epsilon" in text
+    if range_text:
+        assert "threat.epsilon" in text and range_text in text
+
+
+def test_epsilon_fraction_is_accepted():
+    assert JobSpec.model_validate({"threat": {"epsilon": "8/255"}}).threat.epsilon == 8 / 255
+    assert JobSpec.model_validate({"threat": {"epsilon": " 16 / 255 "}}).threat.epsilon == \
+        16 / 255
+    assert JobSpec.model_validate({"threat": {"epsilon": 0.5, "norm": "l2"}}).threat.epsilon == 0.5
+
+
+def test_unknown_preset_lists_valid_names():
+    text = errors_of({"recipe": "fgsm-elle-b"})
+    assert "fgsm-elle-b" in text
+    for name in PRESETS:
+        assert name in text
+
+
+def test_inconsistent_recipes_are_rejected():
+    assert "trades" in errors_of({"recipe": {"adversary": {"kind": "fgsm"},
+                                             "loss": {"kind": "trades"}}})
+    assert "aaer" in errors_of({"recipe": {"adversary": {"kind": "pgd"},
+                                           "regularizers": [{"kind": "aaer"}]}})
+    assert "aaer" in errors_of({"recipe": {"preset": "rs-aaer", "adversary": {"kind": "pgd"}}})
+    assert "aaer" in errors_of({"recipe": {"adversary": {"kind": "none"},
+                                           "regularizers": [{"kind": "aaer"}]}})
+    text = errors_of({"recipe": {"adversary": {"kind": "fgsm"},
+                                 "regularizers": [{"kind": "elle"}, {"kind": "elle_a"}]}})
+    assert "elle" in text and "elle_a" in text
+    assert "twice" in errors_of({"recipe": {"regularizers": [{"kind": "elle"},
+                                                             {"kind": "elle", "lam": 2}]}})
+    # the consistent versions pass
+    JobSpec.model_validate({"recipe": {"adversary": {"kind": "pgd"}, "loss": {"kind": "trades"}}})
+    JobSpec.model_validate({"recipe": {"adversary": {"kind": "n_fgsm"},
+                                       "regularizers": [{"kind": "aaer"}]}})
+
+
+def test_npz_dataset_needs_a_path():
+    assert "dataset.path" in errors_of({"dataset": {"name": "npz"}})
+    spec = JobSpec.model_validate({"dataset": {"name": "npz", "path": "/tmp/x.npz"}})
+    assert spec.dataset.path == "/tmp/x.npz"
+
+
+def test_spec_and_presets_import_without_torch():
+    code = ("import sys; import workers.spec, workers.presets, workers.schedule; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------- schedules
+def test_cyclic_schedule():
+    s = LRSchedule(kind="cyclic", lr_max=0.2, peak=0.5)
+    assert lr_at(s, 0, 30) == 0.0
+    assert lr_at(s, 15, 30) == pytest.approx(0.2)
+    assert lr_at(s, 30, 30) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(s, 7.5, 30) == pytest.approx(0.1)
+    assert lr_at(s, 22.5, 30) == pytest.approx(0.1)
+    assert lr_at(s, 3, 30) == pytest.approx(0.2 * 3 / 15)
+    assert lr_at(s, 27, 30) == pytest.approx(0.2 * 3 / 15)
+    # an off-centre peak: linear up to 30% of the run, then down
+    s = LRSchedule(kind="cyclic", lr_max=1.0, peak=0.3)
+    assert lr_at(s, 15, 100) == pytest.approx(0.5)
+    assert lr_at(s, 30, 100) == pytest.approx(1.0)
+    assert lr_at(s, 65, 100) == pytest.approx(0.5)
+    assert lr_at(s, 90, 100) == pytest.approx(1.0 / 7)
+
+
+def test_piecewise_schedule():
+    s = LRSchedule(kind="piecewise", lr_max=0.1, milestones=[0.5, 0.75], gamma=0.1)
+    assert lr_at(s, 0, 200) == pytest.approx(0.1)
+    assert lr_at(s, 99.99, 200) == pytest.approx(0.1)
+    assert lr_at(s, 100, 200) == pytest.approx(0.01)  # ×0.1 from epoch 100
+    assert lr_at(s, 149.5, 200) == pytest.approx(0.01)
+    assert lr_at(s, 150, 200) == pytest.approx(0.001)
+    assert lr_at(s, 200, 200) == pytest.approx(0.001)
+
+
+def test_cosine_and_constant_schedules():
+    s = LRSchedule(kind="cosine", lr_max=0.4)
+    assert lr_at(s, 0, 10) == pytest.approx(0.4)
+    assert lr_at(s, 5, 10) == pytest.approx(0.2)
+    assert lr_at(s, 10, 10) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(s, 2.5, 10) == pytest.approx(0.2 * (1 + math.cos(math.pi / 4)))
+    c = LRSchedule(kind="constant", lr_max=0.03)
+    assert {lr_at(c, t, 10) for t in (0, 3.3, 10)} == {0.03}
+
+
+def test_schedule_clamps_t_outside_the_run():
+    s = LRSchedule(kind="cyclic", lr_max=0.2, peak=0.5)
+    assert lr_at(s, -1, 30) == 0.0
+    assert lr_at(s, 31, 30) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_invalid_milestones_rejected():
+    with pytest.raises(ValidationError, match="milestones"):
+        LRSchedule(kind="piecewise", milestones=[0.75, 0.5])
+    with pytest.raises(ValidationError, match="milestones"):
+        LRSchedule(kind="piecewise", milestones=[1.5])

@@ -1,0 +1,180 @@
+"""End-to-end runs of the job runner and the ``bulwark`` CLI on real data (CPU-sized)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.runner import Cancelled, run_job
+from workers.spec import JobSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digits_spec(**over) -> JobSpec:
+    spec = {
+        "name": "digits-test",
+        "dataset": {"name": "digits", "val_size": 256},
+        "model": {"arch": "small_cnn"},
+        "threat": {"norm": "linf", "epsilon": "8/255"},
+        "recipe": "fgsm-elle-a",
+        "schedule": {"epochs": 2, "batch_size": 64, "seed": 3},
+        "evaluation": {"monitor": {"size": 128, "pgd_steps": 3},
+                       "final": {"n": 128, "pgd": {"steps": 5, "restarts": 2},
+                                 "autoattack": {"version": "apgd-ce"}}},
+    }
+    spec.update(over)
+    return JobSpec.model_validate(spec)
+
+
+def test_digits_report_is_complete_and_learns(tmp_path):
+    spec = digits_spec(recipe="fgsm-elle", schedule={"epochs": 8, "batch_size": 32, "seed": 0,
+                                                      "lr": {"kind": "cyclic", "lr_max": 0.05}})
+    report = run_job(spec, tmp_path, device="cpu", progress=False)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["report_version"] == 1
+    assert on_disk["spec"]["recipe"]["preset"] == "fgsm-elle"
+    assert on_disk["environment"]["torch"] == torch.__version__
+    assert on_disk["environment"]["seed"] == 0
+    assert [h["epoch"] for h in on_disk["history"]] == list(range(1, 9))
+    for h in on_disk["history"]:
+        assert 0 <= h["train_acc"] <= 1 and h["train_loss"] > 0
+        assert set(h["monitor"]) == {"clean_acc", "fgsm_acc", "pgd_acc", "n"}
+        assert h["monitor"]["n"] == 128
+        assert h["metrics"]["elle_lambda"] == pytest.approx(1000.0)
+        assert h["metrics"]["elle_e_lin"] >= 0
+    final = on_disk["final"]
+    assert final["n"] == 128
+    assert final["clean_acc"] > 0.5, "10 classes: chance is 0.1"
+    attacks = final["attacks"]
+    assert set(attacks) == {"fgsm", "pgd5-2", "autoattack-apgd-ce"}
+    for r in attacks.values():
+        assert r["n"] == 128 and 0 <= r["acc"] <= final["clean_acc"] + 1e-9
+    assert on_disk["certification"] is None
+    assert on_disk["timing"]["total"] > 0
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert any(k.endswith("weight") for k in weights)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """Stop after epoch 1, resume: final weights and ELLE-A state equal an uninterrupted run."""
+    spec = digits_spec()
+    full = tmp_path / "full"
+    run_job(spec, full, device="cpu", progress=False)
+
+    part = tmp_path / "part"
+    done = {"epoch": 0}
+
+    def on_event(kind, data):
+        if kind == "epoch":
+            done["epoch"] = data["epoch"]
+
+    with pytest.raises(Cancelled):
+        run_job(spec, part, device="cpu", progress=False, on_event=on_event,
+                should_stop=lambda: done["epoch"] >= 1)
+    assert not (part / "report.json").exists()
+    ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert float(ckpt["recipe"]["elle_a"]["n"]) > 0, "ELLE-A history is checkpointed"
+
+    report = run_job(spec, part, device="cpu", progress=False, resume=True)
+    a = load_file(str(full / "model.safetensors"))
+    b = load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full_report = json.loads((full / "report.json").read_text())
+    assert report["final"] == full_report["final"]
+    assert [h["train_loss"] for h in report["history"]] == \
+        [h["train_loss"] for h in full_report["history"]]
+
+
+def _mnist_root() -> Path | None:
+    import os
+
+    for cand in (os.environ.get("BULWARK_DATA_ROOT"), REPO.parent / "shared" / "data"):
+        if cand and (Path(cand) / "mnist").is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.mark.skipif(_mnist_root() is None,
+                    reason="real MNIST not found (set BULWARK_DATA_ROOT or place ../shared/data)")
+def test_cli_runs_mnist_job(tmp_path):
+    spec = {
+        "dataset": {"name": "mnist", "root": str(_mnist_root()), "train_limit": 4000,
+                    "val_size": 512},
+        "threat": {"epsilon": 0.1},
+        "recipe": "n-aaer",
+        "schedule": {"epochs": 1, "batch_size": 128},
+        "evaluation": {"monitor": {"size": 256, "pgd_steps": 5},
+                       "final": {"n": 500, "pgd": {"steps": 10, "restarts": 1},
+                                 "autoattack": None}},
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "run", str(path), "--out",
+                           str(out), "--device", "cpu", "--quiet"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "clean accuracy" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["train"] == 4000 - 512
+    assert report["final"]["clean_acc"] > 0.7
+    assert "aaer_ratio" in report["history"][0]["metrics"]
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_bad_spec_is_a_message_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: fgsm-elle\nthreat: {epsilon: 3}\nschedule: {epochs: 0}\nbogus: 1\n")
+    proc = _cli("run", str(bad), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "threat.epsilon" in proc.stderr and "(0, 1]" in proc.stderr
+    assert "schedule.epochs" in proc.stderr and "greater than or equal to 1" in proc.stderr
+    assert "bogus" in proc.stderr
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_cli_unknown_preset_and_missing_file(tmp_path):
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"recipe": "fgsm-magic"}))
+    proc = _cli("validate", str(spec))
+    assert proc.returncode == 2 and "fgsm-magic" in proc.stderr and "fgsm-elle" in proc.stderr
+    proc = _cli("run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_dataset_says_where_it_looked(tmp_path):
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"dataset": {"name": "cifar10", "root": str(tmp_path / "none")},
+                                "schedule": {"epochs": 1}}))
+    proc = _cli("run", str(spec), "--out", str(tmp_path / "o"), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert str(tmp_path / "none") in proc.stderr
+
+
+def test_cli_validate_prints_resolved_spec(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("recipe: n-aaer\nthreat: {epsilon: 16/255}\n")
+    proc = _cli("validate", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    reg = resolved["recipe"]["regularizers"][0]
+    assert (reg["kind"], reg["lam2"], reg["lam3"]) == ("aaer", 8.5, 1.5)
+    assert resolved["threat"]["epsilon"] == pytest.approx(16 / 255)
