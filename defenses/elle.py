@@ -76,7 +76,8 @@ class ELLEAController:
     def update(self, e_lin: Tensor) -> None:
         e = e_lin.detach().to(self.lam)
         spike = (self.n > 2) & (e > self.mean + self.s * self.std())
-        self.lam = torch.where(spike, torch.full_like(self.lam, self.lam_max), self.gamma * self.lam)
+        reset = torch.full_like(self.lam, self.lam_max)
+        self.lam = torch.where(spike, reset, self.gamma * self.lam)
         self.n = self.n + 1
         d = e - self.mean
         self.mean = self.mean + d / self.n

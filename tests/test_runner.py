@@ -113,7 +113,7 @@ def test_cli_runs_mnist_job(tmp_path):
                     "val_size": 512},
         "threat": {"epsilon": 0.1},
         "recipe": "n-aaer",
-        "schedule": {"epochs": 1, "batch_size": 128},
+        "schedule": {"epochs": 2, "batch_size": 32, "lr": {"kind": "cyclic", "lr_max": 0.05}},
         "evaluation": {"monitor": {"size": 256, "pgd_steps": 5},
                        "final": {"n": 500, "pgd": {"steps": 10, "restarts": 1},
                                  "autoattack": None}},
@@ -128,7 +128,7 @@ def test_cli_runs_mnist_job(tmp_path):
     assert "clean accuracy" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"]["train"] == 4000 - 512
-    assert report["final"]["clean_acc"] > 0.7
+    assert report["final"]["clean_acc"] > 0.8, "10 classes: chance is 0.1"
     assert "aaer_ratio" in report["history"][0]["metrics"]
 
 

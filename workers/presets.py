@@ -67,6 +67,11 @@ def aaer_lambdas(e: float, table: dict[int, tuple[float, float]]) -> tuple[float
     return table[nearest]
 
 
+def aaer(e: float, table: dict[int, tuple[float, float]]) -> dict:
+    lam2, lam3 = aaer_lambdas(e, table)
+    return {"kind": "aaer", "lam1": 1.0, "lam2": lam2, "lam3": lam3}
+
+
 def _single(adversary: dict, *regs: dict) -> Callable[[float], dict]:
     def build(e: float) -> dict:
         return {
@@ -100,10 +105,8 @@ PRESETS: dict[str, Callable[[float], dict]] = {
     "fgsm-elle": _single(FGSM, lambda e: {"kind": "elle", "lam": elle_lambda(e)}),
     "fgsm-elle-a": _single(FGSM, ELLE_A),
     "n-fgsm-elle-a": _single(N_FGSM, ELLE_A),
-    "rs-aaer": _single(FGSM_RS, lambda e: dict(
-        zip(("kind", "lam1", "lam2", "lam3"), ("aaer", 1.0, *aaer_lambdas(e, _AAER_RS)), strict=True))),
-    "n-aaer": _single(N_FGSM, lambda e: dict(
-        zip(("kind", "lam1", "lam2", "lam3"), ("aaer", 1.0, *aaer_lambdas(e, _AAER_N)), strict=True))),
+    "rs-aaer": _single(FGSM_RS, lambda e: aaer(e, _AAER_RS)),
+    "n-aaer": _single(N_FGSM, lambda e: aaer(e, _AAER_N)),
     "fgsm-gradalign": _single(FGSM, lambda e: {"kind": "gradalign", "lam": gradalign_lambda(e)}),
     "pgd-at": _multi({"kind": "ce"}),
     "trades": _multi({"kind": "trades", "beta": 6.0}),

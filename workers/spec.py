@@ -98,7 +98,8 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _wrn_depth(self) -> ModelSpec:
         if self.arch == "wide_resnet" and (self.depth - 4) % 6 != 0:
-            raise ValueError(f"model.depth must be 6n+4 for wide_resnet (e.g. 28, 34), got {self.depth}")
+            raise ValueError("model.depth must be 6n+4 for wide_resnet (e.g. 28, 34), "
+                             f"got {self.depth}")
         return self
 
 
@@ -118,7 +119,8 @@ class ThreatSpec(_Strict):
     def _range(self) -> ThreatSpec:
         hi = 1.0 if self.norm == "linf" else 64.0
         if not (0.0 < self.epsilon <= hi):
-            raise ValueError(f"threat.epsilon must be in (0, {hi:g}] for norm {self.norm}, got {self.epsilon}")
+            raise ValueError(f"threat.epsilon must be in (0, {hi:g}] for norm {self.norm}, "
+                             f"got {self.epsilon}")
         return self
 
 
