@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import gc
 import json
 import math
@@ -52,7 +53,8 @@ import torch.nn.functional as F  # noqa: E402
 from defenses import Recipe  # noqa: E402
 from workers.models import build_model  # noqa: E402
 from workers.presets import PRESETS  # noqa: E402
-from workers.runner import _autocast  # noqa: E402  (the runner's own autocast context)
+from workers.runner import EpochStats, train_step  # noqa: E402
+from workers.runner import autocast as _autocast  # noqa: E402
 from workers.spec import JobSpec  # noqa: E402
 
 ALL_RECIPES = ("standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a",
@@ -71,33 +73,11 @@ NUM_CLASSES = 10
 
 
 # ----------------------------------------------------------------------------- the step
-def train_step(model, optimizer, scaler, recipe, x, y, *, lr: float, dev: torch.device,
-               precision: str, channels_last: bool, acc: dict[str, Any]) -> None:
-    """One training step, the body of the loop in ``workers.runner.run_job``.
-
-    Replicated here because the runner's step is not importable as a function (yet); keep it
-    in step with the runner (or import ``train_step`` from it once the lead factors one out).
-    The tqdm update and the ``should_stop`` poll are left out.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(dev, precision):
-        out_step = recipe.step(model, x, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out_step.loss).backward()
-    for _ in range(recipe.optimizer_steps):
-        scaler.step(optimizer)
-    scaler.update()
-    recipe.after_step()
-    b = y.shape[0]
-    acc["seen"] += b
-    acc["loss_sum"] += out_step.loss.detach() * b
-    acc["correct"] += (out_step.logits.detach().argmax(1) == y).sum()
-    sums = acc["sums"]
-    for k, v in out_step.metrics.items():
-        sums[k] = sums[k] + v if k in sums else v.clone()
+def bulwark_step(model, optimizer, scaler, recipe, x, y, *, lr: float, precision: str,
+                 channels_last: bool, acc: EpochStats) -> None:
+    """The runner's own step (``workers.runner.train_step``) plus its per-epoch bookkeeping."""
+    acc.add(train_step(model, optimizer, scaler, recipe, x, y, lr=lr, precision=precision,
+                       channels_last=channels_last), y)
 
 
 def naive_step(model, optimizer, x, y, *, eps: float, lam: float, elle: bool,
@@ -136,7 +116,7 @@ class Subject:
     name: str
     step: Callable[[], Any]
     times: list[float] = field(default_factory=list)
-    acc: dict[str, Any] | None = None
+    acc: EpochStats | dict[str, Any] | None = None
     base: str | None = None          # the row this one is compared with ("x base")
     optimizer_steps: int = 1
 
@@ -189,10 +169,11 @@ def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, ref
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
         recipe = Recipe(spec.recipe, eps=spec.threat.epsilon, norm=spec.threat.norm)
-        acc = new_acc(dev)
-        subjects.append(Subject(name, lambda m=model, o=opt, s=scaler, r=recipe, a=acc: train_step(
-            m, o, s, r, x, y, lr=LR, dev=dev, precision=precision, channels_last=channels_last,
-            acc=a), acc=acc, base=base_recipe(name), optimizer_steps=recipe.optimizer_steps))
+        acc = EpochStats(dev)
+        step = functools.partial(bulwark_step, model, opt, scaler, recipe, x, y, lr=LR,
+                                 precision=precision, channels_last=channels_last, acc=acc)
+        subjects.append(Subject(name, step, acc=acc, base=base_recipe(name),
+                                optimizer_steps=recipe.optimizer_steps))
     if reference:
         ref = JobSpec.model_validate({"recipe": "fgsm-elle", "threat": {"epsilon": EPSILON}})
         eps = ref.threat.epsilon
@@ -347,7 +328,8 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
 
     rows = []
     for s in subjects:
-        nonfinite = not bool(torch.isfinite(s.acc["loss_sum"]).item()) if s.acc else False
+        loss_sum = s.acc.loss_sum if isinstance(s.acc, EpochStats) else s.acc["loss_sum"]
+        nonfinite = not bool(torch.isfinite(loss_sum).item())
         kinds = reg_kinds(s.name)
         exp = None
         if kinds & {"elle", "elle_a"}:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from defenses import Recipe
+from defenses import Recipe, StepOutput
 from workers.checkpoint import load_checkpoint, save_checkpoint, save_weights, write_json
 from workers.data import DeviceLoader, load_dataset, split_validation
 from workers.models import build_model
@@ -59,19 +59,57 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _mean_metrics(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    values = torch.stack([sums[k].float() for k in keys]).div(max(steps, 1)).tolist()
-    return dict(zip(keys, values, strict=True))
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
+               *, lr: float, precision: str, channels_last: bool) -> StepOutput:
+    """One optimizer step of ``recipe`` on (x, y) at learning rate ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, precision):
+        out = recipe.step(model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    for _ in range(recipe.optimizer_steps):
+        scaler.step(optimizer)
+    scaler.update()
+    recipe.after_step()
+    return out
+
+
+class EpochStats:
+    """Per-epoch sums kept on the device; one host synchronization in ``summary``."""
+
+    def __init__(self, device: torch.device):
+        self.seen, self.steps = 0, 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, out: StepOutput, y: torch.Tensor) -> None:
+        b = y.shape[0]
+        self.seen += b
+        self.steps += 1
+        self.loss_sum += out.loss.detach() * b
+        self.correct += (out.logits.detach().argmax(1) == y).sum()
+        for k, v in out.metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+    def summary(self) -> dict[str, Any]:
+        keys = sorted(self.sums)
+        packed = torch.stack([self.loss_sum.float(), self.correct.float()]
+                             + [self.sums[k].float() for k in keys]).tolist()
+        n, steps = max(self.seen, 1), max(self.steps, 1)
+        return {"train_loss": packed[0] / n, "train_acc": packed[1] / n,
+                "metrics": {k: v / steps for k, v in zip(keys, packed[2:], strict=True)}}
 
 
 def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
@@ -150,33 +188,15 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             gen = torch.Generator(device="cpu").manual_seed(epoch_seed(sched.seed, epoch) + 1)
             model.train()
             t_epoch = time.perf_counter()
-            sums: dict[str, torch.Tensor] = {}
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), dtype=torch.long, device=dev)
-            seen = 0
+            stats = EpochStats(dev)
             with timing.phase("train"):
                 for i, (x, y) in enumerate(loader.epoch(gen)):
                     if should_stop is not None and should_stop():
                         raise Cancelled(f"stopped during epoch {epoch + 1}")
                     lr = lr_at(sched.lr, epoch + i / steps_per_epoch, sched.epochs)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with _autocast(dev, spec.compute.precision):
-                        out_step = recipe.step(model, x, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out_step.loss).backward()
-                    for _ in range(recipe.optimizer_steps):
-                        scaler.step(optimizer)
-                    scaler.update()
-                    recipe.after_step()
-                    b = y.shape[0]
-                    seen += b
-                    loss_sum += out_step.loss.detach() * b
-                    correct += (out_step.logits.detach().argmax(1) == y).sum()
-                    for k, v in out_step.metrics.items():
-                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    stats.add(train_step(model, optimizer, scaler, recipe, x, y, lr=lr,
+                                         precision=spec.compute.precision,
+                                         channels_last=channels_last), y)
                     if bar is not None:
                         bar.update(1)
             train_seconds = time.perf_counter() - t_epoch
@@ -188,11 +208,9 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,  # at the epoch's last step
-                "train_loss": float(loss_sum) / max(seen, 1),
-                "train_acc": float(correct) / max(seen, 1),
+                **stats.summary(),
                 "monitor": mon,
                 "catastrophic_overfitting": co,
-                "metrics": _mean_metrics(sums, steps_per_epoch),
                 "seconds": time.perf_counter() - t_epoch,
                 "train_seconds": train_seconds,
             }
