@@ -1,10 +1,19 @@
 """The ``bulwark`` command line.
 
+Local, no server:
     bulwark run SPEC.{json,yaml} --out DIR [--device cpu|cuda|auto] [--resume]
     bulwark validate SPEC         print the spec as it will run (presets resolved)
     bulwark presets               list the named presets
+Service:
+    bulwark serve                 embedded: private Redis + API + one worker, SQLite
+    bulwark worker [--device D]   a Celery worker for one device (production)
+    bulwark reaper                re-queue jobs whose worker stopped heartbeating
+    bulwark keys create [--tenant T]
+Client (BULWARK_URL, BULWARK_API_KEY; embedded mode's key is read from bulwark-data/api_key):
+    bulwark submit SPEC [--wait]  bulwark jobs   bulwark status ID   bulwark report ID
+    bulwark cancel ID             bulwark download ID NAME [-o PATH]   bulwark delete ID
 
-Errors in the spec or the data are printed as messages, never as tracebacks (exit code 2).
+Errors are printed as messages, never as tracebacks (exit code 2).
 """
 
 from __future__ import annotations
@@ -87,6 +96,164 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- service
+def cmd_serve(args: argparse.Namespace) -> int:
+    from workers.serve import serve
+
+    return serve(host=args.host, port=args.port, home=args.home, workers=args.workers,
+                 device=args.device)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    from service.settings import get_settings
+    from workers.serve import worker_command
+
+    if args.device:
+        os.environ["BULWARK_DEVICE"] = args.device
+        if args.device.startswith("cuda:"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = args.device.split(":", 1)[1]
+            os.environ["BULWARK_DEVICE"] = "cuda"
+    name = args.name or f"{(args.device or 'auto').replace(':', '')}@%h"
+    cmd = worker_command(queue=args.queue or get_settings().queue, name=name)
+    os.execvpe(cmd[0], cmd, dict(os.environ))
+    return 0
+
+
+def cmd_reaper(args: argparse.Namespace) -> int:
+    import time
+
+    from service.app import reap_once
+    from service.settings import get_settings
+    from service.store import Store
+
+    s = get_settings()
+    store = Store(s.resolved_database_url())
+    store.migrate()
+    print(f"reaper: every {s.reaper_interval_seconds:g} s, stale after "
+          f"{s.stale_after_seconds:g} s", flush=True)
+    while True:
+        for job_id in reap_once(store, s):
+            print(f"re-enqueued {job_id}", flush=True)
+        if args.once:
+            return 0
+        time.sleep(s.reaper_interval_seconds)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+    from service.store import Store
+
+    store = Store(get_settings().resolved_database_url())
+    store.migrate()
+    print(store.create_api_key(args.tenant))
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from workers.client import Client
+
+    return Client(url=args.url, key=args.key)
+
+
+def _load_request(path: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"spec file not found: {p}")
+    data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: the spec must be a mapping at the top level")
+    return data
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job = client.submit(_load_request(args.spec), idempotency_key=args.idempotency_key)
+    print(f"job {job['id']} {job['state']}", flush=True)
+    if not args.wait:
+        return 0
+    return follow(client, job["id"])
+
+
+def follow(client, job_id: str) -> int:
+    """Follow a job's event stream with a progress bar; exit 0 only if it succeeded."""
+    from tqdm import tqdm
+
+    bar, state = None, None
+    for _id, kind, data in client.events(job_id):
+        if kind == "started" and bar is None:
+            bar = tqdm(total=data.get("epochs"), initial=data.get("start_epoch", 0),
+                       unit="epoch", desc=job_id[:8], dynamic_ncols=True)
+        elif kind == "epoch" and bar is not None:
+            bar.update(1)
+            mon = data.get("monitor") or {}
+            if mon:
+                bar.set_postfix(clean=f"{mon['clean_acc']:.3f}", pgd=f"{mon['pgd_acc']:.3f}")
+        elif kind == "phase" and bar is not None:
+            bar.set_description(f"{job_id[:8]} {data.get('phase')}")
+        elif kind in ("succeeded", "failed", "cancelled"):
+            state = kind
+            if bar is not None:
+                bar.close()
+            if kind == "failed":
+                print(f"job {job_id} failed: {data.get('error')}", file=sys.stderr)
+    job = client.job(job_id)
+    state = state or job["state"]
+    print(f"job {job_id} {state}")
+    if state == "succeeded":
+        print(_summary(client.report(job_id)))
+    return 0 if state == "succeeded" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    page = _client(args).jobs(state=args.state, limit=args.limit, offset=args.offset)
+    for j in page["items"]:
+        epoch = (j["progress"] or {}).get("epoch")
+        print(f"{j['id']}  {j['state']:<9}  {j['created_at'][:19]}  "
+              f"{j['name'] or j['spec'].get('recipe', {}).get('preset') or '-'}"
+              f"{f'  epoch {epoch}' if epoch else ''}")
+    print(f"{len(page['items'])} of {page['total']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).job(args.job_id), indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    report = _client(args).report(args.job_id)
+    print(json.dumps(report, indent=2) if args.json else _summary(report))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = _client(args).cancel(args.job_id)
+    print(f"job {job['id']} {job['state']}"
+          f"{' (cancel requested)' if job['state'] == 'running' else ''}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _client(args).delete(args.job_id)
+    print(f"job {args.job_id} deleted")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    dest = Path(args.output or args.name)
+    _client(args).download(args.job_id, args.name, dest)
+    print(dest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bulwark", description="Adversarial-robustness training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,12 +270,74 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     pr = sub.add_parser("presets", help="list the named recipes")
     pr.set_defaults(func=cmd_presets)
+
+    sv = sub.add_parser("serve", help="embedded service: private Redis, API and a worker")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--home", default="bulwark-data", help="state folder (SQLite, artifacts)")
+    sv.add_argument("--workers", type=int, default=1)
+    sv.add_argument("--device", default=None, help="training device for the workers")
+    sv.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="start a Celery worker for one device")
+    w.add_argument("--device", default=None, help="cpu, cuda:N (pins CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--queue", default=None)
+    w.add_argument("--name", default=None)
+    w.set_defaults(func=cmd_worker)
+    rp = sub.add_parser("reaper", help="re-queue jobs whose worker stopped heartbeating")
+    rp.add_argument("--once", action="store_true")
+    rp.set_defaults(func=cmd_reaper)
+    k = sub.add_parser("keys", help="API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create an API key (printed once)")
+    kc.add_argument("--tenant", default="default")
+    kc.set_defaults(func=cmd_keys)
+
+    def client_parser(name: str, help: str, func, job: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--url", default=None, help="API URL (default $BULWARK_URL)")
+        c.add_argument("--key", default=None, help="API key (default $BULWARK_API_KEY)")
+        if job:
+            c.add_argument("job_id")
+        c.set_defaults(func=func)
+        return c
+
+    c = client_parser("submit", "submit a job spec to the API", cmd_submit, job=False)
+    c.add_argument("spec")
+    c.add_argument("--wait", action="store_true", help="follow progress until it finishes")
+    c.add_argument("--idempotency-key", default=None)
+    c = client_parser("jobs", "list jobs", cmd_jobs, job=False)
+    c.add_argument("--state", default=None)
+    c.add_argument("--limit", type=int, default=50)
+    c.add_argument("--offset", type=int, default=0)
+    client_parser("status", "show a job", cmd_status)
+    c = client_parser("report", "show a job's robustness report", cmd_report)
+    c.add_argument("--json", action="store_true")
+    client_parser("cancel", "cancel a queued or running job", cmd_cancel)
+    client_parser("delete", "delete a finished job and its artifacts", cmd_delete)
+    c = client_parser("download", "download an artifact of a job", cmd_download)
+    c.add_argument("name", help="report.json or model.safetensors")
+    c.add_argument("-o", "--output", default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:  # client and service errors: a message, not a traceback
+        from workers.client import ApiError
+
+        if isinstance(e, ApiError):
+            return _fail(str(e), 1 if e.status < 500 else 3)
+        import httpx
+
+        if isinstance(e, httpx.TransportError):
+            return _fail(f"cannot reach the API ({e}); is `bulwark serve` running?", 3)
+        if isinstance(e, ValueError | OSError):
+            return _fail(str(e))
+        raise
 
 
 if __name__ == "__main__":

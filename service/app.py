@@ -1,0 +1,269 @@
+"""The REST API. Routes stay thin: validate, call the store, enqueue, shape the response.
+
+Every route below /v1 needs an API key (``Authorization: Bearer KEY`` or ``X-API-Key``) and
+sees only its tenant's jobs: another tenant's job is a 404. Torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import (
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from pydantic import ValidationError
+
+from service.artifacts import job_dir
+from service.db import QUEUED, STATES, TERMINAL
+from service.events import TERMINAL_EVENTS, Events, stream_key
+from service.limits import BodySizeLimit
+from service.metrics import JobCollector
+from service.models import ModelRejected, store_upload
+from service.queue import enqueue, revoke
+from service.schemas import Health, JobList, JobOut, ModelOut
+from service.settings import Settings, get_settings
+from service.store import Store, StoreError
+from workers.spec import JobSpec
+
+log = logging.getLogger("bulwark.api")
+KEEPALIVE_SECONDS = 15.0
+SPEC_MAX_BYTES = 1024 * 1024
+
+
+def current_tenant(request: Request,
+                   authorization: Annotated[str | None, Header()] = None,
+                   x_api_key: Annotated[str | None, Header()] = None) -> str:
+    """The tenant of the request's API key (``Authorization: Bearer`` or ``X-API-Key``)."""
+    key = x_api_key or (authorization[7:].strip() if authorization
+                        and authorization.lower().startswith("bearer ") else None)
+    tenant_id = request.app.state.store.authenticate(key) if key else None
+    if tenant_id is None:
+        raise HTTPException(401, "missing or invalid API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return tenant_id
+
+
+Tenant = Annotated[str, Depends(current_tenant)]
+
+
+def reap_once(store: Store, settings: Settings) -> list[str]:
+    requeue, _failed = store.reap(stale_after=settings.stale_after_seconds)
+    for job_id in requeue:
+        job = store.get_job(None, job_id)
+        enqueue(job_id, job.attempt)
+        log.warning("reaper: job %s had a stale heartbeat; re-enqueued", job_id)
+    return requeue
+
+
+def _reaper_loop(store: Store, settings: Settings, stop: threading.Event) -> None:
+    while not stop.wait(settings.reaper_interval_seconds):
+        try:
+            reap_once(store, settings)
+        except Exception:  # keep reaping through transient DB / broker errors
+            log.exception("reaper pass failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    s = settings or get_settings()
+    store = Store(s.resolved_database_url())
+    store.migrate()
+    events = Events(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
+    registry = CollectorRegistry()
+    registry.register(JobCollector(store))
+    latency = Histogram("bulwark_http_request_duration_seconds", "HTTP request latency",
+                        ["method", "route", "status"], registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        if s.reaper_enabled:
+            threading.Thread(target=_reaper_loop, args=(store, s, stop), daemon=True,
+                             name="bulwark-reaper").start()
+        app.state.aredis = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+        try:
+            yield
+        finally:
+            stop.set()
+            await app.state.aredis.aclose()
+
+    app = FastAPI(title="Bulwark", version="1", lifespan=lifespan,
+                  description="Adversarial-robustness training jobs: submit a job spec, "
+                              "follow its events, fetch the robustness report.")
+    app.state.store, app.state.events, app.state.settings = store, events, s
+    app.add_middleware(BodySizeLimit, limit_for=lambda path: (
+        s.max_upload_bytes if path.startswith("/v1/models") else SPEC_MAX_BYTES))
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        latency.labels(request.method, getattr(route, "path", "unmatched"),
+                       str(response.status_code)).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    # ------------------------------------------------------------------ jobs
+    @app.post("/v1/jobs", response_model=JobOut, status_code=201,
+              responses={200: {"model": JobOut, "description": "idempotent replay"}})
+    def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+        job, created = store.create_job(tenant_id, spec.model_dump(mode="json"),
+                                        max_attempts=s.max_attempts,
+                                        max_queued=s.max_queued_per_tenant,
+                                        idempotency_key=idempotency_key)
+        if created:
+            events.publish(job.id, "queued", {})
+            enqueue(job.id)  # after the commit: the worker must find the row
+        else:
+            response.status_code = 200
+        return JobOut.of(job)
+
+    @app.get("/v1/jobs", response_model=JobList)
+    def list_jobs(tenant_id: Tenant,
+                  state: Annotated[str | None, Query(pattern="^(" + "|".join(STATES) + ")$")]
+                  = None,
+                  limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                  offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+        rows, total = store.list_jobs(tenant_id, state=state, limit=limit, offset=offset)
+        return JobList(items=[JobOut.of(j) for j in rows], total=total, limit=limit,
+                       offset=offset)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut)
+    def get_job(job_id: str, tenant_id: Tenant) -> JobOut:
+        return JobOut.of(store.get_job(tenant_id, job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, status_code=202)
+    def cancel(job_id: str, tenant_id: Tenant) -> JobOut:
+        before = store.get_job(tenant_id, job_id)
+        job = store.request_cancel(tenant_id, job_id)
+        if before.state == QUEUED and job.state != QUEUED:
+            events.publish(job_id, "cancelled", {"while": "queued"})
+            revoke(job_id, before.attempt)
+        elif job.state not in TERMINAL:
+            events.publish(job_id, "cancel_requested", {})
+        return JobOut.of(job)
+
+    @app.delete("/v1/jobs/{job_id}", status_code=204)
+    def delete(job_id: str, tenant_id: Tenant) -> Response:
+        job = store.delete_job(tenant_id, job_id)
+        shutil.rmtree(job_dir(s, job.tenant_id, job.id), ignore_errors=True)
+        events.delete(job.id)
+        return Response(status_code=204)
+
+    @app.get("/v1/jobs/{job_id}/report")
+    def report(job_id: str, tenant_id: Tenant) -> dict[str, Any]:
+        job = store.get_job(tenant_id, job_id)
+        if not any(a["name"] == "report.json" for a in job.artifacts or []):
+            raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
+        return json.loads((job_dir(s, tenant_id, job_id) / "report.json").read_text())
+
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}")
+    def artifact(job_id: str, name: str, tenant_id: Tenant) -> FileResponse:
+        job = store.get_job(tenant_id, job_id)
+        listed = {a["name"]: a for a in job.artifacts or []}
+        if name not in listed:  # only names from the job's own list: no user paths
+            raise HTTPException(404, f"job {job_id} has no artifact {name!r}; "
+                                     f"it has {sorted(listed)}")
+        return FileResponse(job_dir(s, tenant_id, job_id) / name, filename=name,
+                            headers={"X-Checksum-SHA256": listed[name]["sha256"]})
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, tenant_id: Tenant, request: Request,
+                         last_event_id: Annotated[str | None, Header()] = None
+                         ) -> StreamingResponse:
+        job = await asyncio.to_thread(store.get_job, tenant_id, job_id)
+        return StreamingResponse(_event_stream(request, job, last_event_id),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    async def _event_stream(request: Request, job, last_id: str | None):
+        """Snapshot from the DB, then the stream from ``Last-Event-ID``, until terminal."""
+        if last_id is None:
+            yield _sse("snapshot", JobOut.of(job).model_dump(mode="json"))
+        after = last_id or "0"
+        key = stream_key(job.id)
+        r = request.app.state.aredis
+        while not await request.is_disconnected():
+            res = await r.xread({key: after}, count=100, block=int(KEEPALIVE_SECONDS * 1000))
+            if not res:
+                current = await asyncio.to_thread(store.get_job, None, job.id)
+                if current.state in TERMINAL and not await r.exists(key):
+                    return
+                yield ": keepalive\n\n"
+                continue
+            for event_id, fields in res[0][1]:
+                after = event_id
+                yield _sse(fields["type"], json.loads(fields.get("data", "{}")), event_id)
+                if fields["type"] in TERMINAL_EVENTS:
+                    return
+
+    # ------------------------------------------------------------------ models
+    @app.post("/v1/models", response_model=ModelOut, status_code=201)
+    async def upload_model(tenant_id: Tenant, file: Annotated[UploadFile, File()],
+                           arch: Annotated[str, Form()],
+                           num_classes: Annotated[int, Form(ge=2, le=1000)],
+                           in_channels: Annotated[int, Form(ge=1, le=4)] = 3,
+                           image_size: Annotated[int, Form(ge=4, le=512)] = 32) -> ModelOut:
+        try:
+            row = await asyncio.to_thread(
+                store_upload, store, s, tenant_id, file.file, arch=arch,
+                meta={"num_classes": num_classes, "in_channels": in_channels,
+                      "image_size": image_size})
+        except ModelRejected as e:
+            raise HTTPException(e.status, str(e)) from e
+        return ModelOut.of(row)
+
+    # ------------------------------------------------------------------ operations
+    @app.get("/healthz", response_model=Health)
+    def healthz(response: Response) -> Health:
+        db = _ok(store.ping)
+        rd = _ok(events.ping)
+        if not (db and rd):
+            response.status_code = 503
+        return Health(status="ok" if db and rd else "degraded", database=db, redis=rd)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(request: Request, exc: ValidationError):
+        return JSONResponse({"detail": exc.errors(include_url=False)}, status_code=422)
+
+    return app
+
+
+def _ok(fn) -> bool:
+    try:
+        return bool(fn())
+    except Exception:
+        return False
+
+
+def _sse(kind: str, data: Any, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"

@@ -1,0 +1,39 @@
+"""The artifact store: a local (or shared, mounted) root, addressed through the DB only.
+
+Paths are built from tenant and job/model ids, which the service generates; a user-supplied
+name is only ever compared with a job's artifact list, never joined into a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+DOWNLOADABLE = ("report.json", "model.safetensors")
+
+
+def job_dir(settings: Settings, tenant_id: str, job_id: str) -> Path:
+    return settings.resolved_artifact_root() / "tenants" / tenant_id / "jobs" / job_id
+
+
+def model_path(settings: Settings, tenant_id: str, model_id: str) -> Path:
+    return settings.resolved_artifact_root() / "tenants" / tenant_id / "models" / \
+        f"{model_id}.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_artifacts(out: Path) -> list[dict[str, Any]]:
+    """The downloadable files of a finished job, with size and checksum."""
+    return [{"name": name, "size": (out / name).stat().st_size,
+             "sha256": sha256_file(out / name)}
+            for name in DOWNLOADABLE if (out / name).is_file()]

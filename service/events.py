@@ -1,0 +1,57 @@
+"""Progress events: one Redis stream per job, ``bulwark:job:{id}:events``.
+
+Streams persist and replay by id, so a client that reconnects with ``Last-Event-ID`` misses
+nothing (pub/sub would drop what it sent while the client was away). Each entry holds
+``type`` and ``data`` (JSON). The stream is capped (``MAXLEN ~``) and expires some time after
+the terminal event. Torch-free: the trainer process publishes, the API reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
+
+
+def stream_key(job_id: str) -> str:
+    return f"bulwark:job:{job_id}:events"
+
+
+class Events:
+    def __init__(self, url: str, *, maxlen: int = 1000, ttl_seconds: int = 7 * 86400):
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.maxlen, self.ttl = maxlen, ttl_seconds
+
+    def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None) -> str:
+        key = stream_key(job_id)
+        event_id = self.redis.xadd(key, {"type": kind, "data": json.dumps(data or {})},
+                                   maxlen=self.maxlen, approximate=True)
+        if kind in TERMINAL_EVENTS:
+            self.redis.expire(key, self.ttl)
+        return event_id
+
+    def read(self, job_id: str, after: str = "0", *, block_ms: int | None = None,
+             count: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
+        """Events after id ``after`` as (id, type, data); blocks up to ``block_ms``."""
+        res = self.redis.xread({stream_key(job_id): after}, count=count, block=block_ms)
+        out = []
+        for _key, entries in res or []:
+            for event_id, fields in entries:
+                out.append((event_id, fields["type"], json.loads(fields.get("data", "{}"))))
+        return out
+
+    def history(self, job_id: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        after = "0"
+        while batch := self.read(job_id, after):
+            yield from batch
+            after = batch[-1][0]
+
+    def delete(self, job_id: str) -> None:
+        self.redis.delete(stream_key(job_id))
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())

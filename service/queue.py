@@ -1,0 +1,67 @@
+"""Enqueueing jobs: the API and the reaper send the task by name with the job id only.
+
+The broker settings (SERVICE.md §1) live here so producers and workers agree on them; the
+worker side (``workers.celery_app``) adds the task module. Torch-free.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+TASK_NAME = "bulwark.run_job"
+
+
+def celery_config(s: Settings) -> dict[str, Any]:
+    max_run = s.max_run_seconds
+    vt = max_run + 3600  # above the hard time limit: Redis must not redeliver a running job
+    return dict(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,
+        task_soft_time_limit=max_run,
+        task_time_limit=max_run + 600,
+        broker_transport_options={"visibility_timeout": vt},
+        result_backend_transport_options={"visibility_timeout": vt},
+        visibility_timeout=vt,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=s.queue,
+        worker_hijack_root_logger=False,
+    )
+
+
+def make_celery(s: Settings | None = None, *, include: list[str] | None = None) -> Celery:
+    s = s or get_settings()
+    app = Celery("bulwark", broker=s.redis_url or "redis://127.0.0.1:6379/0",
+                 include=include or [])
+    app.conf.update(celery_config(s))
+    return app
+
+
+@lru_cache
+def producer() -> Celery:
+    return make_celery()
+
+
+def enqueue(job_id: str, attempt: int = 0, *, app: Celery | None = None) -> None:
+    """Send ``run_job(job_id)``; the task id names the job and the attempt it follows."""
+    (app or producer()).send_task(TASK_NAME, args=[job_id], task_id=f"{job_id}.{attempt}",
+                                  queue=get_settings().queue)
+
+
+def revoke(job_id: str, attempt: int = 0, *, app: Celery | None = None) -> None:
+    """Revoke a queued job's message (never terminate=True: the pid may run another task)."""
+    (app or producer()).control.revoke(f"{job_id}.{attempt}")

@@ -1,0 +1,53 @@
+"""All service settings in one pydantic-settings object, read from ``BULWARK_*`` variables.
+
+With no variables set, Bulwark runs embedded: SQLite and artifacts under ``./bulwark-data`` and
+a private Redis that ``bulwark serve`` starts (``redis_url`` empty). Production points
+``BULWARK_DATABASE_URL``, ``BULWARK_REDIS_URL`` and ``BULWARK_ARTIFACT_ROOT`` at shared services.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BULWARK_", extra="ignore")
+
+    home: Path = Field(Path("bulwark-data"), description="embedded-mode state folder")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite under home")
+    redis_url: str = Field("", description="broker + event streams; empty = embedded Redis")
+    artifact_root: Path | None = Field(None, description="reports, weights; default home/artifacts")
+    queue: str = Field("bulwark", description="Celery queue the API routes jobs to")
+    device: str = Field("auto", description="worker device for training: auto, cpu, cuda:N")
+    reaper_enabled: bool = Field(True, description="run the stale-job reaper in the API")
+
+    max_attempts: int = Field(3, ge=1, le=20)
+    max_queued_per_tenant: int = Field(20, ge=1)
+    heartbeat_seconds: float = Field(30.0, gt=0)
+    stale_after_seconds: float = Field(300.0, gt=0, description="heartbeat age before reaping")
+    reaper_interval_seconds: float = Field(60.0, gt=0)
+    cancel_poll_seconds: float = Field(2.0, gt=0)
+    max_run_seconds: int = Field(6 * 3600, ge=60, description="Celery soft time limit")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    events_maxlen: int = Field(1000, ge=10)
+    events_ttl_seconds: int = Field(7 * 86400, ge=60, description="after the terminal event")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.home / 'bulwark.db').resolve()}"
+
+    def resolved_artifact_root(self) -> Path:
+        root = self.artifact_root or (self.home / "artifacts")
+        root.mkdir(parents=True, exist_ok=True)
+        return root.resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

