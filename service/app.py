@@ -98,7 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if s.reaper_enabled:
             threading.Thread(target=_reaper_loop, args=(store, s, stop), daemon=True,
                              name="bulwark-reaper").start()
-        app.state.aredis = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+        # the socket timeout must outlast the XREAD block, or an idle stream errors out
+        app.state.aredis = aioredis.Redis.from_url(
+            s.redis_url, decode_responses=True, socket_timeout=KEEPALIVE_SECONDS + 30)
         try:
             yield
         finally:

@@ -33,6 +33,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # REMAP_SIGTERM=SIGQUIT + this: a stopping worker cold-stops in time and its
+        # unacknowledged message is restored to the queue (compose stop_grace_period > 60 s)
+        worker_soft_shutdown_timeout=60,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -57,6 +57,13 @@ class Stack:
     url: str = ""
 
     def start(self, workers: int = 1) -> Stack:
+        try:
+            return self._start(workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, workers: int) -> Stack:
         redis_port, api_port = free_port(), free_port()
         self.procs["redis"] = start_redis(self.home / "redis", redis_port)
         self.env = {**os.environ, **FAST,

@@ -182,32 +182,52 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def follow(client, job_id: str) -> int:
     """Follow a job's event stream with a progress bar; exit 0 only if it succeeded."""
-    from tqdm import tqdm
+    import time
 
-    bar, state = None, None
-    for _id, kind, data in client.events(job_id):
-        if kind == "started" and bar is None:
-            bar = tqdm(total=data.get("epochs"), initial=data.get("start_epoch", 0),
-                       unit="epoch", desc=job_id[:8], dynamic_ncols=True)
-        elif kind == "epoch" and bar is not None:
-            bar.update(1)
-            mon = data.get("monitor") or {}
-            if mon:
-                bar.set_postfix(clean=f"{mon['clean_acc']:.3f}", pgd=f"{mon['pgd_acc']:.3f}")
-        elif kind == "phase" and bar is not None:
-            bar.set_description(f"{job_id[:8]} {data.get('phase')}")
-        elif kind in ("succeeded", "failed", "cancelled"):
-            state = kind
-            if bar is not None:
-                bar.close()
-            if kind == "failed":
-                print(f"job {job_id} failed: {data.get('error')}", file=sys.stderr)
+    import httpx
+
+    bar, state, last_id, failures = None, None, None, 0
+    while state is None:
+        try:
+            for event_id, kind, data in client.events(job_id, last_id):
+                last_id, failures = event_id or last_id, 0
+                bar, state = _show_event(job_id, kind, data, bar)
+            break
+        except httpx.TransportError:  # reconnect and resume from the last event id
+            failures += 1
+            if failures > 5:
+                raise
+            time.sleep(min(2.0 * failures, 10.0))
     job = client.job(job_id)
     state = state or job["state"]
     print(f"job {job_id} {state}")
     if state == "succeeded":
         print(_summary(client.report(job_id)))
     return 0 if state == "succeeded" else 1
+
+
+def _show_event(job_id: str, kind: str, data: dict, bar):
+    """Update the progress bar with one event; returns (bar, terminal state or None)."""
+    from tqdm import tqdm
+
+    state = None
+    if kind == "started" and bar is None:
+        bar = tqdm(total=data.get("epochs"), initial=data.get("start_epoch", 0),
+                   unit="epoch", desc=job_id[:8], dynamic_ncols=True)
+    elif kind == "epoch" and bar is not None:
+        bar.update(1)
+        mon = data.get("monitor") or {}
+        if mon:
+            bar.set_postfix(clean=f"{mon['clean_acc']:.3f}", pgd=f"{mon['pgd_acc']:.3f}")
+    elif kind == "phase" and bar is not None:
+        bar.set_description(f"{job_id[:8]} {data.get('phase')}")
+    elif kind in ("succeeded", "failed", "cancelled"):
+        state = kind
+        if bar is not None:
+            bar.close()
+        if kind == "failed":
+            print(f"job {job_id} failed: {data.get('error')}", file=sys.stderr)
+    return bar, state
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
