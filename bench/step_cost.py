@@ -58,7 +58,8 @@ from workers.runner import autocast as _autocast  # noqa: E402
 from workers.spec import JobSpec  # noqa: E402
 
 ALL_RECIPES = ("standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a",
-               "n-fgsm-elle-a", "rs-aaer", "n-aaer", "fgsm-gradalign", "pgd-at", "trades")
+               "n-fgsm-elle-a", "rs-aaer", "n-aaer", "fgsm-gradalign", "pgd-at", "trades",
+               "pgd-awp", "pgd-adr", "pgd-adr-awp", "trades-awp", "trades-adr")
 EPSILON = "8/255"
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 SEED = 0
@@ -127,11 +128,30 @@ def new_acc(dev: torch.device) -> dict[str, Any]:
 
 
 def base_recipe(name: str) -> str | None:
-    """The recipe an ELLE / GradAlign / AAER preset adds its regularizer to."""
+    """The recipe an ELLE / GradAlign / AAER preset adds its regularizer to, or the PGD-AT /
+    TRADES recipe an AWP / ADR preset adds its part to."""
     spec = recipe_spec(name)
+    if spec.weight_perturbation is not None or spec.labels.kind == "adr":
+        return "trades" if spec.loss.kind == "trades" else "pgd-at"
     if not spec.regularizers:
         return None
     return {"fgsm": "fgsm", "fgsm_rs": "fgsm-rs", "n_fgsm": "n-fgsm"}.get(spec.adversary.kind)
+
+
+def parts_bound(spec, f: float, b_in: float, b_full: float) -> float:
+    """The FLOP-bound ratio to the base recipe. PGD-k AT = k·(F + b_in) + F + b_full; TRADES =
+    F (p(x) for the attack) + k·(F + b_in) + 2F + 2·b_full. AWP adds the proxy's training pass
+    (F + b_full, or 2F + 2·b_full for TRADES); ADR adds one no-grad teacher forward F."""
+    k = spec.adversary.steps
+    trades = spec.loss.kind == "trades"
+    train = 2 * (f + b_full) if trades else f + b_full
+    base = k * (f + b_in) + train + (f if trades else 0.0)
+    extra = 0.0
+    if spec.weight_perturbation is not None:
+        extra += train
+    if spec.labels.kind == "adr":
+        extra += f
+    return (base + extra) / base
 
 
 def recipe_spec(name: str):
@@ -169,6 +189,7 @@ def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, ref
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
         recipe = Recipe(spec.recipe, eps=spec.threat.epsilon, norm=spec.threat.norm)
+        recipe.bind(model, total_steps=10_000)  # EMA copies (ADR teacher, WA) as the runner
         acc = EpochStats(dev)
         step = functools.partial(bulwark_step, model, opt, scaler, recipe, x, y, lr=LR,
                                  precision=precision, channels_last=channels_last, acc=acc)
@@ -338,6 +359,8 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
             exp = 1.0
         elif s.name == NAIVE_ELLE:
             exp = expected["naive_elle"]
+        elif s.name in PRESETS and s.base in ("pgd-at", "trades"):
+            exp = parts_bound(recipe_spec(s.name), f, b_in, b_full)
         base_t = med.get(s.base) if s.base else None
         std_t = med.get("standard")
         m = med[s.name]

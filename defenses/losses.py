@@ -26,6 +26,7 @@ class LossOutput:
 
 
 class CELoss:
+    name = "ce"
     attack_eval_mode = False
     attack_start = "uniform"
 
@@ -40,6 +41,7 @@ class CELoss:
 
 
 class TradesLoss:
+    name = "trades"
     attack_eval_mode = True
     attack_start = "normal"
 

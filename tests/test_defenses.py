@@ -274,8 +274,8 @@ def test_elle_a_recipe_uses_lambda_zero_on_the_first_step():
     assert math.isclose(out.loss.item(), fgsm_loss, rel_tol=1e-6)
     assert out.metrics["elle_lambda"].item() == 0.0
     assert out.metrics["elle_e_lin"].item() > 0.0  # E_lin is still computed while λ = 0
-    recipe.after_step()
-    state = recipe.state_dict()["elle_a"]
+    recipe.after_step(model)
+    state = recipe.state_dict()["regularizers"]["elle_a"]
     assert state["n"].item() == 1 and state["lam"].item() == 0.0
     assert math.isclose(state["mean"].item(), out.metrics["elle_e_lin"].item(), rel_tol=1e-6)
 
@@ -525,6 +525,7 @@ def test_every_preset_runs_one_step(name):
     torch.manual_seed(0)
     x = torch.rand(8, 1, 4, 4)
     y = torch.randint(0, 4, (8,))
+    recipe.bind(model, total_steps=10)
     out = recipe.step(model, x, y)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.logits.shape == (8, 4)
@@ -533,7 +534,8 @@ def test_every_preset_runs_one_step(name):
     for p in model.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     assert any(p.grad.abs().max() > 0 for p in model.parameters())
-    recipe.after_step()
+    recipe.before_optimizer_step(model)
+    recipe.after_step(model)
     assert recipe.optimizer_steps == 1
 
 

@@ -19,7 +19,7 @@ from workers.spec import JobSpec, LRSchedule, format_validation_error
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a", "n-fgsm-elle-a",
         "rs-aaer", "n-aaer", "fgsm-gradalign"}
-LONG = {"pgd-at", "trades"}
+LONG = {"pgd-at", "trades", "pgd-awp", "trades-awp", "pgd-adr", "trades-adr", "pgd-adr-awp"}
 
 
 def job(recipe, epsilon: object = "8/255", norm: str = "linf", **extra) -> JobSpec:
@@ -125,10 +125,26 @@ def test_multi_step_presets(name):
     assert (adv.kind, adv.steps, adv.restarts, adv.random_start) == ("pgd", 10, 1, True)
     assert adv.alpha * 8 / 255 == pytest.approx(2 / 255)  # PGD-10, step 2/255 at 8/255
     assert spec.recipe.regularizers == []
-    if name == "trades":
+    if name.startswith("trades"):
         assert spec.recipe.loss.kind == "trades" and spec.recipe.loss.beta == 6.0
     else:
         assert spec.recipe.loss.kind == "ce"
+    r = spec.recipe
+    awp = {"pgd-awp": (0.01, 0), "trades-awp": (0.005, 10), "pgd-adr-awp": (0.005, 0)}
+    if name in awp:
+        assert (r.weight_perturbation.kind, r.weight_perturbation.gamma,
+                r.weight_perturbation.warmup) == ("awp", *awp[name])
+    else:
+        assert r.weight_perturbation is None
+    adr = {"pgd-adr": (2.0, 0.95), "trades-adr": (2.0, 0.95), "pgd-adr-awp": (1.5, 0.85)}
+    if name in adr:
+        assert (r.labels.kind, r.labels.decay, r.labels.tau_high, r.labels.lam_low) == \
+            ("adr", 0.995, 2.5, 0.7)
+        assert (r.labels.tau_low, r.labels.lam_high) == adr[name]
+        assert r.weight_average is not None and r.weight_average.decay == 0.995
+    else:
+        assert r.labels.kind == "hard" and r.weight_average is None
+    assert s.nesterov == (name in ("pgd-adr", "trades-adr"))  # ADR's SGD configs
 
 
 @pytest.mark.parametrize("name", sorted(FAST))

@@ -82,7 +82,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert not (part / "report.json").exists()
     ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1
-    assert float(ckpt["recipe"]["elle_a"]["n"]) > 0, "ELLE-A history is checkpointed"
+    elle_a = ckpt["recipe"]["regularizers"]["elle_a"]
+    assert float(elle_a["n"]) > 0, "ELLE-A history is checkpointed"
 
     report = run_job(spec, part, device="cpu", progress=False, resume=True)
     a = load_file(str(full / "model.safetensors"))

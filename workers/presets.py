@@ -29,6 +29,12 @@ LONG_SCHEDULE: dict[str, Any] = {
     "lr": {"kind": "piecewise", "lr_max": 0.1, "milestones": [0.5, 0.75], "gamma": 0.1},
 }
 
+# ADR (config/cifar10/*.gin): τ 2.5 → 2.0 and λ 0.7 → 0.95 with SGD; 1.5 / 0.85 with AWP.
+ADR_SGD = {"kind": "adr", "decay": 0.995, "tau_high": 2.5, "tau_low": 2.0, "lam_low": 0.7,
+           "lam_high": 0.95}
+ADR_AWP = {**ADR_SGD, "tau_low": 1.5, "lam_high": 0.85}
+ADR_SCHEDULE = {**LONG_SCHEDULE, "nesterov": True}
+
 # GradAlign λ by ε (in /255), from the ELLE repo's tuned baselines; 2.0 for ε >= 16.
 _GRADALIGN = [(2, 0.036), (4, 0.063), (6, 0.112), (8, 0.2), (10, 0.356), (12, 0.632),
               (14, 1.124), (16, 2.0)]
@@ -82,13 +88,14 @@ def _single(adversary: dict, *regs: dict) -> Callable[[float], dict]:
     return build
 
 
-def _multi(loss: dict) -> Callable[[float], dict]:
+def _multi(loss: dict, *, awp: dict | None = None, labels: dict | None = None,
+           weight_average: dict | None = None, schedule: dict | None = None
+           ) -> Callable[[float], dict]:
     def build(e: float) -> dict:
-        return {
-            "recipe": {"adversary": {"kind": "pgd", "steps": 10, "alpha": 0.25, "restarts": 1},
-                       "loss": loss, "regularizers": []},
-            "schedule": LONG_SCHEDULE,
-        }
+        recipe = {"adversary": {"kind": "pgd", "steps": 10, "alpha": 0.25, "restarts": 1},
+                  "loss": loss, "regularizers": [], "weight_perturbation": awp,
+                  "labels": labels or {"kind": "hard"}, "weight_average": weight_average}
+        return {"recipe": recipe, "schedule": schedule or LONG_SCHEDULE}
     return build
 
 
@@ -110,6 +117,18 @@ PRESETS: dict[str, Callable[[float], dict]] = {
     "fgsm-gradalign": _single(FGSM, lambda e: {"kind": "gradalign", "lam": gradalign_lambda(e)}),
     "pgd-at": _multi({"kind": "ce"}),
     "trades": _multi({"kind": "trades", "beta": 6.0}),
+    # AWP official settings: AT γ 0.01 from epoch 1; TRADES γ 0.005 from epoch 10.
+    "pgd-awp": _multi({"kind": "ce"}, awp={"kind": "awp", "gamma": 0.01, "warmup": 0}),
+    "trades-awp": _multi({"kind": "trades", "beta": 6.0},
+                         awp={"kind": "awp", "gamma": 0.005, "warmup": 10}),
+    # ADR: SGD nesterov; the EMA teacher doubles as the WA model (same decay).
+    "pgd-adr": _multi({"kind": "ce"}, labels=ADR_SGD, weight_average={"decay": 0.995},
+                      schedule=ADR_SCHEDULE),
+    "trades-adr": _multi({"kind": "trades", "beta": 6.0}, labels=ADR_SGD,
+                         weight_average={"decay": 0.995}, schedule=ADR_SCHEDULE),
+    # ADR + AWP: ADR's AWP settings (τ_low 1.5, λ_high 0.85, ρ = γ = 0.005), official AWP rule.
+    "pgd-adr-awp": _multi({"kind": "ce"}, awp={"kind": "awp", "gamma": 0.005, "warmup": 0},
+                          labels=ADR_AWP, weight_average={"decay": 0.995}, schedule=LONG_SCHEDULE),
 }
 
 

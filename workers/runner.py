@@ -9,6 +9,7 @@ end of every epoch, so a resumed run repeats exactly what an uninterrupted one d
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,13 @@ from typing import Any
 import torch
 
 from defenses import Recipe, StepOutput
-from workers.checkpoint import load_checkpoint, save_checkpoint, save_weights, write_json
+from workers.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+    write_json,
+)
 from workers.data import DeviceLoader, load_dataset, split_validation
 from workers.models import build_model
 from workers.monitor import COWatchdog, monitor
@@ -27,6 +34,8 @@ from workers.schedule import lr_at
 from workers.spec import JobSpec
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.safetensors"  # weights of the best monitor-PGD epoch, kept apart from the last
+WA = "wa.safetensors"      # the weight-averaged model, when the recipe keeps one
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -78,10 +87,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         out = recipe.step(model, x, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out.loss).backward()
+    recipe.before_optimizer_step(model)
     for _ in range(recipe.optimizer_steps):
         scaler.step(optimizer)
     scaler.update()
-    recipe.after_step()
+    recipe.after_step(model)
     return out
 
 
@@ -151,10 +161,16 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=sched.momentum,
                                 weight_decay=sched.weight_decay, nesterov=sched.nesterov)
     scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
+    steps_per_epoch = len(loader)
     recipe = Recipe(spec.recipe, eps=eps, norm=norm)
+    recipe.bind(model, steps_per_epoch * sched.epochs)
     watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap)
     history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # the epoch with the best monitor PGD accuracy
     start_epoch = 0
+    meta = {"arch": spec.model.arch, "num_classes": str(data.num_classes),
+            "in_channels": str(data.train_x.shape[1]),
+            "image_size": str(data.train_x.shape[2]), "format": "bulwark-v1"}
 
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -168,12 +184,12 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
         recipe.load_state_dict(state["recipe"])
         watchdog.load_state_dict(state["watchdog"])
         history = list(state["history"])
+        best = state["best"]
         start_epoch = int(state["epoch"])
         for k, v in state["timing"].items():
             timing.seconds[k] = float(v)
         emit("resumed", {"epoch": start_epoch})
 
-    steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * sched.epochs
     bar = None
     if progress:
@@ -187,6 +203,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             torch.manual_seed(epoch_seed(sched.seed, epoch))
             gen = torch.Generator(device="cpu").manual_seed(epoch_seed(sched.seed, epoch) + 1)
             model.train()
+            recipe.begin_epoch(epoch + 1)
             t_epoch = time.perf_counter()
             stats = EpochStats(dev)
             with timing.phase("train"):
@@ -205,6 +222,10 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
                                steps=ev.monitor.pgd_steps, alpha=ev.monitor.pgd_alpha,
                                batch_size=max(sched.batch_size, 256)) if n_mon else None)
             co = watchdog.check(epoch + 1, mon) if mon else False
+            if mon and (best is None or mon["pgd_acc"] > best["monitor_pgd_acc"]):
+                best = {"epoch": epoch + 1, "monitor_pgd_acc": mon["pgd_acc"],
+                        "monitor_clean_acc": mon["clean_acc"]}
+                save_weights(out / BEST, model, {**meta, "epoch": str(epoch + 1)})
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,  # at the epoch's last step
@@ -224,7 +245,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "recipe": recipe.state_dict(), "watchdog": watchdog.state_dict(),
-                    "history": history, "timing": dict(timing.seconds),
+                    "history": history, "best": best, "timing": dict(timing.seconds),
                     "rng": {"torch": torch.get_rng_state(), "seed": sched.seed},
                 })
             emit("epoch", row)
@@ -239,15 +260,35 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
         test_x, test_y = data.test_x, data.test_y
         if ev.final.n is not None:
             test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
-        torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
-        final = final_evaluation(model, test_x.to(dev).float().div_(255), test_y.to(dev),
-                                 ev.final, eps=eps, norm=norm, num_classes=data.num_classes,
-                                 seed=sched.seed, on_phase=lambda p: emit("phase", {"phase": p}))
+        test_x, test_y = test_x.to(dev).float().div_(255), test_y.to(dev)
+        candidates = {"last": model}
+        if recipe.weight_average is not None:
+            candidates["wa"] = recipe.weight_average.module
+        if best is not None and "best" in ev.final.models:
+            best_model = copy.deepcopy(model)
+            candidates["best"] = load_weights(out / BEST, best_model, device=dev)
+        finals = {}
+        for name in ev.final.models:
+            if name not in candidates:
+                continue
+            emit("phase", {"phase": "final_evaluation", "model": name})
+            torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
+            finals[name] = final_evaluation(
+                candidates[name], test_x, test_y, ev.final, eps=eps, norm=norm,
+                num_classes=data.num_classes, seed=sched.seed,
+                on_phase=lambda p, m=name: emit("phase", {"phase": p, "model": m}))
+            finals[name]["model"] = name
+        final = finals.get("last") or next(iter(finals.values()))
 
-    save_weights(out / "model.safetensors", model, {
-        "arch": spec.model.arch, "num_classes": str(data.num_classes),
-        "in_channels": str(data.train_x.shape[1]), "image_size": str(data.train_x.shape[2]),
-        "format": "bulwark-v1"})
+    save_weights(out / "model.safetensors", model, meta)
+    if recipe.weight_average is not None:
+        save_weights(out / WA, recipe.weight_average.module, {**meta, "model": "wa"})
+    last_pgd = history[-1]["monitor"]["pgd_acc"] if history and history[-1]["monitor"] else None
+    selection = None if best is None else {
+        **best, "last_epoch": sched.epochs, "last_monitor_pgd_acc": last_pgd,
+        "robust_generalization_gap": best["monitor_pgd_acc"] - last_pgd,
+        "note": "best = the epoch with the highest monitor PGD accuracy (validation slice); "
+                "the gap is best minus last"}
     timing.seconds["total"] = time.perf_counter() - t_start
     report = {
         "report_version": REPORT_VERSION,
@@ -260,9 +301,12 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
         "history": history,
         "events": watchdog.events,
         "final": final,
+        "final_models": finals,
+        "selection": selection,
         "certification": None,
         "timing": {k: round(v, 3) for k, v in timing.seconds.items()},
-        "artifacts": ["report.json", "model.safetensors", CHECKPOINT],
+        "artifacts": [n for n in ("report.json", "model.safetensors", BEST, WA, CHECKPOINT)
+                      if n == "report.json" or (out / n).exists()],
     }
     write_json(out / "report.json", report)
     emit("finished", {"final": final})

@@ -225,14 +225,68 @@ class GradAlign(_Strict):
 Regularizer = Annotated[ELLE | ELLEA | AAER | GradAlign, Field(discriminator="kind")]
 
 
+class AWPSpec(_Strict):
+    """AWP (Wu, Xia, Wang 2020), the official rule: a proxy copy takes one ascent step on the
+    loss at x_adv; each ≥2-D weight w_l moves by γ·‖w_l‖·Δ_l/‖Δ_l‖; restored after the step."""
+
+    kind: Literal["awp"] = "awp"
+    gamma: float = Field(0.01, gt=0, le=0.1, description="γ; 0.01 for PGD-AT, 0.005 TRADES")
+    warmup: int = Field(0, ge=0, le=1000, description="first epoch (1-based) AWP applies at")
+    proxy_lr: float | None = Field(
+        None, gt=0, le=10, description="proxy SGD step; default 0.01 (ce) or 0.1 (trades)")
+
+
+class SAMAWPSpec(_Strict):
+    """ADR's SAM-style AWP variant: e = ρ·‖p‖/‖∇p‖·∇p on every parameter with a gradient,
+    second pass with BatchNorm statistics frozen; not the official AWP rule."""
+
+    kind: Literal["awp_sam"] = "awp_sam"
+    rho: float = Field(0.005, gt=0, le=0.1)
+    warmup: int = Field(0, ge=0, le=1000)
+
+
+WeightPerturbation = Annotated[AWPSpec | SAMAWPSpec, Field(discriminator="kind")]
+
+
+class HardLabels(_Strict):
+    kind: Literal["hard"] = "hard"
+
+
+class ADRSpec(_Strict):
+    """ADR (Wu, Wang, Chen 2024): rectified soft labels from an EMA teacher on the clean x,
+    with per-iteration cosine schedules: τ from tau_high down to tau_low, λ from lam_low up to
+    lam_high."""
+
+    kind: Literal["adr"] = "adr"
+    decay: float = Field(0.995, gt=0, lt=1, description="EMA teacher decay")
+    tau_high: float = Field(2.5, gt=0, le=100)
+    tau_low: float = Field(2.0, gt=0, le=100)
+    lam_low: float = Field(0.7, ge=0, le=1)
+    lam_high: float = Field(0.95, ge=0, le=1)
+
+
+Labels = Annotated[HardLabels | ADRSpec, Field(discriminator="kind")]
+
+
+class WeightAverageSpec(_Strict):
+    """An EMA of the weights (the "WA" model), evaluated beside the raw model."""
+
+    decay: float = Field(0.995, gt=0, lt=1)
+
+
 class RecipeSpec(_Strict):
     preset: str | None = Field(None, description="the preset this recipe started from")
     adversary: Adversary = Field(default_factory=NoAdversary)
     loss: Loss = Field(default_factory=CELoss)
     regularizers: list[Regularizer] = Field(default_factory=list, max_length=4)
-    # Extension points (next issues): AWP and ADR.
-    weight_perturbation: None = None
-    labels: Literal["hard"] = "hard"
+    weight_perturbation: WeightPerturbation | None = None
+    labels: Labels = Field(default_factory=HardLabels)
+    weight_average: WeightAverageSpec | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_by_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _consistent(self) -> RecipeSpec:
@@ -248,6 +302,12 @@ class RecipeSpec(_Strict):
             )
         if self.loss.kind == "trades" and self.adversary.kind != "pgd":
             raise ValueError("recipe.loss trades needs adversary kind 'pgd' (its KL attack)")
+        if self.weight_perturbation is not None and self.adversary.kind != "pgd":
+            raise ValueError("recipe.weight_perturbation (AWP) composes with multi-step "
+                             f"recipes (adversary 'pgd'), got {self.adversary.kind!r}")
+        if self.labels.kind == "adr" and self.adversary.kind != "pgd":
+            raise ValueError("recipe.labels adr composes with multi-step recipes "
+                             f"(adversary 'pgd'), got {self.adversary.kind!r}")
         return self
 
 
@@ -311,6 +371,10 @@ class AutoAttackEval(_Strict):
 
 class FinalEval(_Strict):
     n: int | None = Field(None, ge=1, description="test points; None = the whole test set")
+    models: list[Literal["last", "best", "wa"]] = Field(
+        default_factory=lambda: ["last", "wa"], min_length=1,
+        description="which weights to evaluate: last epoch, best monitor PGD epoch, weight "
+                    "average (skipped when the recipe keeps none)")
     batch_size: int = Field(256, ge=1, le=8192)
     fgsm: bool = True
     pgd: PGDEval | None = Field(default_factory=PGDEval)
