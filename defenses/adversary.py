@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from attacks import FGSM, FGSM_RS, N_FGSM, PGD
@@ -40,6 +41,8 @@ class Adversary:
                  *, eval_mode: bool = False, start: str = "uniform") -> AdversaryOutput:
         if self.spec.kind == "none":
             return AdversaryOutput(x)
+        if self.spec.kind == "gaussian":  # Cohen et al.: pixel space, before normalization
+            return AdversaryOutput(x + self.spec.sigma * torch.randn_like(x))
         attack = self._attack(model, objective, start)
         was_training = model.training
         if eval_mode:

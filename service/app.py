@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -46,6 +47,7 @@ from workers.spec import JobSpec
 
 log = logging.getLogger("bulwark.api")
 KEEPALIVE_SECONDS = 15.0
+MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 SPEC_MAX_BYTES = 1024 * 1024
 
 
@@ -127,15 +129,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _store_error(request: Request, exc: StoreError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    def uploaded_model_id(spec: JobSpec, tenant_id: str) -> str | None:
+        """``model.weights`` must name one of the tenant's uploads: never a server path."""
+        ref = spec.model.weights
+        if ref is None:
+            return None
+        m = MODEL_REF.fullmatch(ref)
+        row = None
+        if m:
+            try:
+                row = store.get_model(tenant_id, m.group(1))
+            except StoreError:
+                row = None
+        if row is None:
+            raise HTTPException(422, [{"loc": ["body", "model", "weights"], "type": "value_error",
+                                       "msg": "must be 'models/<id>' of a model you uploaded "
+                                              "with POST /v1/models", "input": ref}])
+        if row.arch != spec.model.arch:
+            raise HTTPException(422, [{"loc": ["body", "model", "arch"], "type": "value_error",
+                                       "msg": f"the uploaded model is a {row.arch}",
+                                       "input": spec.model.arch}])
+        return row.id
+
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", response_model=JobOut, status_code=201,
               responses={200: {"model": JobOut, "description": "idempotent replay"}})
     def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+        model_id = uploaded_model_id(spec, tenant_id)
         job, created = store.create_job(tenant_id, spec.model_dump(mode="json"),
                                         max_attempts=s.max_attempts,
                                         max_queued=s.max_queued_per_tenant,
-                                        idempotency_key=idempotency_key)
+                                        idempotency_key=idempotency_key, model_id=model_id)
         if created:
             events.publish(job.id, "queued", {})
             enqueue(job.id)  # after the commit: the worker must find the row

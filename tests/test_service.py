@@ -89,7 +89,8 @@ def test_submit_to_report_and_weights(stack, alice):
     assert job["state"] == "queued" and job["spec"]["recipe"]["preset"] == "fgsm-elle"
     done = wait_state(alice, job["id"], ("succeeded", "failed"))
     assert done["state"] == "succeeded", done["error"]
-    assert {a["name"] for a in done["artifacts"]} == {"report.json", "model.safetensors"}
+    assert {a["name"] for a in done["artifacts"]} == {"report.json", "model.safetensors",
+                                                      "best.safetensors"}
     report = alice.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["final"]["n"] == 64 and len(report["history"]) == 2
     w = alice.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors")
@@ -174,7 +175,7 @@ def test_upload_model_rules(stack, alice):
     r = alice.post("/v1/models", files={"file": ("m.safetensors", good)},
                    data={"arch": "resnet1000", "num_classes": "10"})
     assert r.status_code == 422 and "small_cnn" in r.json()["detail"]
-    big = st_save({"w": np.zeros((256, 512), np.float32)})  # 512 KiB > the 256 KiB cap
+    big = st_save({"w": np.zeros((1024, 512), np.float32)})  # 2 MiB > the 1 MiB cap
     r = alice.post("/v1/models", files={"file": ("m.safetensors", big)},
                    data={"arch": "small_cnn", "num_classes": "10"})
     assert r.status_code == 413
@@ -244,3 +245,53 @@ def test_health_metrics_and_listing(stack, alice):
     assert page["limit"] == 2 and len(page["items"]) <= 2
     assert all(j["state"] == "succeeded" for j in page["items"])
     assert alice.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
+
+
+def test_evaluation_only_job_certifies_an_uploaded_model(stack, alice, bob):
+    trained = alice.post("/v1/jobs", json=tiny_spec(
+        epochs=2, name="noise", recipe={"preset": "gaussian-smoothing",
+                                        "adversary": {"kind": "gaussian", "sigma": 0.25}},
+        evaluation={"monitor": {"size": 0}, "final": {"n": 32, "pgd": None, "autoattack": None,
+                                                      "fgsm": False},
+                    "certification": {"n0": 20, "n": 200, "batch_size": 500,
+                                      "num_points": 8, "empirical": None}})).json()
+    done = wait_state(alice, trained["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done["error"]
+    report = alice.get(f"/v1/jobs/{trained['id']}/report").json()
+    assert report["certification"]["num_points"] == 8
+    tsv = alice.get(f"/v1/jobs/{trained['id']}/artifacts/certify.tsv").text.splitlines()
+    assert tsv[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert len(tsv) == 9
+
+    weights = alice.get(f"/v1/jobs/{trained['id']}/artifacts/model.safetensors").content
+    up = alice.post("/v1/models", files={"file": ("m.safetensors", weights)},
+                    data={"arch": "small_cnn", "num_classes": "4", "in_channels": "1",
+                          "image_size": "8"}).json()
+    spec = {**trained["spec"], "mode": "evaluate", "name": "eval-only",
+            "model": {"arch": "small_cnn", "weights": f"models/{up['id']}"}}
+    assert bob.post("/v1/jobs", json=spec).status_code == 422, "another tenant's model"
+    bad = {**spec, "model": {"arch": "small_cnn", "weights": "/etc/passwd"}}
+    r = alice.post("/v1/jobs", json=bad)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "model", "weights"]
+    wrong_arch = {**spec, "model": {"arch": "preact_resnet18", "weights": f"models/{up['id']}"}}
+    assert alice.post("/v1/jobs", json=wrong_arch).status_code == 422
+    job = alice.post("/v1/jobs", json=spec).json()
+    assert job["model_id"] == up["id"]
+    done = wait_state(alice, job["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done["error"]
+    again = alice.get(f"/v1/jobs/{job['id']}/report").json()
+    assert again["history"] == []
+    assert again["certification"]["certified_accuracy"] == \
+        report["certification"]["certified_accuracy"], "same weights, same seed"
+
+
+def test_queued_job_quota_per_tenant(stack):
+    carol = stack.client(stack.key("carol"))
+    long = carol.post("/v1/jobs", json=tiny_spec(epochs=500, name="hog")).json()
+    wait_state(carol, long["id"], ("running",))
+    ids = [carol.post("/v1/jobs", json=tiny_spec(epochs=1)).json()["id"] for _ in range(5)]
+    r = carol.post("/v1/jobs", json=tiny_spec(epochs=1))
+    assert r.status_code == 429 and "limit is 5" in r.json()["detail"]
+    for job_id in [*ids, long["id"]]:
+        carol.post(f"/v1/jobs/{job_id}/cancel")
+    wait_state(carol, long["id"], ("cancelled",))

@@ -126,6 +126,13 @@ PRESETS: dict[str, Callable[[float], dict]] = {
                       schedule=ADR_SCHEDULE),
     "trades-adr": _multi({"kind": "trades", "beta": 6.0}, labels=ADR_SGD,
                          weight_average={"decay": 0.995}, schedule=ADR_SCHEDULE),
+    # Cohen et al.: Gaussian noise, 90 epochs, lr 0.1 ×0.1 every 30, wd 1e-4, certify at σ.
+    "gaussian-smoothing": lambda e: {
+        "recipe": {"adversary": {"kind": "gaussian", "sigma": 0.25}, "loss": {"kind": "ce"},
+                   "regularizers": []},
+        "schedule": {"epochs": 90, "batch_size": 256, "momentum": 0.9, "weight_decay": 1e-4,
+                     "lr": {"kind": "piecewise", "lr_max": 0.1, "milestones": [1 / 3, 2 / 3],
+                            "gamma": 0.1}}},
     # ADR + AWP: ADR's AWP settings (τ_low 1.5, λ_high 0.85, ρ = γ = 0.005), official AWP rule.
     "pgd-adr-awp": _multi({"kind": "ce"}, awp={"kind": "awp", "gamma": 0.005, "warmup": 0},
                           labels=ADR_AWP, weight_average={"decay": 0.995}, schedule=LONG_SCHEDULE),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from defenses import Recipe, StepOutput
 from workers.checkpoint import (
@@ -36,6 +37,7 @@ from workers.spec import JobSpec
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"  # weights of the best monitor-PGD epoch, kept apart from the last
 WA = "wa.safetensors"      # the weight-averaged model, when the recipe keeps one
+CERTIFY_TSV = "certify.tsv"  # per-point certification results (Cohen's columns)
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -124,8 +126,13 @@ class EpochStats:
 
 def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             resume: bool = False, progress: bool = True, on_event: Event | None = None,
-            should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+            should_stop: Callable[[], bool] | None = None,
+            weights: str | Path | None = None) -> dict[str, Any]:
     """Train and evaluate ``spec``; write ``report.json`` and ``model.safetensors`` to out_dir.
+
+    ``weights``: the resolved file of ``spec.model.weights`` (the service resolves uploaded
+    model ids; ``bulwark run`` takes the spec's path as it is). With ``mode: evaluate`` no
+    training happens: the weights are evaluated (and certified) as they are.
 
     Raises ``Cancelled`` if ``should_stop()`` turns true (checked between steps); the
     checkpoint of the last finished epoch remains and ``resume=True`` continues from it.
@@ -156,6 +163,13 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
                         widen_factor=spec.model.widen_factor).to(dev)
     channels_last = spec.compute.channels_last == "on" or (
         spec.compute.channels_last == "auto" and dev.type == "cuda")
+    weights = weights or spec.model.weights
+    if weights:
+        try:
+            load_weights(Path(weights), model, device=dev)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise ValueError(f"model.weights {weights}: cannot load into a {spec.model.arch} "
+                             f"for this dataset: {e}") from e
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=sched.momentum,
@@ -198,8 +212,9 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
                    dynamic_ncols=True, desc=spec.name or (spec.recipe.preset or "job"))
     emit("started", {"epochs": sched.epochs, "start_epoch": start_epoch, "device": str(dev)})
 
+    last_epoch = sched.epochs if spec.mode == "train" else 0
     try:
-        for epoch in range(start_epoch, sched.epochs):
+        for epoch in range(start_epoch, last_epoch):
             torch.manual_seed(epoch_seed(sched.seed, epoch))
             gen = torch.Generator(device="cpu").manual_seed(epoch_seed(sched.seed, epoch) + 1)
             model.train()
@@ -279,6 +294,17 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
                 on_phase=lambda p, m=name: emit("phase", {"phase": p, "model": m}))
             finals[name]["model"] = name
         final = finals.get("last") or next(iter(finals.values()))
+    certification = None
+    if ev.certification is not None:
+        from workers.certification import run_certification
+
+        emit("phase", {"phase": "certification"})
+        with timing.phase("certification"):
+            certification = run_certification(
+                model, data.test_x.to(dev).float().div_(255), data.test_y.to(dev),
+                ev.certification, num_classes=data.num_classes, out=out,
+                precision=spec.compute.precision, channels_last=channels_last, seed=sched.seed,
+                emit=emit)
 
     save_weights(out / "model.safetensors", model, meta)
     if recipe.weight_average is not None:
@@ -286,7 +312,8 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     last_pgd = history[-1]["monitor"]["pgd_acc"] if history and history[-1]["monitor"] else None
     selection = None if best is None else {
         **best, "last_epoch": sched.epochs, "last_monitor_pgd_acc": last_pgd,
-        "robust_generalization_gap": best["monitor_pgd_acc"] - last_pgd,
+        "robust_generalization_gap": None if last_pgd is None
+        else best["monitor_pgd_acc"] - last_pgd,
         "note": "best = the epoch with the highest monitor PGD accuracy (validation slice); "
                 "the gap is best minus last"}
     timing.seconds["total"] = time.perf_counter() - t_start
@@ -303,10 +330,10 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
         "final": final,
         "final_models": finals,
         "selection": selection,
-        "certification": None,
+        "certification": certification,
         "timing": {k: round(v, 3) for k, v in timing.seconds.items()},
-        "artifacts": [n for n in ("report.json", "model.safetensors", BEST, WA, CHECKPOINT)
-                      if n == "report.json" or (out / n).exists()],
+        "artifacts": [n for n in ("report.json", "model.safetensors", BEST, WA, CERTIFY_TSV,
+                                  CHECKPOINT) if n == "report.json" or (out / n).exists()],
     }
     write_json(out / "report.json", report)
     emit("finished", {"final": final})

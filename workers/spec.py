@@ -92,6 +92,10 @@ class DatasetSpec(_Strict):
 # ---------------------------------------------------------------------------------- model
 class ModelSpec(_Strict):
     arch: Literal["small_cnn", "preact_resnet18", "wide_resnet"] = "small_cnn"
+    weights: str | None = Field(
+        None, max_length=500,
+        description="initial weights: a .safetensors file (bulwark run) or an uploaded model "
+                    "'models/<id>' (the API); required when mode is 'evaluate'")
     depth: int = Field(28, ge=10, le=70, description="WideResNet depth (6n+4)")
     widen_factor: int = Field(10, ge=1, le=20, description="WideResNet widen factor")
 
@@ -161,8 +165,17 @@ class PGDAdversary(_Strict):
     random_start: bool = True
 
 
+class GaussianAdversary(_Strict):
+    """Gaussian-noise training (Cohen et al. 2019): x + N(0, σ²I) in [0, 1] pixel space, before
+    the model's normalization layer, one draw per example per step, not clipped."""
+
+    kind: Literal["gaussian"] = "gaussian"
+    sigma: float = Field(0.25, gt=0, le=4, description="σ; papers: 0.12, 0.25, 0.5, 1.0")
+
+
 Adversary = Annotated[
-    NoAdversary | FGSMAdversary | FGSMRSAdversary | NFGSMAdversary | PGDAdversary,
+    NoAdversary | FGSMAdversary | FGSMRSAdversary | NFGSMAdversary | PGDAdversary
+    | GaussianAdversary,
     Field(discriminator="kind"),
 ]
 
@@ -381,10 +394,37 @@ class FinalEval(_Strict):
     autoattack: AutoAttackEval | None = Field(default_factory=AutoAttackEval)
 
 
+class SmoothedAttackEval(_Strict):
+    """Empirical robustness of the smoothed classifier: torchattacks' PGDRSL2 (Salman et al.
+    2019) against the base model under noise, then PREDICT on the adversarial inputs."""
+
+    eps: float = Field(0.5, gt=0, le=64, description="ℓ2 radius of the attack")
+    steps: int = Field(10, ge=1, le=1000)
+    noise_samples: int = Field(8, ge=1, le=1024, description="noise draws per attack step")
+    predict_n: int = Field(1000, ge=10, le=1_000_000, description="PREDICT samples")
+    num_points: int = Field(100, ge=1, le=100_000)
+
+
+class CertificationSpec(_Strict):
+    """CERTIFY (Cohen et al. 2019) on the test set; defaults are the paper's."""
+
+    sigma: float | None = Field(None, gt=0, le=4, description="default: the training σ")
+    n0: int = Field(100, ge=1, le=1_000_000, description="selection samples")
+    n: int = Field(100_000, ge=1, le=10_000_000, description="estimation samples")
+    alpha: float = Field(0.001, gt=0, lt=0.5, description="failure probability")
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    skip: int = Field(1, ge=1, le=10_000, description="certify every skip-th test image")
+    num_points: int | None = Field(None, ge=1, description="cap on the points certified")
+    chunk: int = Field(16, ge=1, le=10_000, description="inputs per progress checkpoint")
+    radii: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+    empirical: SmoothedAttackEval | None = Field(default_factory=SmoothedAttackEval)
+
+
 class EvaluationSpec(_Strict):
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
     final: FinalEval = Field(default_factory=FinalEval)
-    certification: None = None  # randomized smoothing: next issue
+    certification: CertificationSpec | None = Field(
+        None, description="randomized smoothing; on by default when the adversary is gaussian")
 
 
 class ComputeSpec(_Strict):
@@ -396,6 +436,8 @@ class ComputeSpec(_Strict):
 class JobSpec(_Strict):
     spec_version: Literal[1] = SPEC_VERSION
     name: str | None = Field(None, max_length=200)
+    mode: Literal["train", "evaluate"] = Field(
+        "train", description="evaluate: no training; evaluate (and certify) model.weights")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     threat: ThreatSpec = Field(default_factory=ThreatSpec)
@@ -410,6 +452,17 @@ class JobSpec(_Strict):
         if double and self.compute.precision == "fp16":
             raise ValueError("official_double_step cannot be combined with compute.precision "
                              "fp16 (the loss scaler steps once per batch); use fp32 or bf16")
+        if self.mode == "evaluate" and not self.model.weights:
+            raise ValueError("model.weights is required when mode is 'evaluate'")
+        adv = self.recipe.adversary
+        if adv.kind == "gaussian" and self.evaluation.certification is None:
+            self.evaluation.certification = CertificationSpec()
+        cert = self.evaluation.certification
+        if cert is not None and cert.sigma is None:
+            if adv.kind != "gaussian":
+                raise ValueError("evaluation.certification.sigma is required when the adversary "
+                                 "is not gaussian (it defaults to the training σ)")
+            cert.sigma = adv.sigma
         return self
 
     @model_validator(mode="before")

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.runner import CHECKPOINT, Cancelled, run_job
 
     out = job_dir(settings, job.tenant_id, job_id)
+    weights = store.get_model(job.tenant_id, job.model_id).path if job.model_id else None
     resume = (out / CHECKPOINT).exists()
     progress: dict[str, Any] = {"attempt": job.attempt}
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = run_job(spec, out, device=settings.device, resume=resume, progress=False,
-                         on_event=on_event,
+                         on_event=on_event, weights=weights,
                          should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds))
     except Cancelled:
         store.finish(job_id, owner, CANCELLED, error="cancelled by request")
