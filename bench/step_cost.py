@@ -190,6 +190,7 @@ def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, ref
         scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
         recipe = Recipe(spec.recipe, eps=spec.threat.epsilon, norm=spec.threat.norm)
         recipe.bind(model, total_steps=10_000)  # EMA copies (ADR teacher, WA) as the runner
+        recipe.begin_epoch(10_000)  # past any warm-up (TRADES-AWP starts at epoch 10)
         acc = EpochStats(dev)
         step = functools.partial(bulwark_step, model, opt, scaler, recipe, x, y, lr=LR,
                                  precision=precision, channels_last=channels_last, acc=acc)

@@ -5,7 +5,8 @@ Per batch, with x_adv already built at the unperturbed weights w:
 1. a proxy copy of the model (train mode, so the main model's BatchNorm statistics are
    untouched) takes one plain-SGD step that *ascends* the training loss at x_adv;
 2. for every state-dict entry named ``*weight`` with ≥ 2 dimensions (conv and linear weights;
-   BatchNorm weights and all biases are skipped), v_l = ‖w_l‖·Δ_l/‖Δ_l‖ with Δ_l = proxy_l − w_l;
+   BatchNorm weights and all biases are skipped), v_l = ‖w_l‖·Δ_l/‖Δ_l‖ with Δ_l = proxy_l − w_l
+   (= lr_proxy·∇_l L, so Bulwark computes it from the gradient; see ``AWP.direction``);
 3. w_l ← w_l + γ·v_l; the training loss is taken there; the optimizer steps;
 4. w_l ← w_l − γ·v_l, *after* the step, so the net update is w − lr·∇L(w + γv).
 
@@ -20,8 +21,6 @@ statistics frozen.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -35,10 +34,7 @@ def perturbable(name: str, w: Tensor) -> bool:
 class AWP:
     def __init__(self, spec, loss):
         self.gamma, self.warmup = spec.gamma, spec.warmup
-        default_lr = 0.1 if loss.name == "trades" else 0.01
-        self.proxy_lr = spec.proxy_lr or default_lr
         self.loss = loss
-        self.proxy: nn.Module | None = None
         self._v: dict[str, Tensor] | None = None
 
     def active(self, epoch: int) -> bool:
@@ -46,29 +42,28 @@ class AWP:
 
     def direction(self, model: nn.Module, x: Tensor, x_adv: Tensor, target: Tensor
                   ) -> dict[str, Tensor]:
-        """v_l = ‖w_l‖·Δ_l/‖Δ_l‖ from one proxy ascent step (the main model is not touched)."""
-        if self.proxy is None:
-            self.proxy = copy.deepcopy(model)
-        proxy = self.proxy
-        proxy.load_state_dict(model.state_dict())
-        proxy.train()
-        for p in proxy.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        ascent = -self.loss(proxy, x, x_adv, target).loss
-        params = [p for p in proxy.parameters()]
-        grads = torch.autograd.grad(ascent, params, allow_unused=True)
+        """v_l = ‖w_l‖·Δ_l/‖Δ_l‖ for the ≥2-D weights.
+
+        The official proxy takes one plain-SGD step on −L, so Δ = proxy − w = lr_proxy·∇_w L
+        exactly: Δ_l/‖Δ_l‖ = ∇_l L/‖∇_l L‖ whatever the proxy's learning rate. Bulwark takes that
+        gradient on the model itself (train mode, as the proxy) and puts its buffers back
+        afterwards, so the BatchNorm running statistics are untouched, as with the proxy —
+        the same direction without copying the model every step."""
+        named = [(n, p) for n, p in model.named_parameters() if perturbable(n, p)]
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        was_training = model.training
+        model.train()
+        try:
+            loss = self.loss(model, x, x_adv, target).loss
+            grads = torch.autograd.grad(loss, [p for _, p in named])
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p.sub_(self.proxy_lr * g)
-            new = proxy.state_dict()
-            v = {}
-            for name, w in model.state_dict().items():
-                if perturbable(name, w):
-                    d = new[name] - w
-                    v[name] = d * (w.norm() / (d.norm() + EPS))
-        return v
+            return {n: g * (p.norm() / (g.norm() + EPS))
+                    for (n, p), g in zip(named, grads, strict=True)}
 
     @torch.no_grad()
     def _add(self, model: nn.Module, v: dict[str, Tensor], coeff: float) -> None:

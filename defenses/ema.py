@@ -24,12 +24,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values(),
-                            strict=True):
-            if ema_v.dtype.is_floating_point:
-                ema_v.mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
-            else:
-                ema_v.copy_(v)
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(),
+                         strict=True))
+        ema_f = [e for e, _ in pairs if e.dtype.is_floating_point]
+        new_f = [v for e, v in pairs if e.dtype.is_floating_point]
+        if ema_f:  # one fused multi-tensor op for all floating entries: θ_e += (1−d)(θ − θ_e)
+            torch._foreach_lerp_(ema_f, new_f, 1.0 - self.decay)
+        for e, v in pairs:
+            if not e.dtype.is_floating_point:
+                e.copy_(v)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

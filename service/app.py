@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from pydantic import ValidationError
 
 from service.artifacts import job_dir
-from service.db import QUEUED, STATES, TERMINAL
+from service.db import CANCELLED, FAILED, QUEUED, STATES, TERMINAL
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
 from service.metrics import JobCollector
@@ -67,19 +67,27 @@ def current_tenant(request: Request,
 Tenant = Annotated[str, Depends(current_tenant)]
 
 
-def reap_once(store: Store, settings: Settings) -> list[str]:
-    requeue, _failed = store.reap(stale_after=settings.stale_after_seconds)
-    for job_id in requeue:
+def reap_once(store: Store, settings: Settings, events: Events) -> list[str]:
+    """One reaper pass; returns the re-enqueued job ids. Terminal outcomes are published so
+    that event streams end."""
+    reaped = store.reap(stale_after=settings.stale_after_seconds)
+    for job_id in reaped[QUEUED]:
         job = store.get_job(None, job_id)
+        events.publish(job_id, "retrying", {"error": "worker lost (stale heartbeat)",
+                                            "attempt": job.attempt})
         enqueue(job_id, job.attempt)
         log.warning("reaper: job %s had a stale heartbeat; re-enqueued", job_id)
-    return requeue
+    for state in (FAILED, CANCELLED):
+        for job_id in reaped[state]:
+            events.publish(job_id, state, {"error": store.get_job(None, job_id).error})
+    return reaped[QUEUED]
 
 
-def _reaper_loop(store: Store, settings: Settings, stop: threading.Event) -> None:
+def _reaper_loop(store: Store, settings: Settings, events: Events,
+                 stop: threading.Event) -> None:
     while not stop.wait(settings.reaper_interval_seconds):
         try:
-            reap_once(store, settings)
+            reap_once(store, settings, events)
         except Exception:  # keep reaping through transient DB / broker errors
             log.exception("reaper pass failed")
 
@@ -98,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         stop = threading.Event()
         if s.reaper_enabled:
-            threading.Thread(target=_reaper_loop, args=(store, s, stop), daemon=True,
+            threading.Thread(target=_reaper_loop, args=(store, s, events, stop), daemon=True,
                              name="bulwark-reaper").start()
         # the socket timeout must outlast the XREAD block, or an idle stream errors out
         app.state.aredis = aioredis.Redis.from_url(
@@ -237,8 +245,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         while not await request.is_disconnected():
             res = await r.xread({key: after}, count=100, block=int(KEEPALIVE_SECONDS * 1000))
             if not res:
-                current = await asyncio.to_thread(store.get_job, None, job.id)
-                if current.state in TERMINAL and not await r.exists(key):
+                try:
+                    current = await asyncio.to_thread(store.get_job, None, job.id)
+                except StoreError:  # deleted meanwhile
+                    return
+                if current.state in TERMINAL:  # finished, and nothing more arrived: done
                     return
                 yield ": keepalive\n\n"
                 continue

@@ -165,12 +165,19 @@ class Store:
             s.flush()
             return job, True
 
+    @staticmethod
+    def _owned(s: Session, cls: type[Job] | type[UploadedModel], tenant_id: str | None,
+               row_id: str):
+        """The row, if it belongs to ``tenant_id`` (None: any tenant, for workers); another
+        tenant's row is reported exactly like a missing one."""
+        row = s.get(cls, row_id)
+        if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+            raise NotFound(f"{'job' if cls is Job else 'model'} {row_id} not found")
+        return row
+
     def get_job(self, tenant_id: str | None, job_id: str) -> Job:
-        """The job, if it belongs to ``tenant_id`` (None: any tenant, for workers)."""
         with self.session() as s:
-            job = s.get(Job, job_id)
-            if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
-                raise NotFound(f"job {job_id} not found")
+            job = self._owned(s, Job, tenant_id, job_id)
             s.expunge(job)
             return job
 
@@ -191,9 +198,7 @@ class Store:
         """Queued → cancelled at once; running → cancel flag for the trainer to honour."""
         now = utcnow()
         with self.session() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.tenant_id != tenant_id:
-                raise NotFound(f"job {job_id} not found")
+            job = self._owned(s, Job, tenant_id, job_id)
             if job.state == QUEUED:
                 job.state, job.finished_at, job.cancel_requested = CANCELLED, now, True
             elif job.state == RUNNING:
@@ -204,9 +209,7 @@ class Store:
 
     def delete_job(self, tenant_id: str, job_id: str) -> Job:
         with self.session() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.tenant_id != tenant_id:
-                raise NotFound(f"job {job_id} not found")
+            job = self._owned(s, Job, tenant_id, job_id)
             if job.state not in TERMINAL:
                 raise Conflict(f"job {job_id} is {job.state}; cancel it first")
             s.delete(job)
@@ -232,9 +235,7 @@ class Store:
 
     def get_model(self, tenant_id: str | None, model_id: str) -> UploadedModel:
         with self.session() as s:
-            row = s.get(UploadedModel, model_id)
-            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-                raise NotFound(f"model {model_id} not found")
+            row = self._owned(s, UploadedModel, tenant_id, model_id)
             s.expunge(row)
             return row
 
@@ -292,11 +293,11 @@ class Store:
                       .execution_options(synchronize_session=False))
             return res.rowcount == 1
 
-    def reap(self, *, stale_after: float) -> tuple[list[str], list[str]]:
-        """Running jobs whose heartbeat went stale: back to queued while attempts remain
-        (returned first, to be re-enqueued), else failed (returned second)."""
+    def reap(self, *, stale_after: float) -> dict[str, list[str]]:
+        """Running jobs whose heartbeat went stale: back to ``queued`` while attempts remain
+        (to be re-enqueued), else ``failed``; ``cancelled`` when a cancel was pending."""
         stale = utcnow() - dt.timedelta(seconds=stale_after)
-        requeue, failed = [], []
+        out: dict[str, list[str]] = {QUEUED: [], FAILED: [], CANCELLED: []}
         with self.session() as s:
             rows = s.scalars(select(Job).where(Job.state == RUNNING, Job.heartbeat_at < stale)
                              .with_for_update(skip_locked=True)).all()
@@ -307,16 +308,15 @@ class Store:
                 elif job.attempt >= job.max_attempts:
                     job.state, job.finished_at = FAILED, utcnow()
                     job.error = f"worker lost {job.attempt} times (max_attempts)"
-                    failed.append(job.id)
                 else:
                     job.state = QUEUED
-                    requeue.append(job.id)
+                out[job.state].append(job.id)
                 job.lease_owner = None
                 s.execute(update(Attempt).where(Attempt.job_id == job.id,
                                                 Attempt.ended_at.is_(None))
                           .values(ended_at=utcnow(), outcome="lost")
                           .execution_options(synchronize_session=False))
-        return requeue, failed
+        return out
 
     def attempts(self, job_id: str) -> list[Attempt]:
         with self.session() as s:

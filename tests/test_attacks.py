@@ -14,6 +14,7 @@ from torch import nn
 
 from attacks import FGSM, FGSM_RS, N_FGSM, PGD, input_gradient
 from attacks.objectives import cross_entropy
+from tests.helpers import linear_model
 
 torch.set_num_threads(1)
 
@@ -23,14 +24,6 @@ K = 3
 
 
 # ---------------------------------------------------------------------------------- helpers
-def linear_model(w: np.ndarray, b: np.ndarray) -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(w.shape[1], w.shape[0])).double()
-    with torch.no_grad():
-        model[1].weight.copy_(torch.from_numpy(w))
-        model[1].bias.copy_(torch.from_numpy(b))
-    return model
-
-
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)

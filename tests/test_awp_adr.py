@@ -64,7 +64,7 @@ def test_awp_step_equals_sgd_at_the_perturbed_weights(loss):
                 for (n, _), g in zip(shifted.named_parameters(), g_shift, strict=True)}
 
     # Bulwark's AWP around one plain SGD step
-    awp = AWP(AWPSpec(gamma=gamma, proxy_lr=proxy_lr), loss)
+    awp = AWP(AWPSpec(gamma=gamma), loss)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     running = model[1].running_mean.clone()

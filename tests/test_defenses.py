@@ -23,6 +23,7 @@ from defenses.context import StepContext
 from defenses.elle import ELLEAController, linearity_residual, local_linearity_error
 from defenses.gradalign import GradAlign
 from defenses.losses import CELoss, TradesLoss
+from tests.helpers import linear_model
 from workers import spec as S
 from workers.presets import PRESETS
 
@@ -30,14 +31,6 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------- helpers
-def linear_model(w: np.ndarray, b: np.ndarray) -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(w.shape[1], w.shape[0])).double()
-    with torch.no_grad():
-        model[1].weight.copy_(torch.from_numpy(w))
-        model[1].bias.copy_(torch.from_numpy(b))
-    return model
-
-
 def np_log_softmax(z: np.ndarray) -> np.ndarray:
     m = z.max(axis=1, keepdims=True)
     return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))

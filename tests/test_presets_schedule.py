@@ -34,7 +34,20 @@ def reg(spec: JobSpec, kind: str):
 
 # ---------------------------------------------------------------------------------- presets
 def test_preset_names_are_the_documented_set():
-    assert set(PRESETS) == FAST | LONG
+    assert set(PRESETS) == FAST | LONG | {"gaussian-smoothing"}
+
+
+def test_gaussian_smoothing_preset_follows_cohen():
+    spec = job({"preset": "gaussian-smoothing", "adversary": {"kind": "gaussian", "sigma": 0.5}})
+    assert (spec.recipe.adversary.kind, spec.recipe.adversary.sigma) == ("gaussian", 0.5)
+    s = spec.schedule
+    assert (s.epochs, s.weight_decay, s.lr.kind, s.lr.lr_max) == (90, 1e-4, "piecewise", 0.1)
+    assert [m * 90 for m in s.lr.milestones] == pytest.approx([30, 60])
+    cert = spec.evaluation.certification
+    assert (cert.sigma, cert.n0, cert.n, cert.alpha) == (0.5, 100, 100_000, 0.001), \
+        "certification is on, at the training σ, with the paper's defaults"
+    with pytest.raises(ValidationError, match="sigma is required"):
+        job("fgsm", evaluation={"certification": {"n": 100}})
 
 
 @pytest.mark.parametrize("e,lam", [(8, 1000.0), (4, 1000.0), (16, 5000.0), (10, 5000.0),

@@ -245,6 +245,10 @@ def test_health_metrics_and_listing(stack, alice):
     assert page["limit"] == 2 and len(page["items"]) <= 2
     assert all(j["state"] == "succeeded" for j in page["items"])
     assert alice.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
+    schema = httpx.get(f"{stack.url}/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/models", "/healthz"} <= set(
+        schema["paths"])
+    assert httpx.get(f"{stack.url}/docs").status_code == 200
 
 
 def test_evaluation_only_job_certifies_an_uploaded_model(stack, alice, bob):

@@ -55,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"{out} holds a checkpoint of an unfinished run; pass --resume to continue "
                      "it or --force to start over")
     if args.force and not args.resume:
-        for name in ("checkpoint.pt", "report.json", "model.safetensors"):
+        for name in ("checkpoint.pt", "report.json", "model.safetensors", "best.safetensors",
+                     "wa.safetensors", "certify.tsv", "certify.tsv.json"):
             (out / name).unlink(missing_ok=True)
 
     from workers.data import DataError
@@ -125,16 +126,18 @@ def cmd_reaper(args: argparse.Namespace) -> int:
     import time
 
     from service.app import reap_once
+    from service.events import Events
     from service.settings import get_settings
     from service.store import Store
 
     s = get_settings()
     store = Store(s.resolved_database_url())
     store.migrate()
+    events = Events(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
     print(f"reaper: every {s.reaper_interval_seconds:g} s, stale after "
           f"{s.stale_after_seconds:g} s", flush=True)
     while True:
-        for job_id in reap_once(store, s):
+        for job_id in reap_once(store, s, events):
             print(f"re-enqueued {job_id}", flush=True)
         if args.once:
             return 0

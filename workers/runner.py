@@ -124,6 +124,236 @@ class EpochStats:
                 "metrics": {k: v / steps for k, v in zip(keys, packed[2:], strict=True)}}
 
 
+class Training:
+    """One job's state, built once; the methods are the phases of ``run_job``."""
+
+    def __init__(self, spec: JobSpec, out: Path, dev: torch.device, timing: Timing,
+                 weights: str | Path | None):
+        self.spec, self.out, self.dev, self.timing = spec, out, dev, timing
+        sched, ev = spec.schedule, spec.evaluation
+        with timing.phase("data"):
+            self.data = data = load_dataset(spec.dataset)
+            train_x, train_y, val_x, val_y = split_validation(
+                data.train_x, data.train_y, spec.dataset.val_size, sched.seed)
+            self.sizes = {"train": int(train_x.shape[0]), "validation": int(val_x.shape[0])}
+            self.loader = DeviceLoader(train_x, train_y, sched.batch_size, device=dev,
+                                       crop_padding=data.crop_padding, flip=data.flip,
+                                       shuffle=True)
+            self.n_mon = min(ev.monitor.size, val_x.shape[0])
+            self.mon_x = val_x[:self.n_mon].to(dev).float().div_(255)
+            self.mon_y = val_y[:self.n_mon].to(dev)
+
+        torch.manual_seed(sched.seed)
+        model = build_model(spec.model.arch, num_classes=data.num_classes,
+                            in_channels=data.channels, image_size=data.image_size,
+                            mean=data.mean, std=data.std, depth=spec.model.depth,
+                            widen_factor=spec.model.widen_factor).to(dev)
+        self.channels_last = spec.compute.channels_last == "on" or (
+            spec.compute.channels_last == "auto" and dev.type == "cuda")
+        weights = weights or spec.model.weights
+        if weights:
+            try:
+                load_weights(Path(weights), model, device=dev)
+            except (OSError, RuntimeError, SafetensorError) as e:
+                raise ValueError(f"model.weights {weights}: cannot load into a "
+                                 f"{spec.model.arch} for this dataset: {e}") from e
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=sched.momentum,
+                                         weight_decay=sched.weight_decay,
+                                         nesterov=sched.nesterov)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
+        self.steps_per_epoch = len(self.loader)
+        self.recipe = Recipe(spec.recipe, eps=spec.threat.epsilon, norm=spec.threat.norm)
+        self.recipe.bind(model, self.steps_per_epoch * sched.epochs)
+        self.watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # the epoch with the best monitor PGD acc
+        self.start_epoch = 0
+        self.meta = {"arch": spec.model.arch, "num_classes": str(data.num_classes),
+                     "in_channels": str(data.channels), "image_size": str(data.image_size),
+                     "format": "bulwark-v1"}
+
+    # ---------------------------------------------------------------------- checkpoints
+    def checkpoint(self, epoch: int) -> None:
+        with self.timing.phase("checkpoint"):
+            save_checkpoint(self.out / CHECKPOINT, {
+                "epoch": epoch, "spec": self.spec.model_dump_json(),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "recipe": self.recipe.state_dict(),
+                "watchdog": self.watchdog.state_dict(), "history": self.history,
+                "best": self.best, "timing": dict(self.timing.seconds),
+                "rng": {"torch": torch.get_rng_state(), "seed": self.spec.schedule.seed},
+            })
+
+    def restore(self) -> bool:
+        """Continue from ``checkpoint.pt`` if there is one; it must come from the same spec."""
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        state = load_checkpoint(path, map_location=self.dev)
+        if state.get("spec") != self.spec.model_dump_json():
+            raise ValueError(f"{path} was written for a different job spec; resume with "
+                             "the same spec, or start over in another folder")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.recipe.load_state_dict(state["recipe"])
+        self.watchdog.load_state_dict(state["watchdog"])
+        self.history, self.best = list(state["history"]), state["best"]
+        self.start_epoch = int(state["epoch"])
+        for k, v in state["timing"].items():
+            self.timing.seconds[k] = float(v)
+        return True
+
+    # ---------------------------------------------------------------------- training
+    def fit(self, emit: Event, should_stop: Callable[[], bool] | None, progress: bool) -> None:
+        sched = self.spec.schedule
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.steps_per_epoch * sched.epochs,
+                       initial=self.start_epoch * self.steps_per_epoch, unit="step",
+                       dynamic_ncols=True,
+                       desc=self.spec.name or (self.spec.recipe.preset or "job"))
+        emit("started", {"epochs": sched.epochs, "start_epoch": self.start_epoch,
+                         "device": str(self.dev)})
+        last_epoch = sched.epochs if self.spec.mode == "train" else 0
+        try:
+            for epoch in range(self.start_epoch, last_epoch):
+                row = self.epoch(epoch, should_stop, bar)
+                self.history.append(row)
+                self.checkpoint(epoch + 1)
+                emit("epoch", row)
+                if row["catastrophic_overfitting"] and self.watchdog.events:
+                    emit("catastrophic_overfitting", self.watchdog.events[-1])
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def epoch(self, epoch: int, should_stop: Callable[[], bool] | None, bar) -> dict[str, Any]:
+        """Train one epoch (0-based ``epoch``), monitor it; returns its history row."""
+        sched, ev, spec = self.spec.schedule, self.spec.evaluation, self.spec
+        torch.manual_seed(epoch_seed(sched.seed, epoch))
+        gen = torch.Generator(device="cpu").manual_seed(epoch_seed(sched.seed, epoch) + 1)
+        self.model.train()
+        self.recipe.begin_epoch(epoch + 1)
+        t_epoch = time.perf_counter()
+        stats = EpochStats(self.dev)
+        lr = 0.0
+        with self.timing.phase("train"):
+            for i, (x, y) in enumerate(self.loader.epoch(gen)):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped during epoch {epoch + 1}")
+                lr = lr_at(sched.lr, epoch + i / self.steps_per_epoch, sched.epochs)
+                stats.add(train_step(self.model, self.optimizer, self.scaler, self.recipe, x,
+                                     y, lr=lr, precision=spec.compute.precision,
+                                     channels_last=self.channels_last), y)
+                if bar is not None:
+                    bar.update(1)
+        train_seconds = time.perf_counter() - t_epoch
+        mon = None
+        if self.n_mon:
+            with self.timing.phase("monitor"):
+                mon = monitor(self.model, self.mon_x, self.mon_y, eps=spec.threat.epsilon,
+                              norm=spec.threat.norm, steps=ev.monitor.pgd_steps,
+                              alpha=ev.monitor.pgd_alpha, batch_size=max(sched.batch_size, 256))
+        co = self.watchdog.check(epoch + 1, mon) if mon else False
+        if mon and (self.best is None or mon["pgd_acc"] > self.best["monitor_pgd_acc"]):
+            self.best = {"epoch": epoch + 1, "monitor_pgd_acc": mon["pgd_acc"],
+                         "monitor_clean_acc": mon["clean_acc"]}
+            save_weights(self.out / BEST, self.model, {**self.meta, "epoch": str(epoch + 1)})
+        if bar is not None and mon:
+            bar.set_postfix(epoch=epoch + 1, clean=f"{mon['clean_acc']:.3f}",
+                            pgd=f"{mon['pgd_acc']:.3f}")
+        return {"epoch": epoch + 1, "lr": lr,  # lr at the epoch's last step
+                **stats.summary(), "monitor": mon, "catastrophic_overfitting": co,
+                "seconds": time.perf_counter() - t_epoch, "train_seconds": train_seconds}
+
+    # ---------------------------------------------------------------------- evaluation
+    def evaluate(self, emit: Event) -> dict[str, dict[str, Any]]:
+        """The final suite for each of ``evaluation.final.models`` that exists."""
+        ev, sched, data = self.spec.evaluation, self.spec.schedule, self.data
+        test_x, test_y = data.test_x, data.test_y
+        if ev.final.n is not None:
+            test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
+        test_x, test_y = test_x.to(self.dev).float().div_(255), test_y.to(self.dev)
+        candidates = {"last": self.model}
+        if self.recipe.weight_average is not None:
+            candidates["wa"] = self.recipe.weight_average.module
+        if self.best is not None and "best" in ev.final.models:
+            candidates["best"] = load_weights(self.out / BEST, copy.deepcopy(self.model),
+                                              device=self.dev)
+        finals = {}
+        with self.timing.phase("final_evaluation"):
+            for name in ev.final.models:
+                if name not in candidates:
+                    continue
+                emit("phase", {"phase": "final_evaluation", "model": name})
+                torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
+                finals[name] = final_evaluation(
+                    candidates[name], test_x, test_y, ev.final, eps=self.spec.threat.epsilon,
+                    norm=self.spec.threat.norm, num_classes=data.num_classes, seed=sched.seed,
+                    on_phase=lambda p, m=name: emit("phase", {"phase": p, "model": m}))
+                finals[name]["model"] = name
+        return finals
+
+    def certify(self, emit: Event) -> dict[str, Any] | None:
+        plan = self.spec.evaluation.certification
+        if plan is None:
+            return None
+        from workers.certification import run_certification
+
+        emit("phase", {"phase": "certification"})
+        with self.timing.phase("certification"):
+            return run_certification(
+                self.model, self.data.test_x.to(self.dev).float().div_(255),
+                self.data.test_y.to(self.dev), plan, num_classes=self.data.num_classes,
+                out=self.out, precision=self.spec.compute.precision,
+                channels_last=self.channels_last, seed=self.spec.schedule.seed, emit=emit)
+
+    # ---------------------------------------------------------------------- report
+    def selection(self) -> dict[str, Any] | None:
+        if self.best is None:
+            return None
+        last = self.history[-1]["monitor"] if self.history else None
+        last_pgd = last["pgd_acc"] if last else None
+        return {**self.best, "last_epoch": self.spec.schedule.epochs,
+                "last_monitor_pgd_acc": last_pgd,
+                "robust_generalization_gap": None if last_pgd is None
+                else self.best["monitor_pgd_acc"] - last_pgd,
+                "note": "best = the epoch with the highest monitor PGD accuracy (validation "
+                        "slice); the gap is best minus last"}
+
+    def report(self, finals: dict[str, dict[str, Any]],
+               certification: dict[str, Any] | None) -> dict[str, Any]:
+        spec, data = self.spec, self.data
+        save_weights(self.out / "model.safetensors", self.model, self.meta)
+        if self.recipe.weight_average is not None:
+            save_weights(self.out / WA, self.recipe.weight_average.module,
+                         {**self.meta, "model": "wa"})
+        return {
+            "report_version": REPORT_VERSION,
+            "spec": spec.model_dump(mode="json"),
+            "environment": environment(self.dev, spec.schedule.seed, self.channels_last,
+                                       spec.compute.precision),
+            "dataset": {"name": data.name, "num_classes": data.num_classes, **self.sizes,
+                        "test": int(data.test_x.shape[0]), "monitor": self.n_mon,
+                        "shape": list(data.train_x.shape[1:])},
+            "history": self.history,
+            "events": self.watchdog.events,
+            "final": finals.get("last") or next(iter(finals.values())),
+            "final_models": finals,
+            "selection": self.selection(),
+            "certification": certification,
+            "timing": {},
+            "artifacts": [n for n in ("report.json", "model.safetensors", BEST, WA,
+                                      CERTIFY_TSV, CHECKPOINT)
+                          if n == "report.json" or (self.out / n).exists()],
+        }
+
+
 def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             resume: bool = False, progress: bool = True, on_event: Event | None = None,
             should_stop: Callable[[], bool] | None = None,
@@ -139,203 +369,19 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
     emit = on_event or (lambda kind, data: None)
     timing = Timing()
     t_start = time.perf_counter()
-    sched, ev = spec.schedule, spec.evaluation
-    eps, norm = spec.threat.epsilon, spec.threat.norm
-
-    with timing.phase("data"):
-        data = load_dataset(spec.dataset)
-        train_x, train_y, val_x, val_y = split_validation(
-            data.train_x, data.train_y, spec.dataset.val_size, sched.seed)
-        loader = DeviceLoader(train_x, train_y, sched.batch_size, device=dev,
-                              crop_padding=data.crop_padding, flip=data.flip, shuffle=True)
-        n_mon = min(ev.monitor.size, val_x.shape[0])
-        mon_x = val_x[:n_mon].to(dev).float().div_(255)
-        mon_y = val_y[:n_mon].to(dev)
-
-    torch.manual_seed(sched.seed)
-    model = build_model(spec.model.arch, num_classes=data.num_classes,
-                        in_channels=data.train_x.shape[1], image_size=data.train_x.shape[2],
-                        mean=data.mean, std=data.std, depth=spec.model.depth,
-                        widen_factor=spec.model.widen_factor).to(dev)
-    channels_last = spec.compute.channels_last == "on" or (
-        spec.compute.channels_last == "auto" and dev.type == "cuda")
-    weights = weights or spec.model.weights
-    if weights:
-        try:
-            load_weights(Path(weights), model, device=dev)
-        except (OSError, RuntimeError, SafetensorError) as e:
-            raise ValueError(f"model.weights {weights}: cannot load into a {spec.model.arch} "
-                             f"for this dataset: {e}") from e
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=sched.momentum,
-                                weight_decay=sched.weight_decay, nesterov=sched.nesterov)
-    scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
-    steps_per_epoch = len(loader)
-    recipe = Recipe(spec.recipe, eps=eps, norm=norm)
-    recipe.bind(model, steps_per_epoch * sched.epochs)
-    watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None  # the epoch with the best monitor PGD accuracy
-    start_epoch = 0
-    meta = {"arch": spec.model.arch, "num_classes": str(data.num_classes),
-            "in_channels": str(data.train_x.shape[1]),
-            "image_size": str(data.train_x.shape[2]), "format": "bulwark-v1"}
-
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=dev)
-        if state.get("spec") != spec.model_dump_json():
-            raise ValueError(f"{ckpt_path} was written for a different job spec; resume with "
-                             "the same spec, or start over in another folder")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        recipe.load_state_dict(state["recipe"])
-        watchdog.load_state_dict(state["watchdog"])
-        history = list(state["history"])
-        best = state["best"]
-        start_epoch = int(state["epoch"])
-        for k, v in state["timing"].items():
-            timing.seconds[k] = float(v)
-        emit("resumed", {"epoch": start_epoch})
-
-    total_steps = steps_per_epoch * sched.epochs
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, unit="step",
-                   dynamic_ncols=True, desc=spec.name or (spec.recipe.preset or "job"))
-    emit("started", {"epochs": sched.epochs, "start_epoch": start_epoch, "device": str(dev)})
-
-    last_epoch = sched.epochs if spec.mode == "train" else 0
-    try:
-        for epoch in range(start_epoch, last_epoch):
-            torch.manual_seed(epoch_seed(sched.seed, epoch))
-            gen = torch.Generator(device="cpu").manual_seed(epoch_seed(sched.seed, epoch) + 1)
-            model.train()
-            recipe.begin_epoch(epoch + 1)
-            t_epoch = time.perf_counter()
-            stats = EpochStats(dev)
-            with timing.phase("train"):
-                for i, (x, y) in enumerate(loader.epoch(gen)):
-                    if should_stop is not None and should_stop():
-                        raise Cancelled(f"stopped during epoch {epoch + 1}")
-                    lr = lr_at(sched.lr, epoch + i / steps_per_epoch, sched.epochs)
-                    stats.add(train_step(model, optimizer, scaler, recipe, x, y, lr=lr,
-                                         precision=spec.compute.precision,
-                                         channels_last=channels_last), y)
-                    if bar is not None:
-                        bar.update(1)
-            train_seconds = time.perf_counter() - t_epoch
-            with timing.phase("monitor"):
-                mon = (monitor(model, mon_x, mon_y, eps=eps, norm=norm,
-                               steps=ev.monitor.pgd_steps, alpha=ev.monitor.pgd_alpha,
-                               batch_size=max(sched.batch_size, 256)) if n_mon else None)
-            co = watchdog.check(epoch + 1, mon) if mon else False
-            if mon and (best is None or mon["pgd_acc"] > best["monitor_pgd_acc"]):
-                best = {"epoch": epoch + 1, "monitor_pgd_acc": mon["pgd_acc"],
-                        "monitor_clean_acc": mon["clean_acc"]}
-                save_weights(out / BEST, model, {**meta, "epoch": str(epoch + 1)})
-            row = {
-                "epoch": epoch + 1,
-                "lr": lr,  # at the epoch's last step
-                **stats.summary(),
-                "monitor": mon,
-                "catastrophic_overfitting": co,
-                "seconds": time.perf_counter() - t_epoch,
-                "train_seconds": train_seconds,
-            }
-            history.append(row)
-            if bar is not None and mon:
-                bar.set_postfix(epoch=epoch + 1, clean=f"{mon['clean_acc']:.3f}",
-                                pgd=f"{mon['pgd_acc']:.3f}")
-            with timing.phase("checkpoint"):
-                save_checkpoint(ckpt_path, {
-                    "epoch": epoch + 1, "spec": spec.model_dump_json(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "recipe": recipe.state_dict(), "watchdog": watchdog.state_dict(),
-                    "history": history, "best": best, "timing": dict(timing.seconds),
-                    "rng": {"torch": torch.get_rng_state(), "seed": sched.seed},
-                })
-            emit("epoch", row)
-            if co:
-                emit("catastrophic_overfitting", watchdog.events[-1])
-    finally:
-        if bar is not None:
-            bar.close()
-
+    job = Training(spec, out, resolve_device(device), timing, weights)
+    if resume and job.restore():
+        emit("resumed", {"epoch": job.start_epoch})
+    job.fit(emit, should_stop, progress)
     emit("phase", {"phase": "final_evaluation"})
-    with timing.phase("final_evaluation"):
-        test_x, test_y = data.test_x, data.test_y
-        if ev.final.n is not None:
-            test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
-        test_x, test_y = test_x.to(dev).float().div_(255), test_y.to(dev)
-        candidates = {"last": model}
-        if recipe.weight_average is not None:
-            candidates["wa"] = recipe.weight_average.module
-        if best is not None and "best" in ev.final.models:
-            best_model = copy.deepcopy(model)
-            candidates["best"] = load_weights(out / BEST, best_model, device=dev)
-        finals = {}
-        for name in ev.final.models:
-            if name not in candidates:
-                continue
-            emit("phase", {"phase": "final_evaluation", "model": name})
-            torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
-            finals[name] = final_evaluation(
-                candidates[name], test_x, test_y, ev.final, eps=eps, norm=norm,
-                num_classes=data.num_classes, seed=sched.seed,
-                on_phase=lambda p, m=name: emit("phase", {"phase": p, "model": m}))
-            finals[name]["model"] = name
-        final = finals.get("last") or next(iter(finals.values()))
-    certification = None
-    if ev.certification is not None:
-        from workers.certification import run_certification
-
-        emit("phase", {"phase": "certification"})
-        with timing.phase("certification"):
-            certification = run_certification(
-                model, data.test_x.to(dev).float().div_(255), data.test_y.to(dev),
-                ev.certification, num_classes=data.num_classes, out=out,
-                precision=spec.compute.precision, channels_last=channels_last, seed=sched.seed,
-                emit=emit)
-
-    save_weights(out / "model.safetensors", model, meta)
-    if recipe.weight_average is not None:
-        save_weights(out / WA, recipe.weight_average.module, {**meta, "model": "wa"})
-    last_pgd = history[-1]["monitor"]["pgd_acc"] if history and history[-1]["monitor"] else None
-    selection = None if best is None else {
-        **best, "last_epoch": sched.epochs, "last_monitor_pgd_acc": last_pgd,
-        "robust_generalization_gap": None if last_pgd is None
-        else best["monitor_pgd_acc"] - last_pgd,
-        "note": "best = the epoch with the highest monitor PGD accuracy (validation slice); "
-                "the gap is best minus last"}
+    finals = job.evaluate(emit)
+    certification = job.certify(emit)
+    report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
-    report = {
-        "report_version": REPORT_VERSION,
-        "spec": spec.model_dump(mode="json"),
-        "environment": environment(dev, sched.seed, channels_last, spec.compute.precision),
-        "dataset": {"name": data.name, "num_classes": data.num_classes,
-                    "train": int(train_x.shape[0]), "validation": int(val_x.shape[0]),
-                    "test": int(data.test_x.shape[0]), "monitor": n_mon,
-                    "shape": list(data.train_x.shape[1:])},
-        "history": history,
-        "events": watchdog.events,
-        "final": final,
-        "final_models": finals,
-        "selection": selection,
-        "certification": certification,
-        "timing": {k: round(v, 3) for k, v in timing.seconds.items()},
-        "artifacts": [n for n in ("report.json", "model.safetensors", BEST, WA, CERTIFY_TSV,
-                                  CHECKPOINT) if n == "report.json" or (out / n).exists()],
-    }
+    report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
     write_json(out / "report.json", report)
-    emit("finished", {"final": final})
+    emit("finished", {"final": report["final"]})
     return report
-

@@ -245,8 +245,6 @@ class AWPSpec(_Strict):
     kind: Literal["awp"] = "awp"
     gamma: float = Field(0.01, gt=0, le=0.1, description="γ; 0.01 for PGD-AT, 0.005 TRADES")
     warmup: int = Field(0, ge=0, le=1000, description="first epoch (1-based) AWP applies at")
-    proxy_lr: float | None = Field(
-        None, gt=0, le=10, description="proxy SGD step; default 0.01 (ce) or 0.1 (trades)")
 
 
 class SAMAWPSpec(_Strict):

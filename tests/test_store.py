@@ -1,0 +1,114 @@
+"""The job store's state machine on a real database (SQLite; PostgreSQL where reachable)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from service.store import Conflict, NotFound, QuotaExceeded, Store
+from tests.test_service import PG_URL, _postgres_available, _reset_postgres
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "postgresql":
+        if not _postgres_available():
+            pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
+        _reset_postgres()
+        s = Store(PG_URL)
+    else:
+        s = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    s.migrate()
+    return s
+
+
+def new_job(store: Store, tenant: str = "t", **kw):
+    store.create_api_key(tenant)
+    job, created = store.create_job(tenant, {"name": "x", **kw.pop("spec", {})},
+                                    max_attempts=kw.pop("max_attempts", 2),
+                                    max_queued=kw.pop("max_queued", 10), **kw)
+    assert created
+    return job
+
+
+def test_keys_are_hashed_and_bound_to_tenants(store):
+    key = store.create_api_key("acme")
+    assert key.startswith("bwk_") and store.authenticate(key) == "acme"
+    assert store.authenticate(key + "x") is None
+    with store.session() as s:
+        from service.db import ApiKey
+
+        stored = [k.key_hash for k in s.query(ApiKey).all()]
+    assert key not in stored and all(len(h) == 64 for h in stored)
+
+
+def test_lease_is_exclusive_and_stale_leases_are_reaped(store):
+    job = new_job(store, max_attempts=2)
+    first = store.claim(job.id, "w1", stale_after=60)
+    assert first is not None and first.attempt == 1
+    assert store.claim(job.id, "w2", stale_after=60) is None, "a live lease is exclusive"
+    assert store.heartbeat(job.id, "w1") == (True, False)
+    assert store.heartbeat(job.id, "w2") == (False, False), "only the owner heartbeats"
+    time.sleep(1.1)
+    assert store.reap(stale_after=1.0) == {QUEUED: [job.id], FAILED: [], CANCELLED: []}
+    second = store.claim(job.id, "w2", stale_after=60)
+    assert second is not None and second.attempt == 2
+    assert not store.finish(job.id, "w1", SUCCEEDED), "the old owner can no longer finish"
+    time.sleep(1.1)
+    assert store.reap(stale_after=1.0)[FAILED] == [job.id], "attempts exhausted"
+    failed = store.get_job("t", job.id)
+    assert failed.state == FAILED and "max_attempts" in failed.error
+    assert store.claim(job.id, "w3", stale_after=0) is None
+    assert [a.outcome for a in store.attempts(job.id)] == ["lost", "lost"]
+
+
+def test_finish_records_the_outcome_once(store):
+    job = new_job(store)
+    store.claim(job.id, "w", stale_after=60)
+    assert store.finish(job.id, "w", SUCCEEDED, artifacts=[{"name": "report.json"}])
+    assert not store.finish(job.id, "w", FAILED), "terminal states are final"
+    done = store.get_job("t", job.id)
+    assert done.state == SUCCEEDED and done.artifacts == [{"name": "report.json"}]
+    assert [a.outcome for a in store.attempts(job.id)] == [SUCCEEDED]
+
+
+def test_cancel_queued_running_and_reaped(store):
+    queued = new_job(store)
+    assert store.request_cancel("t", queued.id).state == CANCELLED
+    assert store.claim(queued.id, "w", stale_after=0) is None, "a cancelled job never runs"
+    running = new_job(store, spec={"name": "r"})
+    store.claim(running.id, "w", stale_after=60)
+    job = store.request_cancel("t", running.id)
+    assert (job.state, job.cancel_requested) == (RUNNING, True)
+    assert store.heartbeat(running.id, "w") == (True, True), "the worker learns of it"
+    time.sleep(1.1)
+    assert store.reap(stale_after=1.0)[CANCELLED] == [running.id]
+
+
+def test_tenant_isolation_idempotency_quota_delete(store):
+    job = new_job(store, "a", idempotency_key="k")
+    with pytest.raises(NotFound):
+        store.get_job("b", job.id)
+    with pytest.raises(NotFound):
+        store.request_cancel("b", job.id)
+    same, created = store.create_job("a", {"name": "x"}, max_attempts=2, max_queued=10,
+                                     idempotency_key="k")
+    assert not created and same.id == job.id
+    with pytest.raises(Conflict):
+        store.create_job("a", {"name": "y"}, max_attempts=2, max_queued=10,
+                         idempotency_key="k")
+    store.create_api_key("b")
+    other, created = store.create_job("b", {"name": "x"}, max_attempts=2, max_queued=10,
+                                      idempotency_key="k")
+    assert created and other.id != job.id, "keys are per tenant"
+    with pytest.raises(QuotaExceeded):
+        store.create_job("a", {"name": "z"}, max_attempts=2, max_queued=1)
+    with pytest.raises(Conflict):
+        store.delete_job("a", job.id)  # still queued
+    store.request_cancel("a", job.id)
+    store.delete_job("a", job.id)
+    with pytest.raises(NotFound):
+        store.get_job("a", job.id)
+    assert store.count_by_state()[QUEUED] == 1
