@@ -55,6 +55,7 @@ from scipy.stats import beta, norm  # noqa: E402
 
 from defenses.smoothing import Smooth  # noqa: E402
 from workers.models import build_model  # noqa: E402
+from workers.report import cpu_model  # noqa: E402
 from workers.runner import autocast  # noqa: E402
 
 # model -> (in_channels, image_size, mean, std)
@@ -189,14 +190,6 @@ def precision_supported(arch: str, precision: str, dev: torch.device, batch: int
 
 
 # ---------------------------------------------------------------------------------- output
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def header(dev: torch.device, args) -> dict[str, Any]:

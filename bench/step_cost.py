@@ -53,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 from defenses import Recipe  # noqa: E402
 from workers.models import build_model  # noqa: E402
 from workers.presets import PRESETS  # noqa: E402
+from workers.report import cpu_model  # noqa: E402
 from workers.runner import EpochStats, train_step  # noqa: E402
 from workers.runner import autocast as _autocast  # noqa: E402
 from workers.spec import JobSpec  # noqa: E402
@@ -394,14 +395,6 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
 
 
 # ----------------------------------------------------------------------------- output
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def header(dev: torch.device) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import platform
 import sys
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,17 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, seed: int, channels_last: bool,
                 precision: str) -> dict[str, Any]:
     return {
@@ -36,7 +48,7 @@ def environment(device: torch.device, seed: int, channels_last: bool,
         "platform": platform.platform(),
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or "cpu"),
+                        else cpu_model()),
         "threads": torch.get_num_threads(),
         "precision": precision,
         "channels_last": channels_last,
