@@ -25,5 +25,5 @@ grep "^Bulwark is up\|^API key" "$LOG"
 export BULWARK_URL="http://127.0.0.1:$PORT"
 export BULWARK_API_KEY=$(sed -n 's/^API key: //p' "$LOG")
 "$VENV/bin/bulwark" submit "$SPEC" --wait
-JOB=$("$VENV/bin/bulwark" jobs | head -1 | cut -d' ' -f1)
+JOB=$("$VENV/bin/bulwark" jobs --limit 1 | awk 'NR == 1 {print $1}')
 echo "report: $BULWARK_URL/v1/jobs/$JOB/report   (files under $HOME_DIR/artifacts/)"
