@@ -489,3 +489,27 @@ def test_split_validation():
     assert len(split_validation(x, y, 0, seed=0)[2]) == 0
     with pytest.raises(DataError):
         split_validation(x, y, 50, seed=0)
+
+
+def test_mnist_checksums_match_the_real_files(data_root):
+    """The table a download is verified against matches the real MNIST (independent copy)."""
+    from workers.data import MNIST_SHA256, verify_checksums
+
+    verify_checksums(data_root / "mnist", MNIST_SHA256)
+
+
+def test_checksum_mismatch_is_refused_and_removed(tmp_path):
+    import gzip
+    import hashlib
+
+    from workers.data import DataError, verify_checksums
+
+    good, bad = b"\x00\x00\x08\x01" + b"\x00" * 8, b"tampered"
+    (tmp_path / "a.gz").write_bytes(gzip.compress(good))
+    (tmp_path / "b").write_bytes(bad)
+    verify_checksums(tmp_path, {"a": hashlib.sha256(good).hexdigest()})
+    with pytest.raises(DataError, match="checksum mismatch"):
+        verify_checksums(tmp_path, {"b": hashlib.sha256(good).hexdigest()})
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(DataError, match="missing"):
+        verify_checksums(tmp_path, {"c": "0" * 64})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -166,6 +167,29 @@ def _find_standard(name: str, spec: DatasetSpec) -> dict[str, Path]:
     )
 
 
+# SHA-256 of the uncompressed MNIST files (the published originals): a download is checked
+# against them before it is used.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+def verify_checksums(folder: Path, expected: dict[str, str]) -> None:
+    """Raise DataError unless every file (raw or .gz) has its expected uncompressed SHA-256."""
+    for fname, digest in expected.items():
+        path = _locate(folder, fname)
+        if path is None:
+            raise DataError(f"{folder / fname}: missing after the download")
+        got = hashlib.sha256(_read_bytes(path)).hexdigest()
+        if got != digest:
+            path.unlink()
+            raise DataError(f"{path}: checksum mismatch (sha256 {got}, expected {digest}); "
+                            "the file was removed")
+
+
 def _download(name: str, root: Path) -> None:
     """Fetch the standard files into ``root`` (opt-in via ``dataset.download``)."""
     folder = root / _STANDARD[name][0][0]
@@ -189,6 +213,8 @@ def _download(name: str, root: Path) -> None:
             except (tarfile.TarError, OSError) as e:
                 raise DataError(f"{dest}: could not extract the archive ({e})") from e
             dest.unlink()
+    if name == "mnist":
+        verify_checksums(folder, MNIST_SHA256)
 
 
 # ---------------------------------------------------------------------------------- checks
