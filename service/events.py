@@ -9,7 +9,6 @@ the terminal event. Torch-free: the trainer process publishes, the API reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -43,12 +42,6 @@ class Events:
             for event_id, fields in entries:
                 out.append((event_id, fields["type"], json.loads(fields.get("data", "{}"))))
         return out
-
-    def history(self, job_id: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        after = "0"
-        while batch := self.read(job_id, after):
-            yield from batch
-            after = batch[-1][0]
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(stream_key(job_id))

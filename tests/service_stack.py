@@ -28,6 +28,29 @@ FAST = {
 }
 
 
+PG_URL = os.environ.get("BULWARK_TEST_POSTGRES_URL",
+                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def postgres_available() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(PG_URL).connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:
+        return False
+
+
+def reset_postgres() -> None:
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(PG_URL).begin() as c:
+        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, jobs, api_keys, tenants, "
+                          "alembic_version CASCADE")
+
+
 def tiny_spec(epochs: int = 2, **over) -> dict:
     """A job that trains in a few seconds on CPU: synthetic 8x8 images, SmallCNN."""
     spec = {

@@ -83,6 +83,43 @@ def test_awp_step_equals_sgd_at_the_perturbed_weights(loss):
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-10, atol=1e-12)
 
 
+def test_sam_variant_steps_from_w_with_the_gradient_at_w_plus_e():
+    """ADR's SAM-style AWP: e_p = ρ‖p‖/‖∇p‖·∇p on every parameter, the loss at w + e with
+    BatchNorm statistics frozen, then the step from w: w_new = w − lr·∇L(w + e) (by hand)."""
+    rho, lr = 0.005, 0.1
+    model = bn_net()
+    x, x_adv, y = batch()
+    loss = CELoss()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = copy.deepcopy(model).train()
+    grads = torch.autograd.grad(loss(ref, x, x_adv, y).loss, list(ref.parameters()))
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads, strict=True):
+            p.add_(rho * p.norm() / g.norm() * g)  # every parameter, BatchNorm and biases too
+    running_after_first = copy.deepcopy(ref[1].running_mean)
+    g_e = torch.autograd.grad(loss(ref, x, x_adv, y).loss, list(ref.parameters()))
+    expected = {n: w0[n] - lr * g for (n, _), g in zip(ref.named_parameters(), g_e, strict=True)}
+
+    spec = JobSpec.model_validate({"recipe": {
+        "preset": "pgd-at", "weight_perturbation": {"kind": "awp_sam", "rho": rho}}}).recipe
+    recipe = Recipe(spec, eps=8 / 255, norm="linf")
+    sam = recipe.weight_perturbation
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    sam.perturb(model, x, x_adv, y)
+    torch.testing.assert_close(model[1].running_mean, running_after_first)
+    out = loss(model, x, x_adv, y)  # second pass: statistics frozen
+    torch.testing.assert_close(model[1].running_mean, running_after_first)
+    opt.zero_grad()
+    out.loss.backward()
+    sam.before_step(model)
+    opt.step()
+    sam.after_step(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-10, atol=1e-12)
+    assert model[1].momentum == 0.1, "BatchNorm momentum is restored"
+
+
 def test_awp_warmup_and_recipe_restore():
     spec = JobSpec.model_validate({"recipe": {"preset": "trades-awp"}}).recipe
     recipe = Recipe(spec, eps=8 / 255, norm="linf")

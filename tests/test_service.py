@@ -15,38 +15,23 @@ from safetensors.numpy import save as st_save
 
 from service.queue import TASK_NAME
 from service.store import Store
-from tests.service_stack import Stack, tiny_spec, wait_state
-
-PG_URL = os.environ.get("BULWARK_TEST_POSTGRES_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_available() -> bool:
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(PG_URL).connect() as c:
-            c.exec_driver_sql("SELECT 1")
-        return True
-    except Exception:
-        return False
-
-
-def _reset_postgres() -> None:
-    import sqlalchemy
-
-    with sqlalchemy.create_engine(PG_URL).begin() as c:
-        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, jobs, api_keys, tenants, "
-                          "alembic_version CASCADE")
+from tests.service_stack import (
+    PG_URL,
+    Stack,
+    postgres_available,
+    reset_postgres,
+    tiny_spec,
+    wait_state,
+)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stack(request, tmp_path_factory):
     home = tmp_path_factory.mktemp(f"bulwark-{request.param}")
     if request.param == "postgresql":
-        if not _postgres_available():
+        if not postgres_available():
             pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
-        _reset_postgres()
+        reset_postgres()
         url = PG_URL
     else:
         url = f"sqlite:///{home / 'bulwark.db'}"

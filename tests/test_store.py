@@ -8,15 +8,15 @@ import pytest
 
 from service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from service.store import Conflict, NotFound, QuotaExceeded, Store
-from tests.test_service import PG_URL, _postgres_available, _reset_postgres
+from tests.service_stack import PG_URL, postgres_available, reset_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     if request.param == "postgresql":
-        if not _postgres_available():
+        if not postgres_available():
             pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
-        _reset_postgres()
+        reset_postgres()
         s = Store(PG_URL)
     else:
         s = Store(f"sqlite:///{tmp_path / 'store.db'}")
