@@ -12,8 +12,8 @@ from typing import Any
 
 from service.settings import Settings
 
-DOWNLOADABLE = ("report.json", "model.safetensors", "best.safetensors", "wa.safetensors",
-                "certify.tsv")
+DOWNLOADABLE = ("report.json", "report.html", "model.safetensors", "best.safetensors",
+                "wa.safetensors", "certify.tsv")
 
 
 def job_dir(settings: Settings, tenant_id: str, job_id: str) -> Path:

@@ -82,6 +82,7 @@ def store_upload(store, settings, tenant_id: str, stream: BinaryIO, *, arch: str
                                         413)
                 out.write(block)
         tensors = check_safetensors(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the workers (maybe another user) read it
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

@@ -74,8 +74,8 @@ def test_submit_to_report_and_weights(stack, alice):
     assert job["state"] == "queued" and job["spec"]["recipe"]["preset"] == "fgsm-elle"
     done = wait_state(alice, job["id"], ("succeeded", "failed"))
     assert done["state"] == "succeeded", done["error"]
-    assert {a["name"] for a in done["artifacts"]} == {"report.json", "model.safetensors",
-                                                      "best.safetensors"}
+    assert {a["name"] for a in done["artifacts"]} == {"report.json", "report.html",
+                                                      "model.safetensors", "best.safetensors"}
     report = alice.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["final"]["n"] == 64 and len(report["history"]) == 2
     w = alice.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors")

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+FILE_MODE = 0o644
+
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +29,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; the API process must read artifacts
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,7 +45,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
@@ -50,6 +57,7 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None =
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata or {})
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
 
 

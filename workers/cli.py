@@ -55,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"{out} holds a checkpoint of an unfinished run; pass --resume to continue "
                      "it or --force to start over")
     if args.force and not args.resume:
-        for name in ("checkpoint.pt", "report.json", "model.safetensors", "best.safetensors",
+        for name in ("checkpoint.pt", "report.json", "report.html", "model.safetensors",
+                     "best.safetensors",
                      "wa.safetensors", "certify.tsv", "certify.tsv.json"):
             (out / name).unlink(missing_ok=True)
 

@@ -26,8 +26,10 @@ from workers.checkpoint import (
     save_checkpoint,
     save_weights,
     write_json,
+    write_text,
 )
 from workers.data import DeviceLoader, load_dataset, split_validation
+from workers.html_report import render as render_html
 from workers.models import build_model
 from workers.monitor import COWatchdog, monitor
 from workers.report import REPORT_VERSION, environment, final_evaluation
@@ -348,9 +350,9 @@ class Training:
             "selection": self.selection(),
             "certification": certification,
             "timing": {},
-            "artifacts": [n for n in ("report.json", "model.safetensors", BEST, WA,
-                                      CERTIFY_TSV, CHECKPOINT)
-                          if n == "report.json" or (self.out / n).exists()],
+            "artifacts": [n for n in ("report.json", "report.html", "model.safetensors", BEST,
+                                      WA, CERTIFY_TSV, CHECKPOINT)
+                          if n.startswith("report.") or (self.out / n).exists()],
         }
 
 
@@ -383,5 +385,6 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     timing.seconds["total"] = time.perf_counter() - t_start
     report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
     write_json(out / "report.json", report)
+    write_text(out / "report.html", render_html(report))
     emit("finished", {"final": report["final"]})
     return report
