@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 
-from service.artifacts import job_dir
+from service.artifacts import REPORT, job_dir
 from service.db import CANCELLED, FAILED, QUEUED, STATES, TERMINAL
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or get_settings()
     store = Store(s.resolved_database_url())
     store.migrate()
-    events = Events(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
+    events = Events.from_settings(s)
     registry = CollectorRegistry()
     registry.register(JobCollector(store))
     latency = Histogram("bulwark_http_request_duration_seconds", "HTTP request latency",
@@ -211,9 +211,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/report")
     def report(job_id: str, tenant_id: Tenant) -> dict[str, Any]:
         job = store.get_job(tenant_id, job_id)
-        if not any(a["name"] == "report.json" for a in job.artifacts or []):
+        if not any(a["name"] == REPORT for a in job.artifacts or []):
             raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
-        return json.loads((job_dir(s, tenant_id, job_id) / "report.json").read_text())
+        return json.loads((job_dir(s, tenant_id, job_id) / REPORT).read_text())
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name}")
     def artifact(job_id: str, name: str, tenant_id: Tenant) -> FileResponse:

@@ -25,6 +25,10 @@ class Events:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.maxlen, self.ttl = maxlen, ttl_seconds
 
+    @classmethod
+    def from_settings(cls, s) -> Events:
+        return cls(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
+
     def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None) -> str:
         key = stream_key(job_id)
         event_id = self.redis.xadd(key, {"type": kind, "data": json.dumps(data or {})},

@@ -235,3 +235,13 @@ def test_evaluate_mode_needs_loadable_weights(tmp_path):
                                    "model": {"weights": str(bad)}})
     with pytest.raises(ValueError, match="cannot load"):
         run_job(spec, tmp_path / "o", device="cpu", progress=False)
+
+
+def test_cli_submit_reads_the_spec_like_run_does(tmp_path):
+    """`bulwark submit` shares `bulwark run`'s reader: a broken file is a message, no server
+    contacted, no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: [unclosed\n")
+    proc = _cli("submit", str(bad), "--url", "http://127.0.0.1:9")
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from defenses.smoothing import Smooth, certify_dataset, summarize
-
-TSV = "certify.tsv"
+from service.artifacts import CERTIFY_TSV
 
 
 def select_points(n_test: int, plan) -> Tensor:
@@ -59,7 +58,7 @@ def run_certification(model: nn.Module, x: Tensor, y: Tensor, plan, *, num_class
     t0 = time.perf_counter()
     result = certify_dataset(smooth, x[idx], y[idx], n0=plan.n0, n=plan.n, alpha=plan.alpha,
                              batch_size=plan.batch_size, chunk=plan.chunk,
-                             state_path=out / TSV, seed=seed, idx=idx.tolist(),
+                             state_path=out / CERTIFY_TSV, seed=seed, idx=idx.tolist(),
                              on_progress=lambda p: emit("certification", p))
     seconds = time.perf_counter() - t0
     summary = summarize(result, plan.radii)
@@ -71,7 +70,7 @@ def run_certification(model: nn.Module, x: Tensor, y: Tensor, plan, *, num_class
         "certified_accuracy": [summary["certified_accuracy"][r] for r in plan.radii],
         "acr": summary["acr"], "abstain_rate": summary["abstain_rate"],
         "samples_per_second": samples / max(sum(result.seconds), 1e-9),
-        "seconds": seconds, "precision": precision, "per_point": TSV,
+        "seconds": seconds, "precision": precision, "per_point": CERTIFY_TSV,
         "empirical": None,
     }
     if plan.empirical is not None:

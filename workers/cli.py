@@ -41,6 +41,7 @@ def _summary(report: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from service.artifacts import CHECKPOINT, REPORT, RUN_OUTPUTS
     from workers.spec import SpecError, load_spec_file
 
     try:
@@ -48,16 +49,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SpecError as e:
         return _fail(str(e))
     out = Path(args.out)
-    if (out / "report.json").exists() and not args.resume and not args.force:
+    if (out / REPORT).exists() and not args.resume and not args.force:
         return _fail(f"{out} already holds a finished run (report.json); "
                      "choose another --out, or pass --force to overwrite")
-    if (out / "checkpoint.pt").exists() and not args.resume and not args.force:
+    if (out / CHECKPOINT).exists() and not args.resume and not args.force:
         return _fail(f"{out} holds a checkpoint of an unfinished run; pass --resume to continue "
                      "it or --force to start over")
     if args.force and not args.resume:
-        for name in ("checkpoint.pt", "report.json", "report.html", "model.safetensors",
-                     "best.safetensors",
-                     "wa.safetensors", "certify.tsv", "certify.tsv.json"):
+        for name in RUN_OUTPUTS:
             (out / name).unlink(missing_ok=True)
 
     from workers.data import DataError
@@ -134,7 +133,7 @@ def cmd_reaper(args: argparse.Namespace) -> int:
     s = get_settings()
     store = Store(s.resolved_database_url())
     store.migrate()
-    events = Events(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
+    events = Events.from_settings(s)
     print(f"reaper: every {s.reaper_interval_seconds:g} s, stale after "
           f"{s.stale_after_seconds:g} s", flush=True)
     while True:
@@ -161,23 +160,11 @@ def _client(args: argparse.Namespace):
     return Client(url=args.url, key=args.key)
 
 
-def _load_request(path: str) -> dict:
-    from pathlib import Path
-
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"spec file not found: {p}")
-    data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: the spec must be a mapping at the top level")
-    return data
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
-    client = _client(args)
-    job = client.submit(_load_request(args.spec), idempotency_key=args.idempotency_key)
+    from workers.spec import read_spec_file
+
+    client = _client(args)  # the API validates the spec: its 422 names the field and range
+    job = client.submit(read_spec_file(args.spec), idempotency_key=args.idempotency_key)
     print(f"job {job['id']} {job['state']}", flush=True)
     if not args.wait:
         return 0

@@ -20,6 +20,15 @@ import torch
 from safetensors import SafetensorError
 
 from defenses import Recipe, StepOutput
+from service.artifacts import (
+    BEST,
+    CERTIFY_TSV,
+    CHECKPOINT,
+    REPORT,
+    REPORT_HTML,
+    WA,
+    WEIGHTS,
+)
 from workers.checkpoint import (
     load_checkpoint,
     load_weights,
@@ -36,10 +45,6 @@ from workers.report import REPORT_VERSION, environment, final_evaluation
 from workers.schedule import lr_at
 from workers.spec import JobSpec
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.safetensors"  # weights of the best monitor-PGD epoch, kept apart from the last
-WA = "wa.safetensors"      # the weight-averaged model, when the recipe keeps one
-CERTIFY_TSV = "certify.tsv"  # per-point certification results (Cohen's columns)
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -331,7 +336,7 @@ class Training:
     def report(self, finals: dict[str, dict[str, Any]],
                certification: dict[str, Any] | None) -> dict[str, Any]:
         spec, data = self.spec, self.data
-        save_weights(self.out / "model.safetensors", self.model, self.meta)
+        save_weights(self.out / WEIGHTS, self.model, self.meta)
         if self.recipe.weight_average is not None:
             save_weights(self.out / WA, self.recipe.weight_average.module,
                          {**self.meta, "model": "wa"})
@@ -350,9 +355,9 @@ class Training:
             "selection": self.selection(),
             "certification": certification,
             "timing": {},
-            "artifacts": [n for n in ("report.json", "report.html", "model.safetensors", BEST,
-                                      WA, CERTIFY_TSV, CHECKPOINT)
-                          if n.startswith("report.") or (self.out / n).exists()],
+            "artifacts": [n for n in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV,
+                                      CHECKPOINT)
+                          if n in (REPORT, REPORT_HTML) or (self.out / n).exists()],
         }
 
 
@@ -384,7 +389,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
     report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
-    write_json(out / "report.json", report)
-    write_text(out / "report.html", render_html(report))
+    write_json(out / REPORT, report)
+    write_text(out / REPORT_HTML, render_html(report))
     emit("finished", {"final": report["final"]})
     return report

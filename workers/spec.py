@@ -487,13 +487,12 @@ def format_validation_error(exc: Exception) -> str:
     return "\n".join(lines)
 
 
-def load_spec_file(path: str) -> JobSpec:
-    """Read a JSON or YAML spec file and validate it (raises SpecError with readable text)."""
+def read_spec_file(path: str) -> dict[str, Any]:
+    """The mapping in a JSON or YAML spec file, not yet validated (SpecError otherwise)."""
     import json
     from pathlib import Path
 
     import yaml
-    from pydantic import ValidationError
 
     p = Path(path)
     if not p.is_file():
@@ -505,12 +504,20 @@ def load_spec_file(path: str) -> JobSpec:
         raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
     if not isinstance(data, dict):
         raise SpecError(f"{p}: the spec must be a mapping at the top level")
+    return data
+
+
+def load_spec_file(path: str) -> JobSpec:
+    """Read a JSON or YAML spec file and validate it (raises SpecError with readable text)."""
+    from pydantic import ValidationError
+
+    data = read_spec_file(path)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{p}: invalid job spec\n{format_validation_error(e)}") from e
+        raise SpecError(f"{path}: invalid job spec\n{format_validation_error(e)}") from e
     except ValueError as e:  # raised by preset resolution
-        raise SpecError(f"{p}: invalid job spec\n{e}") from e
+        raise SpecError(f"{path}: invalid job spec\n{e}") from e
 
 
 class SpecError(ValueError):

@@ -30,10 +30,10 @@ from service.queue import TASK_NAME, enqueue
 from service.settings import get_settings
 from service.store import Store
 from workers.celery_app import app
+from workers.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
 
 log = logging.getLogger("bulwark.worker")
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 2, 3
 CANCEL_GRACE_SECONDS = 30.0
 
 
@@ -45,7 +45,7 @@ def store() -> Store:
 @lru_cache
 def events() -> Events:
     s = get_settings()
-    return Events(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
+    return Events.from_settings(s)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

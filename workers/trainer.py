@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     job_id, owner = (argv if argv is not None else sys.argv[1:])[:2]
     settings = get_settings()
     store = Store(settings.resolved_database_url())
-    events = Events(settings.redis_url, maxlen=settings.events_maxlen,
-                    ttl_seconds=settings.events_ttl_seconds)
+    events = Events.from_settings(settings)
     job = store.get_job(None, job_id)
 
     def fail(msg: str, code: int) -> int:
@@ -61,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"invalid job spec: {format_validation_error(e)}", EXIT_BAD_INPUT)
 
     from workers.data import DataError
-    from workers.runner import CHECKPOINT, Cancelled, run_job
+    from workers.runner import Cancelled, run_job
 
     out = job_dir(settings, job.tenant_id, job_id)
     weights = store.get_model(job.tenant_id, job.model_id).path if job.model_id else None
-    resume = (out / CHECKPOINT).exists()
     progress: dict[str, Any] = {"attempt": job.attempt}
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -78,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             store.heartbeat(job_id, owner, dict(progress))
 
     try:
-        report = run_job(spec, out, device=settings.device, resume=resume, progress=False,
+        # resume=True: continue from the checkpoint an earlier attempt left, if there is one
+        report = run_job(spec, out, device=settings.device, resume=True, progress=False,
                          on_event=on_event, weights=weights,
                          should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds))
     except Cancelled:
