@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from workers.serve import free_port, start_redis, wait_for_port, worker_command  # noqa: E402
+from workers.serve import LocalStack  # noqa: E402
 
 
 def spec(epochs: int) -> dict:
@@ -49,40 +48,15 @@ def spec(epochs: int) -> dict:
     }
 
 
-class Stack:
-    def __init__(self, home: Path, with_worker: bool):
-        self.home, self.procs = home, []
-        redis_port, api_port = free_port(), free_port()
-        self.procs.append(start_redis(home / "redis", redis_port))
-        self.env = {**os.environ, "BULWARK_HOME": str(home), "BULWARK_DEVICE": "cpu",
-                    "BULWARK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                    "BULWARK_MAX_QUEUED_PER_TENANT": "1000000",
-                    "BULWARK_HEARTBEAT_SECONDS": "5", "PYTHONPATH": str(ROOT)}
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port",
-             str(api_port), "--log-level", "warning", "--no-access-log"],
-            env=self.env, cwd=ROOT, start_new_session=True))
-        wait_for_port(api_port, self.procs[-1], "the API", timeout=60)
-        self.url = f"http://127.0.0.1:{api_port}"
-        if with_worker:
-            self.procs.append(subprocess.Popen(
-                worker_command(queue="bulwark", name="bench@%h"), env=self.env, cwd=ROOT,
-                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        key = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create"],
-                             env=self.env, cwd=ROOT, check=True, capture_output=True,
-                             text=True).stdout.strip()
-        self.headers = {"Authorization": f"Bearer {key}"}
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+def start_stack(home: Path, workers: int) -> LocalStack:
+    stack = LocalStack(home, {"BULWARK_DEVICE": "cpu", "BULWARK_MAX_QUEUED_PER_TENANT": "1000000",
+                              "BULWARK_HEARTBEAT_SECONDS": "5", "PYTHONPATH": str(ROOT)},
+                       cwd=ROOT).start(workers=workers)
+    stack.headers = {"Authorization": f"Bearer {stack.key()}"}
+    return stack
 
 
-def via_api(stack: Stack, job: dict) -> float:
+def via_api(stack: LocalStack, job: dict) -> float:
     with httpx.Client(base_url=stack.url, headers=stack.headers, timeout=60) as c:
         t0 = time.perf_counter()
         job_id = c.post("/v1/jobs", json=job).json()["id"]
@@ -148,7 +122,7 @@ def main() -> int:
     result: dict = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        stack = Stack(tmp / "svc", with_worker=True)
+        stack = start_stack(tmp / "svc", workers=1)
         try:
             time.sleep(3)  # let the worker connect
             via_api(stack, spec(1))  # warm the worker's caches (imports, data) once
@@ -168,7 +142,7 @@ def main() -> int:
         print(f"   bulwark run (subprocess): median {c:.2f} s   runs {[round(t, 2) for t in cli]}")
         print(f"   ratio API / run = {a / c:.3f}   fixed cost = {a - c:+.2f} s")
 
-        stack = Stack(tmp / "lat", with_worker=False)
+        stack = start_stack(tmp / "lat", workers=0)
         try:
             with httpx.Client(base_url=stack.url, headers=stack.headers) as c0:
                 job_id = c0.post("/v1/jobs", json=job).json()["id"]

@@ -4,16 +4,12 @@ the API under uvicorn and Celery worker processes, against SQLite or PostgreSQL.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from workers.serve import free_port, start_redis, wait_for_port, worker_command
+from workers.serve import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {
@@ -71,64 +67,17 @@ def tiny_spec(epochs: int = 2, **over) -> dict:
     return spec
 
 
-@dataclass
-class Stack:
-    home: Path
-    database_url: str
-    env: dict[str, str] = field(default_factory=dict)
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    url: str = ""
+class Stack(LocalStack):
+    """The service stack the integration tests run against, on ``database_url``."""
 
-    def start(self, workers: int = 1) -> Stack:
-        try:
-            return self._start(workers)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start(self, workers: int) -> Stack:
-        redis_port, api_port = free_port(), free_port()
-        self.procs["redis"] = start_redis(self.home / "redis", redis_port)
-        self.env = {**os.environ, **FAST,
-                    "BULWARK_HOME": str(self.home),
-                    "BULWARK_DATABASE_URL": self.database_url,
-                    "BULWARK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                    "PYTHONPATH": str(REPO)}
-        self.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-             "--port", str(api_port), "--log-level", "warning"],
-            env=self.env, cwd=REPO, start_new_session=True)
-        wait_for_port(api_port, self.procs["api"], "the API", timeout=60)
-        self.url = f"http://127.0.0.1:{api_port}"
-        for i in range(workers):
-            self.start_worker(f"w{i}")
-        return self
-
-    def start_worker(self, name: str) -> subprocess.Popen:
-        proc = subprocess.Popen(worker_command(queue="bulwark", name=f"{name}@%h"),
-                                env=self.env, cwd=REPO, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs[name] = proc
-        return proc
-
-    def key(self, tenant: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create",
-                              "--tenant", tenant], env=self.env, cwd=REPO, check=True,
-                             capture_output=True, text=True)
-        return out.stdout.strip()
+    def __init__(self, home: Path, database_url: str):
+        super().__init__(home, {**FAST, "BULWARK_DATABASE_URL": database_url,
+                                "PYTHONPATH": str(REPO)}, cwd=REPO)
+        self.database_url = database_url
 
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"},
                             timeout=30)
-
-    def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
 
 
 def wait_state(client: httpx.Client, job_id: str, states: tuple[str, ...],
