@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from workers.serve import LocalStack  # noqa: E402
+from workers.jobs.serve import LocalStack  # noqa: E402
 
 
 def spec(epochs: int) -> dict:
@@ -75,7 +75,7 @@ def via_cli(job: dict, tmp: Path, i: int) -> float:
     path = tmp / f"spec{i}.json"
     path.write_text(json.dumps(job))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "workers.cli", "run", str(path), "--out",
+    subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(path), "--out",
                     str(tmp / f"run{i}"), "--device", "cpu", "--quiet"], cwd=ROOT, check=True,
                    capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 For each model x precision x recipe this builds the model, SGD (momentum 0.9, wd 5e-4,
 lr 0.01) and ``Recipe`` at ε = 8/255 (ℓ∞) on a fixed random batch, and times full training
-steps exactly as ``workers.runner.run_job`` does them (set lr, autocast, ``recipe.step``,
+steps exactly as ``workers.engine.runner.run_job`` does them (set lr, autocast, ``recipe.step``,
 zero_grad, backward, ``optimizer.step()`` x ``optimizer_steps``, ``after_step``, per-step
 metric accumulation). Measurements are interleaved: every round times every recipe for a
 few steps (the order rotates each round), and the figures are per-recipe medians over all
@@ -50,13 +50,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from contract.presets import PRESETS  # noqa: E402
+from contract.spec import JobSpec  # noqa: E402
 from defenses import Recipe  # noqa: E402
-from workers.models import build_model  # noqa: E402
-from workers.presets import PRESETS  # noqa: E402
-from workers.report import cpu_model  # noqa: E402
-from workers.runner import EpochStats, train_step  # noqa: E402
-from workers.runner import autocast as _autocast  # noqa: E402
-from workers.spec import JobSpec  # noqa: E402
+from defenses.precision import autocast as _autocast  # noqa: E402
+from workers.engine.models import build_model  # noqa: E402
+from workers.engine.report import cpu_model  # noqa: E402
+from workers.engine.runner import EpochStats, train_step  # noqa: E402
 
 ALL_RECIPES = ("standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a",
                "n-fgsm-elle-a", "rs-aaer", "n-aaer", "fgsm-gradalign", "pgd-at", "trades",
@@ -77,7 +77,8 @@ NUM_CLASSES = 10
 # ----------------------------------------------------------------------------- the step
 def bulwark_step(model, optimizer, scaler, recipe, x, y, *, lr: float, precision: str,
                  channels_last: bool, acc: EpochStats) -> None:
-    """The runner's own step (``workers.runner.train_step``) plus its per-epoch bookkeeping."""
+    """The runner's own step (``workers.engine.runner.train_step``) plus its per-epoch
+    bookkeeping."""
     acc.add(train_step(model, optimizer, scaler, recipe, x, y, lr=lr, precision=precision,
                        channels_last=channels_last), y)
 

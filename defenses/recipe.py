@@ -69,6 +69,10 @@ class Recipe:
     def teacher_is_weight_average(self) -> bool:
         return self.adr is not None and self.adr.teacher is self.weight_average
 
+    def set_epsilon(self, eps: float) -> None:
+        """The training radius for the next steps (ε warm-up); evaluation keeps its own ε."""
+        self.eps = self.adversary.eps = eps
+
     def begin_epoch(self, epoch: int) -> None:
         """``epoch`` counts from 1 (AWP's warm-up is stated in those terms)."""
         self.epoch = epoch

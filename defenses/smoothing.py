@@ -42,6 +42,8 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
+from defenses.precision import autocast
+
 ABSTAIN = -1
 PRECISIONS = ("fp32", "bf16", "fp16")
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -59,7 +61,7 @@ class Smooth:
     """A smoothed classifier g built from a base classifier f and a noise level σ.
 
     ``base_model`` maps [B, C, H, W] images in [0, 1] to [B, num_classes] logits. ``precision``
-    ("fp32", "bf16", "fp16") runs its forward under ``workers.runner.autocast``;
+    ("fp32", "bf16", "fp16") runs its forward under ``defenses.precision.autocast``;
     ``channels_last=True`` converts the model (in place, as the runner does) and feeds it
     channels_last batches. ``generator`` (a ``torch.Generator`` on the model's device) is the
     source of the noise; ``None`` uses torch's global RNG.
@@ -87,9 +89,6 @@ class Smooth:
         self.device = _model_device(base_model)
         if self.channels_last:
             base_model.to(memory_format=torch.channels_last)
-        # Imported here: workers.runner imports the ``defenses`` package.
-        from workers.runner import autocast
-        self._runner_autocast = autocast
 
     # ------------------------------------------------------------------ the paper's algorithms
     def predict(self, x: Tensor, n: int, alpha: float, batch_size: int) -> int:
@@ -220,7 +219,7 @@ class Smooth:
         return x[None]
 
     def _autocast(self):
-        return self._runner_autocast(self.device, self.precision)
+        return autocast(self.device, self.precision)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:

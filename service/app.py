@@ -33,7 +33,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 
-from service.artifacts import REPORT, job_dir
+from contract.artifacts import REPORT
+from contract.spec import JobSpec
+from service.artifacts import job_dir
 from service.db import CANCELLED, FAILED, QUEUED, STATES, TERMINAL
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
@@ -43,7 +45,6 @@ from service.queue import enqueue, revoke
 from service.schemas import Health, JobList, JobOut, ModelOut
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
-from workers.spec import JobSpec
 
 log = logging.getLogger("bulwark.api")
 KEEPALIVE_SECONDS = 15.0

@@ -10,17 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from contract.artifacts import DOWNLOADABLE
 from service.settings import Settings
-
-# The files a job (or `bulwark run`) writes into its folder.
-REPORT, REPORT_HTML, WEIGHTS = "report.json", "report.html", "model.safetensors"
-BEST = "best.safetensors"      # weights of the best monitor-PGD epoch, kept apart from the last
-WA = "wa.safetensors"          # the weight-averaged model, when the recipe keeps one
-CERTIFY_TSV = "certify.tsv"    # per-point certification results (Cohen's columns)
-CHECKPOINT = "checkpoint.pt"   # the resumable training state (internal, not downloadable)
-DOWNLOADABLE = (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
-# everything a run may leave, including the certification sidecar (<state_path>.json)
-RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_TSV + ".json")
 
 
 def job_dir(settings: Settings, tenant_id: str, job_id: str) -> Path:

@@ -1,4 +1,4 @@
-"""Response bodies of the API (the request body of POST /v1/jobs is ``workers.spec.JobSpec``)."""
+"""Response bodies of the API (the request body of POST /v1/jobs is ``contract.spec.JobSpec``)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from workers.serve import LocalStack
+from workers.jobs.serve import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from contract.spec import ADRSpec, AWPSpec, JobSpec
 from defenses.adr import ADRLabels, cosine, rectified_labels
 from defenses.awp import AWP
 from defenses.ema import EMA
 from defenses.losses import CELoss, TradesLoss
 from defenses.recipe import Recipe
-from workers.runner import Cancelled, run_job
-from workers.spec import ADRSpec, AWPSpec, JobSpec
+from workers.engine.runner import Cancelled, run_job
 
 
 def bn_net(seed: int = 0) -> nn.Module:

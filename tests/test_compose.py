@@ -29,7 +29,7 @@ APP_SERVICES = ("api", "reaper", "worker-gpu0")  # the ones that talk to DB, Red
 WORKER = "worker-gpu0"
 PREFIX = "BULWARK_"
 # BULWARK_* variables read outside Settings, with the file that reads them.
-OUTSIDE_SETTINGS = {"BULWARK_DATA_ROOT": "workers/data.py"}
+OUTSIDE_SETTINGS = {"BULWARK_DATA_ROOT": "workers/engine/data.py"}
 # What the API image leaves out (docker/Dockerfile.api API_SKIP) must never be imported there.
 HEAVY = {"torch", "numpy", "scipy", "scikit-learn", "safetensors"}
 IMPORT_NAMES = {"scikit-learn": "sklearn"}
@@ -340,7 +340,7 @@ def test_worker_reserves_exactly_its_gpu(svc):
 def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
     from celery import Celery
 
-    from workers.serve import worker_command
+    from workers.jobs.serve import worker_command
 
     worker = svc[WORKER]
     args = argv(worker)
@@ -355,7 +355,7 @@ def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
     assert option(args, "-Q", "--queues") == queue == Settings.model_fields["queue"].default
     node = option(args, "-n", "--hostname")
     assert node == "gpu0@%h"
-    # the same argv `bulwark worker` would exec (workers/serve.py), minus `python -m`
+    # the same argv `bulwark worker` would exec (workers/jobs/serve.py), minus `python -m`
     assert args[1:] == worker_command(queue=queue, name=node)[3:]
     # the healthcheck pings this very node through the same Celery app
     health = health_argv(worker)
@@ -411,7 +411,7 @@ def test_migrate_is_one_shot_and_really_migrates(svc, tmp_path, monkeypatch):
 def test_flower_is_authenticated_and_local(svc, dotenv_example):
     flower = svc["flower"]
     args = argv(flower)
-    assert args[:4] == ["celery", "-A", "workers.celery_app", "flower"]
+    assert args[:4] == ["celery", "-A", "workers.jobs.celery_app", "flower"]
     assert option(args, "--basic-auth") == (
         f"{dotenv_example['FLOWER_USER']}:{dotenv_example['FLOWER_PASSWORD']}")
     ports = [str(p) for p in flower["ports"]]
@@ -455,7 +455,8 @@ def test_api_image_has_no_torch(pyproject):
         "        if name.split('.')[0] in BLOCK:\n"
         "            raise ImportError('not in the API image: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import service.app, service.store, workers.cli, workers.celery_app, workers.tasks\n"
+        "import service.app, service.store, workers.client.cli, workers.jobs.celery_app,"
+        " workers.jobs.tasks\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,

@@ -1,10 +1,11 @@
-"""workers.data: format parsers against files written here by independent writers, rejection
+"""workers.engine.data: format parsers against files written here by independent writers, rejection
 of corrupt or malicious files, augmentation against hand-computed slices, and the loader."""
 
 from __future__ import annotations
 
 import builtins
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -15,7 +16,9 @@ import pytest
 import scipy.io
 import torch
 
-from workers.data import (
+from contract.spec import DatasetSpec, SyntheticSpec
+from workers.engine.data import (
+    BUNDLED_ROOT,
     DataError,
     DeviceLoader,
     augment,
@@ -23,7 +26,6 @@ from workers.data import (
     resolve_data_root,
     split_validation,
 )
-from workers.spec import DatasetSpec, SyntheticSpec
 
 RNG = np.random.default_rng(1234)
 
@@ -41,8 +43,10 @@ def write_idx(path: Path, arr: np.ndarray, magic: int, gz: bool = False) -> Path
     return path
 
 
-def make_idx_set(root: Path, folder: str = "mnist", n=(12, 5), hw=(28, 28), gz=(False, True)):
-    """A tiny MNIST-style set: train files raw, test files gzipped (by default)."""
+def make_idx_set(root: Path, folder: str = "fashion_mnist", n=(12, 5), hw=(28, 28),
+                 gz=(False, True)):
+    """A tiny Fashion-MNIST-style set (idx files; MNIST itself must be the published files):
+    train files raw, test files gzipped (by default)."""
     d = root / folder
     d.mkdir(parents=True, exist_ok=True)
     arrays = {}
@@ -87,13 +91,13 @@ def write_npz(path: Path, **arrays) -> Path:
 # ---------------------------------------------------------------------------------- idx
 def test_idx_raw_and_gz_parse_exactly(tmp_path):
     arrays = make_idx_set(tmp_path)
-    ds = load_dataset(DatasetSpec(name="mnist", root=str(tmp_path), val_size=0))
+    ds = load_dataset(DatasetSpec(name="fashion_mnist", root=str(tmp_path), val_size=0))
     for (x, y), tx, ty in ((arrays["train"], ds.train_x, ds.train_y),
                            (arrays["t10k"], ds.test_x, ds.test_y)):
         assert tx.dtype == torch.uint8 and tx.shape == (len(x), 1, 28, 28) and tx.is_contiguous()
         assert np.array_equal(tx[:, 0].numpy(), x)
         assert ty.dtype == torch.int64 and np.array_equal(ty.numpy(), y)
-    assert (ds.num_classes, ds.mean, ds.std) == (10, (0.1307,), (0.3081,))
+    assert (ds.num_classes, ds.mean, ds.std) == (10, (0.2860,), (0.3530,))
     assert (ds.crop_padding, ds.flip, ds.channels, ds.image_size) == (0, False, 1, 28)
 
 
@@ -108,7 +112,7 @@ def test_fashion_mnist_hyphen_folder_and_stats(tmp_path):
                                    "bad_gzip", "header"])
 def test_idx_corruptions_name_the_file(tmp_path, fault):
     make_idx_set(tmp_path, gz=(False, False))
-    d = tmp_path / "mnist"
+    d = tmp_path / "fashion_mnist"
     target = d / "train-images-idx3-ubyte"
     x = RNG.integers(0, 256, (12, 28, 28), dtype=np.uint8)
     if fault == "magic":
@@ -132,7 +136,7 @@ def test_idx_corruptions_name_the_file(tmp_path, fault):
     elif fault == "header":
         target.write_bytes(struct.pack(">I", 2051) + b"\0\0\0\x0c")
     with pytest.raises(DataError, match=target.name):
-        load_dataset(DatasetSpec(name="mnist", root=str(tmp_path)))
+        load_dataset(DatasetSpec(name="fashion_mnist", root=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------- cifar
@@ -329,25 +333,24 @@ def test_resolve_data_root_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     roots = resolve_data_root(str(tmp_path / "x"))
     repo = Path(__file__).resolve().parent.parent
-    assert roots[:4] == [tmp_path / "x", tmp_path / "env", tmp_path / "data",
-                         tmp_path.parent / "shared" / "data"]
-    assert roots[-1] == (repo.parent / "shared" / "data").resolve()
+    assert roots == [tmp_path / "x", tmp_path / "env", tmp_path / "data", repo / "data"]
+    assert BUNDLED_ROOT == repo / "data"
     monkeypatch.delenv("BULWARK_DATA_ROOT")
     assert resolve_data_root(None)[0] == tmp_path / "data"
 
 
 def test_first_complete_root_wins_and_env_is_used(tmp_path, monkeypatch):
     arrays = make_idx_set(tmp_path / "env")
-    (tmp_path / "work" / "data" / "mnist").mkdir(parents=True)  # incomplete ./data copy
+    (tmp_path / "work" / "data" / "fashion_mnist").mkdir(parents=True)  # incomplete copy
     monkeypatch.setenv("BULWARK_DATA_ROOT", str(tmp_path / "env"))
     monkeypatch.chdir(tmp_path / "work")
-    ds = load_dataset(DatasetSpec(name="mnist"))
+    ds = load_dataset(DatasetSpec(name="fashion_mnist"))
     assert np.array_equal(ds.test_x[:, 0].numpy(), arrays["t10k"][0])
 
 
 def test_limits(tmp_path):
     arrays = make_idx_set(tmp_path, n=(30, 9))
-    spec = DatasetSpec(name="mnist", root=str(tmp_path), train_limit=10, test_limit=4)
+    spec = DatasetSpec(name="fashion_mnist", root=str(tmp_path), train_limit=10, test_limit=4)
     a, b = load_dataset(spec), load_dataset(spec)
     assert a.train_x.shape[0] == 10 and a.test_x.shape[0] == 4
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
@@ -383,10 +386,11 @@ def test_synthetic_seeded():
     assert len(a.mean) == 3 and (a.crop_padding, a.flip) == (0, False)
 
 
-def test_real_mnist(data_root):
-    if not (data_root / "mnist").is_dir():
-        pytest.skip(f"real MNIST not found under {data_root}/mnist")
-    ds = load_dataset(DatasetSpec(name="mnist", root=str(data_root)))
+def test_real_mnist_ships_and_is_found_with_no_root(tmp_path, monkeypatch):
+    """No dataset.root, no $BULWARK_DATA_ROOT, an empty working directory: the bundled copy."""
+    monkeypatch.delenv("BULWARK_DATA_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset(DatasetSpec(name="mnist"))
     assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (60000, 1, 28, 28)
     assert ds.test_x.shape == (10000, 1, 28, 28) and ds.test_y.shape == (10000,)
     assert ds.train_y.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918,
@@ -491,18 +495,49 @@ def test_split_validation():
         split_validation(x, y, 50, seed=0)
 
 
-def test_mnist_checksums_match_the_real_files(data_root):
-    """The table a download is verified against matches the real MNIST (independent copy)."""
-    from workers.data import MNIST_SHA256, verify_checksums
+def test_mnist_checksums_match_the_real_files():
+    """The digest table matches the shipped files, hashed here independently of the loader."""
+    from workers.engine.data import MNIST_SHA256
 
-    verify_checksums(data_root / "mnist", MNIST_SHA256)
+    for fname, digest in MNIST_SHA256.items():
+        with gzip.open(BUNDLED_ROOT / "mnist" / f"{fname}.gz", "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, fname
+
+
+def test_mnist_that_is_not_the_published_files_is_refused(tmp_path):
+    """Well-formed idx files under mnist/ that are not the originals: refused, file named."""
+    make_idx_set(tmp_path, "mnist")
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: not the published file "
+                                        r"\(sha256 [0-9a-f]{64}, expected ba8910"):
+        load_dataset(DatasetSpec(name="mnist", root=str(tmp_path)))
+    assert (tmp_path / "mnist" / "train-images-idx3-ubyte").exists()  # never deleted on load
+
+
+def test_a_failed_download_says_where_it_looked_and_how_to_place_files(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BULWARK_DATA_ROOT", raising=False)
+    with pytest.raises(DataError) as e:
+        load_dataset(DatasetSpec(name="cifar10", root=str(tmp_path / "r"), download=True))
+    msg = str(e.value)
+    assert "download failed" in msg and "Name or service not known" in msg
+    for root in resolve_data_root(str(tmp_path / "r")):
+        assert str(root / "cifar-10-batches-py") in msg
+    assert "Place the files by hand" in msg and "cifar-10-python.tar.gz" in msg
+    assert not list((tmp_path / "r").rglob("*.part"))  # no half-written file left behind
 
 
 def test_checksum_mismatch_is_refused_and_removed(tmp_path):
     import gzip
     import hashlib
 
-    from workers.data import DataError, verify_checksums
+    from workers.engine.data import DataError, verify_checksums
 
     good, bad = b"\x00\x00\x08\x01" + b"\x00" * 8, b"tampered"
     (tmp_path / "a.gz").write_bytes(gzip.compress(good))

@@ -17,6 +17,8 @@ from torch import nn
 from attacks import FGSM
 from attacks.objectives import cross_entropy, kl_to_clean
 from attacks.single_step import SingleStepResult
+from contract import spec as S
+from contract.presets import PRESETS
 from defenses import Recipe
 from defenses.aaer import AAER, abnormal_mask
 from defenses.context import StepContext
@@ -24,8 +26,6 @@ from defenses.elle import ELLEAController, linearity_residual, local_linearity_e
 from defenses.gradalign import GradAlign
 from defenses.losses import CELoss, TradesLoss
 from tests.helpers import linear_model
-from workers import spec as S
-from workers.presets import PRESETS
 
 torch.set_num_threads(1)
 

@@ -12,11 +12,11 @@ import time
 import pytest
 
 from tests.service_stack import FAST, REPO, tiny_spec
-from workers.serve import free_port
+from workers.jobs.serve import free_port
 
 
 def _cli(env, *args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "workers.client.cli", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -27,8 +27,8 @@ def served(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULWARK_")}
     env.update(FAST)
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port),
-                             "--home", str(home)], env=env, cwd=REPO, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "workers.client.cli", "serve", "--port",
+                             str(port), "--home", str(home)], env=env, cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     lines, key = [], None

@@ -23,7 +23,7 @@ from attacks.evaluation import (
     pgd_attack_images,
     pgd_eval,
 )
-from workers.models import build_model
+from workers.engine.models import build_model
 
 SHAPE = (1, 4, 4)
 DIM = 16

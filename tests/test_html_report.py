@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from workers.html_report import line_chart, render
+from workers.engine.html_report import line_chart, render
 
 
 def report(**over) -> dict:

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workers.models import (
+from workers.engine.models import (
     Normalize,
     PreActResNet18,
     SmallCNN,

@@ -1,6 +1,6 @@
-"""workers.presets, workers.spec and workers.schedule (no torch): the papers' per-ε defaults
-from ALGORITHMS.md §0–2, field-by-field overrides, spec validation, and lr schedules against
-their closed forms."""
+"""contract.presets, contract.spec and workers.engine.schedule (no torch): the papers'
+per-ε defaults from ALGORITHMS.md §0–2, field-by-field overrides, spec validation, and lr
+schedules against their closed forms."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from workers.presets import PRESETS
-from workers.schedule import lr_at
-from workers.spec import JobSpec, LRSchedule, format_validation_error
+from contract.presets import PRESETS
+from contract.spec import JobSpec, LRSchedule, format_validation_error
+from workers.engine.schedule import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a", "n-fgsm-elle-a",
@@ -292,7 +292,7 @@ def test_npz_dataset_needs_a_path():
 
 
 def test_spec_and_presets_import_without_torch():
-    code = ("import sys; import workers.spec, workers.presets, workers.schedule; "
+    code = ("import sys; import contract.spec, contract.presets, workers.engine.schedule; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60)

@@ -29,7 +29,7 @@ from defenses.smoothing import (
     certify_dataset,
     summarize,
 )
-from workers.models import build_model
+from workers.engine.models import build_model
 
 SHAPE = (1, 4, 4)  # C, H, W of the toy inputs
 

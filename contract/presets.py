@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from contract.units import parse_epsilon
+
 # Fast single-step AT recipe (ELLE, N-FGSM, AAER scripts): 30 epochs, cyclic lr 0 -> 0.2 -> 0.
 FAST_SCHEDULE: dict[str, Any] = {
     "epochs": 30, "batch_size": 128, "momentum": 0.9, "weight_decay": 5e-4,
@@ -159,8 +161,6 @@ def merge(base: Any, override: Any, *, by_kind: bool = True) -> Any:
 
 def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     """Resolve ``recipe`` given as a preset name (or ``{"preset": name, ...overrides}``)."""
-    from workers.spec import parse_epsilon
-
     recipe = data.get("recipe")
     if isinstance(recipe, str):
         recipe = {"preset": recipe}

@@ -3,48 +3,25 @@
 It imports without torch. A recipe is a composition of orthogonal parts (DESIGN.md):
 adversary x loss x regularizers x weight perturbation x labels, under a threat model and a
 schedule. A named preset (``"recipe": "fgsm-elle"``) fills in the papers' per-epsilon
-defaults; every field the user gives overrides the preset's value (see ``workers.presets``).
+defaults; every field the user gives overrides the preset's value (see ``contract.presets``).
 
 Unknown fields and out-of-range values are rejected with the field path and allowed range.
 """
 
 from __future__ import annotations
 
-import re
-from fractions import Fraction
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from contract.presets import apply_preset
+from contract.units import parse_epsilon
 
 SPEC_VERSION = 1
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-# ---------------------------------------------------------------------------------- numbers
-_FRACTION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
-
-
-def parse_epsilon(value: Any) -> float:
-    """Accept 0.03137, "0.03137" or "8/255" (the way papers write it)."""
-    if isinstance(value, bool):
-        raise ValueError("epsilon must be a number or a fraction such as '8/255'")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        m = _FRACTION.match(value)
-        if m:
-            den = float(m.group(2))
-            if den == 0:
-                raise ValueError("epsilon fraction has a zero denominator")
-            return float(Fraction(m.group(1)) / Fraction(m.group(2)))
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError(f"epsilon must be a number or a fraction such as '8/255', got {value!r}")
 
 
 # ---------------------------------------------------------------------------------- dataset
@@ -67,7 +44,8 @@ class SyntheticSpec(_Strict):
 class DatasetSpec(_Strict):
     name: DatasetName = "mnist"
     root: str | None = Field(
-        None, description="data root; default: $BULWARK_DATA_ROOT, ./data, ../shared/data"
+        None,
+        description="data root; default: $BULWARK_DATA_ROOT, ./data, then the data Bulwark ships"
     )
     path: str | None = Field(None, description="the .npz file (name = 'npz' only)")
     val_size: int = Field(1024, ge=0, le=100_000, description="held-out training images")
@@ -113,6 +91,10 @@ class ThreatSpec(_Strict):
 
     norm: Literal["linf", "l2"] = "linf"
     epsilon: float = Field(8 / 255, description="radius in [0,1] pixel units; '8/255' accepted")
+    epsilon_warmup: float = Field(
+        0.0, ge=0, le=1000,
+        description="training ε ramps linearly from 0 to ε over this many epochs (per "
+                    "iteration); monitor and final evaluation always use the full ε")
 
     @field_validator("epsilon", mode="before")
     @classmethod
@@ -346,12 +328,20 @@ class LRSchedule(_Strict):
 class ScheduleSpec(_Strict):
     epochs: int = Field(30, ge=1, le=1000)
     batch_size: int = Field(128, ge=1, le=4096)
-    optimizer: Literal["sgd"] = "sgd"
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd (momentum, nesterov apply) or adam (β = 0.9, 0.999; "
+                           "weight_decay is Adam's L2 term)")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, le=0.1)
     lr: LRSchedule = Field(default_factory=LRSchedule)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _nesterov_is_sgd(self) -> ScheduleSpec:
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError("schedule.nesterov applies to optimizer 'sgd' only")
+        return self
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -450,6 +440,9 @@ class JobSpec(_Strict):
         if double and self.compute.precision == "fp16":
             raise ValueError("official_double_step cannot be combined with compute.precision "
                              "fp16 (the loss scaler steps once per batch); use fp32 or bf16")
+        if self.threat.epsilon_warmup > self.schedule.epochs:
+            raise ValueError(f"threat.epsilon_warmup must be in [0, schedule.epochs = "
+                             f"{self.schedule.epochs}], got {self.threat.epsilon_warmup:g}")
         if self.mode == "evaluate" and not self.model.weights:
             raise ValueError("model.weights is required when mode is 'evaluate'")
         adv = self.recipe.adversary
@@ -466,8 +459,6 @@ class JobSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        from workers.presets import apply_preset
-
         return apply_preset(data) if isinstance(data, dict) else data
 
 

@@ -27,3 +27,20 @@ def lr_at(schedule, t: float, epochs: int) -> float:
     if schedule.kind == "cosine":
         return schedule.lr_max * 0.5 * (1.0 + math.cos(math.pi * frac))
     raise ValueError(f"unknown lr schedule {schedule.kind!r}")
+
+
+def epsilon_at(epsilon: float, warmup: float, t: float) -> float:
+    """Training ε at fractional epoch t: a linear ramp 0 → ε over ``warmup`` epochs, then ε."""
+    if warmup <= 0:
+        return epsilon
+    return epsilon * min(max(t / warmup, 0.0), 1.0)
+
+
+def build_optimizer(params, schedule):
+    """The optimizer of ``schedule.optimizer``; its lr is set by the runner every iteration."""
+    import torch
+
+    if schedule.optimizer == "adam":
+        return torch.optim.Adam(params, lr=0.0, weight_decay=schedule.weight_decay)
+    return torch.optim.SGD(params, lr=0.0, momentum=schedule.momentum,
+                           weight_decay=schedule.weight_decay, nesterov=schedule.nesterov)

@@ -68,7 +68,7 @@ def wait_for_port(port: int, proc: subprocess.Popen | None, what: str,
 
 def worker_command(*, queue: str, name: str) -> list[str]:
     """One worker per GPU: prefork, concurrency 1, a fresh child per job (SERVICE.md §1)."""
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+    return [sys.executable, "-m", "celery", "-A", "workers.jobs.celery_app", "worker",
            "-P", "prefork", "-c", "1", "--max-tasks-per-child", "1", "-Q", queue,
            "-n", name, "-E", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
@@ -173,7 +173,7 @@ class LocalStack:
 
     def key(self, tenant: str = "default") -> str:
         """A new API key, made by `bulwark keys create` against the stack's database."""
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "keys", "create",
+        out = subprocess.run([sys.executable, "-m", "workers.client.cli", "keys", "create",
                               "--tenant", tenant], env=self.env, cwd=self.cwd, check=True,
                              capture_output=True, text=True)
         return out.stdout.strip()

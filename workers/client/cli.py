@@ -41,8 +41,8 @@ def _summary(report: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from service.artifacts import CHECKPOINT, REPORT, RUN_OUTPUTS
-    from workers.spec import SpecError, load_spec_file
+    from contract.artifacts import CHECKPOINT, REPORT, RUN_OUTPUTS
+    from contract.spec import SpecError, load_spec_file
 
     try:
         spec = load_spec_file(args.spec)
@@ -59,8 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name in RUN_OUTPUTS:
             (out / name).unlink(missing_ok=True)
 
-    from workers.data import DataError
-    from workers.runner import run_job
+    from workers.engine.data import DataError
+    from workers.engine.runner import run_job
 
     try:
         report = run_job(spec, out, device=args.device, resume=args.resume,
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from workers.spec import SpecError, load_spec_file
+    from contract.spec import SpecError, load_spec_file
 
     try:
         spec = load_spec_file(args.spec)
@@ -87,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from workers.presets import PRESETS
+    from contract.presets import PRESETS
 
     for name, build in PRESETS.items():
         recipe = build(8.0)["recipe"]
@@ -99,7 +99,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- service
 def cmd_serve(args: argparse.Namespace) -> int:
-    from workers.serve import serve
+    from workers.jobs.serve import serve
 
     return serve(host=args.host, port=args.port, home=args.home, workers=args.workers,
                  device=args.device)
@@ -109,7 +109,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
     from service.settings import get_settings
-    from workers.serve import worker_command
+    from workers.jobs.serve import worker_command
 
     if args.device:
         os.environ["BULWARK_DEVICE"] = args.device
@@ -155,13 +155,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from workers.client import Client
+    from workers.client.http import Client
 
     return Client(url=args.url, key=args.key)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from workers.spec import read_spec_file
+    from contract.spec import read_spec_file
 
     client = _client(args)  # the API validates the spec: its 422 names the field and range
     job = client.submit(read_spec_file(args.spec), idempotency_key=args.idempotency_key)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # client and service errors: a message, not a traceback
-        from workers.client import ApiError
+        from workers.client.http import ApiError
 
         if isinstance(e, ApiError):
             return _fail(str(e), 1 if e.status < 500 else 3)

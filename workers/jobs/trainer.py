@@ -1,6 +1,6 @@
-"""One job's training process: ``python -m workers.trainer JOB_ID OWNER``.
+"""One job's training process: ``python -m workers.jobs.trainer JOB_ID OWNER``.
 
-Started by the Celery task (``workers.tasks``), which holds the lease and heartbeats. This
+Started by the Celery task (``workers.jobs.tasks``), which holds the lease and heartbeats. This
 process re-validates the spec, runs the job in the job's artifact folder (resuming from its
 checkpoint when an earlier attempt left one), publishes progress events, polls the cancel
 flag between steps, and writes the terminal state itself. Exit codes: 0 succeeded,
@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from workers.spec import JobSpec, format_validation_error
+    from contract.spec import JobSpec, format_validation_error
 
     try:
         spec = JobSpec.model_validate(job.spec)
     except (ValidationError, ValueError) as e:
         return fail(f"invalid job spec: {format_validation_error(e)}", EXIT_BAD_INPUT)
 
-    from workers.data import DataError
-    from workers.runner import Cancelled, run_job
+    from workers.engine.data import DataError
+    from workers.engine.runner import Cancelled, run_job
 
     out = job_dir(settings, job.tenant_id, job_id)
     weights = store.get_model(job.tenant_id, job.model_id).path if job.model_id else None

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.spec import DatasetSpec, SyntheticSpec
+from contract.spec import DatasetSpec, SyntheticSpec
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -109,16 +109,18 @@ _URLS = {
 
 
 # ---------------------------------------------------------------------------------- roots
+# The data that ships with Bulwark (the real MNIST, verified on every load).
+BUNDLED_ROOT = Path(__file__).resolve().parents[2] / "data"
+
+
 def resolve_data_root(root: str | None) -> list[Path]:
     """Candidate data roots, in the order they are searched (absolute, without duplicates).
 
-    ``root`` (``dataset.root``), ``$BULWARK_DATA_ROOT``, ``./data``, ``../shared/data``
-    (both relative to the current directory), and ``<repo>/../shared/data``.
+    ``root`` (``dataset.root``), ``$BULWARK_DATA_ROOT``, ``./data`` (relative to the current
+    directory), and the repository's own ``data/`` (``BUNDLED_ROOT``), which holds MNIST.
     """
     cwd = Path.cwd()
-    repo = Path(__file__).resolve().parent.parent
-    raw = [root, os.environ.get(ENV_ROOT) or None, cwd / "data", cwd.parent / "shared" / "data",
-           repo.parent / "shared" / "data"]
+    raw = [root, os.environ.get(ENV_ROOT) or None, cwd / "data", BUNDLED_ROOT]
     out: list[Path] = []
     for r in raw:
         if r is None:
@@ -152,23 +154,32 @@ def _find_standard(name: str, spec: DatasetSpec) -> dict[str, Path]:
             missing = [f for f, p in found.items() if p is None]
             state = "missing" if not folder.is_dir() else "lacks " + ", ".join(missing)
             looked.append(f"  {folder} ({state})")
+    need = f"{folders[0]}/{{{', '.join(files)}}}"
+    how = ("Place the files by hand in one of those folders (e.g. "
+           f"{roots[0] / folders[0]}), point dataset.root or the environment variable "
+           f"{ENV_ROOT} at a folder that holds {folders[0]}/")
     if spec.download:
-        _download(name, roots[0])
+        try:
+            _download(name, roots[0])
+        except DataError as e:
+            raise DataError(
+                f"dataset {name!r}: {e}\nNot found locally either; looked in:\n"
+                + "\n".join(looked) + f"\n{how}. The files: "
+                + ", ".join(u.rsplit("/", 1)[1] for u in _URLS[name])
+                + f" (published at {_URLS[name][0].rsplit('/', 1)[0]}/).") from e
         found = {f: _locate(roots[0] / folders[0], f) for f in files}
         if all(found.values()):
             return found
         looked.append(f"  {roots[0] / folders[0]} (still incomplete after the download)")
     raise DataError(
-        f"dataset {name!r} not found: need {folders[0]}/{{{', '.join(files)}}} "
-        "(each raw or .gz). Looked in:\n" + "\n".join(looked) + "\n"
-        "Provide it by setting dataset.root to a folder that holds it, by setting the "
-        f"environment variable {ENV_ROOT}, or with dataset.download: true on a machine with "
+        f"dataset {name!r} not found: need {need} (each raw or .gz). Looked in:\n"
+        + "\n".join(looked) + f"\n{how}, or set dataset.download: true on a machine with "
         "internet access."
     )
 
 
-# SHA-256 of the uncompressed MNIST files (the published originals): a download is checked
-# against them before it is used.
+# SHA-256 of the uncompressed MNIST files (the published originals): every load is checked
+# against them, and a download before it is kept.
 MNIST_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -271,10 +282,14 @@ def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 # ---------------------------------------------------------------------------------- formats
-def read_idx(path: Path, magic: int) -> np.ndarray:
+def read_idx(path: Path, magic: int, sha256: str | None = None) -> np.ndarray:
     """An idx file (raw or .gz): big-endian magic ``0x0000 <type 0x08> <ndim>``, ndim uint32
-    dims, then exactly prod(dims) unsigned bytes. 2051 = 3-D images, 2049 = 1-D labels."""
+    dims, then exactly prod(dims) unsigned bytes. 2051 = 3-D images, 2049 = 1-D labels.
+    ``sha256``: the expected digest of the uncompressed bytes (DataError on a mismatch)."""
     raw = _read_bytes(path)
+    if sha256 is not None and (got := hashlib.sha256(raw).hexdigest()) != sha256:
+        raise DataError(f"{path}: not the published file (sha256 {got}, expected {sha256}); "
+                        "replace it with the original, or remove it to use Bulwark's copy")
     if len(raw) < 4:
         raise DataError(f"{path}: truncated idx file ({len(raw)} bytes, no header)")
     (got,) = struct.unpack(">I", raw[:4])
@@ -295,13 +310,15 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
 
 
-def _load_idx(files: dict[str, Path]) -> tuple[np.ndarray, ...]:
-    """MNIST / Fashion-MNIST: train and t10k idx image/label pairs."""
+def _load_idx(files: dict[str, Path], digests: dict[str, str] | None = None
+              ) -> tuple[np.ndarray, ...]:
+    """MNIST / Fashion-MNIST: train and t10k idx image/label pairs; with ``digests``, each
+    file's uncompressed SHA-256 must match (the published MNIST)."""
     out = []
     for split in ("train", "t10k"):
         ip, lp = files[f"{split}-images-idx3-ubyte"], files[f"{split}-labels-idx1-ubyte"]
-        x = read_idx(ip, 2051)[:, None]
-        y = read_idx(lp, 2049)
+        x = read_idx(ip, 2051, digests and digests[f"{split}-images-idx3-ubyte"])[:, None]
+        y = read_idx(lp, 2049, digests and digests[f"{split}-labels-idx1-ubyte"])
         out += [_images(x, ip), _labels(y, lp, len(x), 9)]
     return tuple(out)
 
@@ -477,7 +494,7 @@ def load_dataset(spec: DatasetSpec) -> ImageDataset:
         _, _, k, mean, std, crop, flip = _STANDARD[name]
         files = _find_standard(name, spec)
         if name in ("mnist", "fashion_mnist"):
-            arrays = _load_idx(files)
+            arrays = _load_idx(files, MNIST_SHA256 if name == "mnist" else None)
         elif name == "cifar10":
             arrays = _load_cifar(files, _CIFAR10_FILES[:5], "test_batch", b"labels", 10)
         elif name == "cifar100":

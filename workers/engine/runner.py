@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from defenses import Recipe, StepOutput
-from service.artifacts import (
+from contract.artifacts import (
     BEST,
     CERTIFY_TSV,
     CHECKPOINT,
@@ -29,7 +28,10 @@ from service.artifacts import (
     WA,
     WEIGHTS,
 )
-from workers.checkpoint import (
+from contract.spec import JobSpec
+from defenses import Recipe, StepOutput
+from defenses.precision import autocast
+from workers.engine.checkpoint import (
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -37,13 +39,12 @@ from workers.checkpoint import (
     write_json,
     write_text,
 )
-from workers.data import DeviceLoader, load_dataset, split_validation
-from workers.html_report import render as render_html
-from workers.models import build_model
-from workers.monitor import COWatchdog, monitor
-from workers.report import REPORT_VERSION, environment, final_evaluation
-from workers.schedule import lr_at
-from workers.spec import JobSpec
+from workers.engine.data import DeviceLoader, load_dataset, split_validation
+from workers.engine.html_report import render as render_html
+from workers.engine.models import build_model
+from workers.engine.monitor import COWatchdog, monitor
+from workers.engine.report import REPORT_VERSION, environment, final_evaluation
+from workers.engine.schedule import build_optimizer, epsilon_at, lr_at
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -75,13 +76,6 @@ def resolve_device(device: str | None) -> torch.device:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -167,9 +161,7 @@ class Training:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=sched.momentum,
-                                         weight_decay=sched.weight_decay,
-                                         nesterov=sched.nesterov)
+        self.optimizer = build_optimizer(model.parameters(), sched)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
         self.recipe = Recipe(spec.recipe, eps=spec.threat.epsilon, norm=spec.threat.norm)
@@ -253,7 +245,10 @@ class Training:
             for i, (x, y) in enumerate(self.loader.epoch(gen)):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"stopped during epoch {epoch + 1}")
-                lr = lr_at(sched.lr, epoch + i / self.steps_per_epoch, sched.epochs)
+                t = epoch + i / self.steps_per_epoch
+                lr = lr_at(sched.lr, t, sched.epochs)
+                self.recipe.set_epsilon(epsilon_at(spec.threat.epsilon,
+                                                   spec.threat.epsilon_warmup, t))
                 stats.add(train_step(self.model, self.optimizer, self.scaler, self.recipe, x,
                                      y, lr=lr, precision=spec.compute.precision,
                                      channels_last=self.channels_last), y)
@@ -274,7 +269,8 @@ class Training:
         if bar is not None and mon:
             bar.set_postfix(epoch=epoch + 1, clean=f"{mon['clean_acc']:.3f}",
                             pgd=f"{mon['pgd_acc']:.3f}")
-        return {"epoch": epoch + 1, "lr": lr,  # lr at the epoch's last step
+        return {"epoch": epoch + 1, "lr": lr,  # lr and training ε at the epoch's last step
+                "train_epsilon": self.recipe.eps,
                 **stats.summary(), "monitor": mon, "catastrophic_overfitting": co,
                 "seconds": time.perf_counter() - t_epoch, "train_seconds": train_seconds}
 
@@ -310,7 +306,7 @@ class Training:
         plan = self.spec.evaluation.certification
         if plan is None:
             return None
-        from workers.certification import run_certification
+        from workers.engine.certification import run_certification
 
         emit("phase", {"phase": "certification"})
         with self.timing.phase("certification"):

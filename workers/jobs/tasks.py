@@ -2,7 +2,7 @@
 
     run_job(job_id)
       claim the job row (compare-and-set; a duplicate delivery finds it taken and returns)
-      Popen python -m workers.trainer JOB OWNER   (new process group, dies with this process)
+      Popen python -m workers.jobs.trainer JOB OWNER   (new process group, dies with this process)
       every heartbeat: refresh the lease, read the cancel flag (cancel → SIGTERM, then SIGKILL)
       trainer exit 0 / 3 / 2: it wrote succeeded / cancelled / failed itself
       any other exit (a crash, a kill): back to queued and re-enqueued while attempts remain
@@ -29,8 +29,8 @@ from service.events import Events
 from service.queue import TASK_NAME, enqueue
 from service.settings import get_settings
 from service.store import Store
-from workers.celery_app import app
-from workers.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
+from workers.jobs.celery_app import app
+from workers.jobs.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
 
 log = logging.getLogger("bulwark.worker")
 
@@ -95,7 +95,7 @@ def run_job(self, job_id: str) -> str:
         return "skipped"
     log.info("job %s: attempt %d by %s", job_id, claim.attempt, owner)
     events().publish(job_id, "running", {"attempt": claim.attempt, "worker": owner})
-    proc = subprocess.Popen([sys.executable, "-m", "workers.trainer", job_id, owner],
+    proc = subprocess.Popen([sys.executable, "-m", "workers.jobs.trainer", job_id, owner],
                             preexec_fn=_die_with_parent, env=dict(os.environ))
     try:
         code = supervise(proc, job_id, owner)

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from contract.artifacts import CERTIFY_TSV
 from defenses.smoothing import Smooth, certify_dataset, summarize
-from service.artifacts import CERTIFY_TSV
 
 
 def select_points(n_test: int, plan) -> Tensor:

@@ -1,0 +1,1 @@
+"""Bulwark (placeholder; the SDK facade is filled in below)."""
