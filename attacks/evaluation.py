@@ -55,6 +55,8 @@ AA_VERSIONS = ("standard", "apgd-ce", "apgd-t")
 
 # An attack maps (images, labels) of clean-correct examples to adversarial images.
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# progress(done, total): called after each batch with the points evaluated so far
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -168,6 +170,7 @@ def _run_attack(
     *,
     restarts: int,
     batch_size: int,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Worst case over ``restarts`` runs of ``attack``, per example.
 
@@ -192,6 +195,8 @@ def _run_attack(
             rob[idx] = _correct(model, cand, yb[idx])
         x_adv[sl] = adv
         robust[sl] = rob
+        if progress is not None:
+            progress(sl.stop, x.shape[0])
     return x_adv, robust
 
 
@@ -231,13 +236,15 @@ def fgsm_attack_images(
     eps: float,
     norm: str = "linf",
     batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FGSM adversarial images and the robust mask (see :func:`fgsm_eval`)."""
     x, y = _check_inputs(model, x, y, batch_size, images=True)
     ta_norm = _check_eps_norm(eps, norm)
     with _frozen_eval(model):
         attack = _fgsm_attack(model, float(eps), ta_norm, x.device)
-        return _run_attack(model, attack, x, y, restarts=1, batch_size=batch_size)
+        return _run_attack(model, attack, x, y, restarts=1, batch_size=batch_size,
+                           progress=progress)
 
 
 def fgsm_eval(
@@ -248,10 +255,12 @@ def fgsm_eval(
     eps: float,
     norm: str = "linf",
     batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> AttackResult:
     """Accuracy under FGSM: ``torchattacks.FGSM`` (L∞) or one L2 step (``PGDL2``, steps=1,
     alpha=eps, no random start). Deterministic."""
-    _, robust = fgsm_attack_images(model, x, y, eps=eps, norm=norm, batch_size=batch_size)
+    _, robust = fgsm_attack_images(model, x, y, eps=eps, norm=norm, batch_size=batch_size,
+                                   progress=progress)
     return _result("fgsm", robust, {"eps": float(eps), "norm": norm})
 
 
@@ -268,6 +277,7 @@ def pgd_attack_images(
     restarts: int = 10,
     batch_size: int = 256,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD adversarial images and the robust mask (see :func:`pgd_eval`)."""
     x, y = _check_inputs(model, x, y, batch_size, images=True)
@@ -282,7 +292,8 @@ def pgd_attack_images(
         cls = torchattacks.PGD if ta_norm == "Linf" else torchattacks.PGDL2
         atk = cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
         atk.set_device(x.device)
-        return _run_attack(model, atk, x, y, restarts=restarts, batch_size=batch_size)
+        return _run_attack(model, atk, x, y, restarts=restarts, batch_size=batch_size,
+                           progress=progress)
 
 
 def pgd_eval(
@@ -297,12 +308,13 @@ def pgd_eval(
     restarts: int = 10,
     batch_size: int = 256,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> AttackResult:
     """Accuracy under PGD (``torchattacks.PGD`` / ``PGDL2``, random start), worst case over
     ``restarts`` per example. ``alpha`` is the absolute step size (default ``eps / 4``)."""
     _, robust = pgd_attack_images(
         model, x, y, eps=eps, norm=norm, steps=steps, alpha=alpha, restarts=restarts,
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, progress=progress,
     )
     alpha_v = float(eps) / 4 if alpha is None else float(alpha)
     params = {
@@ -351,6 +363,7 @@ def autoattack_images(
     batch_size: int = 256,
     seed: int = 0,
     steps: int = 100,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAttack adversarial images and the robust mask (see :func:`autoattack_eval`)."""
     x, y = _check_inputs(model, x, y, batch_size, images=True)
@@ -376,7 +389,8 @@ def autoattack_images(
                 model, eps=float(eps), ta_norm=ta_norm, version=version,
                 num_classes=num_classes, steps=steps, seed=seed, device=x.device,
             )
-            return _run_attack(model, atk, x, y, restarts=1, batch_size=batch_size)
+            return _run_attack(model, atk, x, y, restarts=1, batch_size=batch_size,
+                               progress=progress)
 
 
 def autoattack_eval(
@@ -391,6 +405,7 @@ def autoattack_eval(
     batch_size: int = 256,
     seed: int = 0,
     steps: int = 100,
+    progress: Progress | None = None,
 ) -> AttackResult:
     """Accuracy under AutoAttack via torchattacks.
 
@@ -402,7 +417,7 @@ def autoattack_eval(
     """
     _, robust = autoattack_images(
         model, x, y, eps=eps, norm=norm, version=version, num_classes=num_classes,
-        batch_size=batch_size, seed=seed, steps=steps,
+        batch_size=batch_size, seed=seed, steps=steps, progress=progress,
     )
     params = {
         "eps": float(eps), "norm": norm, "version": version, "num_classes": int(num_classes),

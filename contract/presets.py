@@ -176,7 +176,7 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
         eps = parse_epsilon(threat.get("epsilon", 8 / 255))
     except ValueError:
         return data  # ThreatSpec validation reports the bad epsilon with its field name
-    base = PRESETS[name](eps255(eps, threat.get("norm", "linf")))
+    base = PRESETS[name](eps255(eps, str(threat.get("norm", "linf")).strip().lower()))
     out = dict(data)
     out["recipe"] = merge(base["recipe"], recipe)
     user_schedule = data.get("schedule")
@@ -186,3 +186,47 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
                        else user_schedule if user_schedule is not None
                        else copy.deepcopy(base["schedule"]))
     return out
+
+
+def _params(part: dict[str, Any], skip: tuple[str, ...] = ("kind",)) -> str:
+    vals = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in part.items() if k not in skip and v is not None
+            and not (isinstance(v, bool) and not v)]
+    return f"{part['kind']}({', '.join(vals)})" if vals else part["kind"]
+
+
+def describe_presets(epsilon: Any = "8/255", norm: str = "linf") -> list[dict[str, str]]:
+    """One row per preset with every part resolved at ``epsilon``: adversary, loss,
+    regularizers with their λ, AWP γ, labels (ADR), weight averaging, epochs, optimizer, lr."""
+    e = eps255(parse_epsilon(epsilon), norm)
+    rows = []
+    for name, build in PRESETS.items():
+        p = build(e)
+        r, sch = p["recipe"], p["schedule"]
+        lr = sch["lr"]
+        wp = r.get("weight_perturbation")
+        labels = r.get("labels") or {"kind": "hard"}
+        wa = r.get("weight_average")
+        rows.append({
+            "preset": name,
+            "adversary": _params(r["adversary"]),
+            "loss": _params(r["loss"]),
+            "regularizers": ", ".join(_params(g, ("kind", "gradient", "official_double_step"))
+                                      for g in r.get("regularizers", [])) or "-",
+            "awp": _params(wp, ("kind",)) if wp else "-",
+            "labels": (f"adr(τ {labels['tau_high']:g}→{labels['tau_low']:g}, "
+                       f"λ {labels['lam_low']:g}→{labels['lam_high']:g})"
+                       if labels["kind"] == "adr" else labels["kind"]),
+            "wa": f"ema({wa['decay']:g})" if wa else "-",
+            "epochs": str(sch["epochs"]),
+            "optimizer": sch.get("optimizer", "sgd")
+            + (" nesterov" if sch.get("nesterov") else ""),
+            "lr": f"{lr['kind']} {lr['lr_max']:g}",
+        })
+    return rows
+
+
+def presets(epsilon: Any = "8/255", norm: str = "linf") -> dict[str, dict[str, Any]]:
+    """Every preset's composition (recipe and schedule) as it resolves at ``epsilon``."""
+    e = eps255(parse_epsilon(epsilon), norm)
+    return {name: copy.deepcopy(build(e)) for name, build in PRESETS.items()}

@@ -101,6 +101,11 @@ class ThreatSpec(_Strict):
     def _parse_eps(cls, v: Any) -> float:
         return parse_epsilon(v)
 
+    @field_validator("norm", mode="before")
+    @classmethod
+    def _norm_any_case(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v  # "Linf", "L2" as papers write
+
     @model_validator(mode="after")
     def _range(self) -> ThreatSpec:
         hi = 1.0 if self.norm == "linf" else 64.0
@@ -358,6 +363,9 @@ class MonitorSpec(_Strict):
         description="catastrophic overfitting: PGD acc below co_drop x its best so far ...",
     )
     co_gap: float = Field(0.2, gt=0, le=1, description="... while FGSM acc exceeds PGD acc by this")
+    stop_on_co: bool = Field(
+        False, description="stop training at the first catastrophic-overfitting event and go "
+                           "to the final evaluation (sweeps over ε use it)")
 
 
 class PGDEval(_Strict):
@@ -509,6 +517,26 @@ def load_spec_file(path: str) -> JobSpec:
         raise SpecError(f"{path}: invalid job spec\n{format_validation_error(e)}") from e
     except ValueError as e:  # raised by preset resolution
         raise SpecError(f"{path}: invalid job spec\n{e}") from e
+
+
+def as_spec(spec: Any) -> JobSpec:
+    """A ``JobSpec`` from a JobSpec, a mapping, or the path of a JSON/YAML file."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, str | Path):
+        return load_spec_file(str(spec))
+    if isinstance(spec, dict):
+        try:
+            return JobSpec.model_validate(spec)
+        except ValidationError as e:
+            raise SpecError(f"invalid job spec\n{format_validation_error(e)}") from e
+        except ValueError as e:
+            raise SpecError(f"invalid job spec\n{e}") from e
+    raise SpecError(f"a job spec is a JobSpec, a mapping or a file path, not {type(spec)}")
 
 
 class SpecError(ValueError):

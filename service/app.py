@@ -29,20 +29,24 @@ from fastapi import (
     Response,
     UploadFile,
 )
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 
+from contract.api import Health, JobList, JobOut, JobState, ModelOut
 from contract.artifacts import REPORT
 from contract.spec import JobSpec
 from service.artifacts import job_dir
-from service.db import CANCELLED, FAILED, QUEUED, STATES, TERMINAL
+from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
 from service.metrics import JobCollector
 from service.models import ModelRejected, store_upload
 from service.queue import enqueue, revoke
-from service.schemas import Health, JobList, JobOut, ModelOut
+from service.schemas import errors, job_out, model_out
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
 
@@ -52,20 +56,30 @@ MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}
 SPEC_MAX_BYTES = 1024 * 1024
 
 
+BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="the API key in an X-API-Key header")
+NO_KEY = ("missing or invalid API key: send it as 'Authorization: Bearer <key>' or "
+          "'X-API-Key: <key>' (`bulwark serve` prints one; `bulwark keys create` makes more)")
+
+
 def current_tenant(request: Request,
-                   authorization: Annotated[str | None, Header()] = None,
-                   x_api_key: Annotated[str | None, Header()] = None) -> str:
+                   bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+                   x_api_key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> str:
     """The tenant of the request's API key (``Authorization: Bearer`` or ``X-API-Key``)."""
-    key = x_api_key or (authorization[7:].strip() if authorization
-                        and authorization.lower().startswith("bearer ") else None)
+    key = x_api_key or (bearer.credentials.strip() if bearer else None)
     tenant_id = request.app.state.store.authenticate(key) if key else None
     if tenant_id is None:
-        raise HTTPException(401, "missing or invalid API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, NO_KEY, headers={"WWW-Authenticate": "Bearer"})
     return tenant_id
 
 
 Tenant = Annotated[str, Depends(current_tenant)]
+
+
+def owned_job(job_id: str, request: Request, tenant_id: Tenant) -> Job:
+    """The tenant's job ``job_id`` (404 for anyone else's), resolved before a stream starts."""
+    return request.app.state.store.get_job(tenant_id, job_id)
 
 
 def reap_once(store: Store, settings: Settings, events: Events) -> list[str]:
@@ -118,9 +132,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop.set()
             await app.state.aredis.aclose()
 
-    app = FastAPI(title="Bulwark", version="1", lifespan=lifespan,
-                  description="Adversarial-robustness training jobs: submit a job spec, "
-                              "follow its events, fetch the robustness report.")
+    # FastAPIOffline serves Swagger UI from the assets its package ships: /docs works with no
+    # internet. (ReDoc is off: its bundle still fetches a logo from a CDN.)
+    app = FastAPIOffline(
+        title="Bulwark", version="1", lifespan=lifespan, redoc_url=None,
+        description="Adversarial-robustness training jobs: submit a job spec, follow its "
+                    "events, fetch the robustness report. Every /v1 route needs an API key "
+                    "(the Authorize button takes it).",
+        swagger_ui_parameters={"persistAuthorization": True})
     app.state.store, app.state.events, app.state.settings = store, events, s
     app.add_middleware(BodySizeLimit, limit_for=lambda path: (
         s.max_upload_bytes if path.startswith("/v1/models") else SPEC_MAX_BYTES))
@@ -161,8 +180,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return row.id
 
     # ------------------------------------------------------------------ jobs
-    @app.post("/v1/jobs", response_model=JobOut, status_code=201,
-              responses={200: {"model": JobOut, "description": "idempotent replay"}})
+    @app.post("/v1/jobs", tags=["jobs"], response_model=JobOut, status_code=201,
+              responses={200: {"model": JobOut, "description": "idempotent replay"},
+                         **errors(401, 409, 413, 422, 429)})
     def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
         model_id = uploaded_model_id(spec, tenant_id)
@@ -175,48 +195,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             enqueue(job.id)  # after the commit: the worker must find the row
         else:
             response.status_code = 200
-        return JobOut.of(job)
+        return job_out(job)
 
-    @app.get("/v1/jobs", response_model=JobList)
-    def list_jobs(tenant_id: Tenant,
-                  state: Annotated[str | None, Query(pattern="^(" + "|".join(STATES) + ")$")]
-                  = None,
+    @app.get("/v1/jobs", tags=["jobs"], response_model=JobList, responses=errors(401, 422))
+    def list_jobs(tenant_id: Tenant, state: JobState | None = None,
+                  id_prefix: Annotated[str | None, Query(
+                      min_length=1, max_length=36,
+                      description="only jobs whose id starts with this (CLIs resolve short "
+                                  "ids with it)")] = None,
                   limit: Annotated[int, Query(ge=1, le=500)] = 50,
                   offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
-        rows, total = store.list_jobs(tenant_id, state=state, limit=limit, offset=offset)
-        return JobList(items=[JobOut.of(j) for j in rows], total=total, limit=limit,
+        rows, total = store.list_jobs(tenant_id, state=state, id_prefix=id_prefix,
+                                      limit=limit, offset=offset)
+        return JobList(items=[job_out(j) for j in rows], total=total, limit=limit,
                        offset=offset)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut)
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=errors(401, 404))
     def get_job(job_id: str, tenant_id: Tenant) -> JobOut:
-        return JobOut.of(store.get_job(tenant_id, job_id))
+        return job_out(store.get_job(tenant_id, job_id))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, status_code=202)
+    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], response_model=JobOut, status_code=202,
+              responses=errors(401, 404, 409))
     def cancel(job_id: str, tenant_id: Tenant) -> JobOut:
         before = store.get_job(tenant_id, job_id)
+        if before.state in TERMINAL:
+            raise HTTPException(409, f"job {job_id} already {before.state}; nothing to cancel")
         job = store.request_cancel(tenant_id, job_id)
         if before.state == QUEUED and job.state != QUEUED:
             events.publish(job_id, "cancelled", {"while": "queued"})
             revoke(job_id, before.attempt)
         elif job.state not in TERMINAL:
             events.publish(job_id, "cancel_requested", {})
-        return JobOut.of(job)
+        return job_out(job)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=204)
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
+                responses=errors(401, 404, 409))
     def delete(job_id: str, tenant_id: Tenant) -> Response:
         job = store.delete_job(tenant_id, job_id)
         shutil.rmtree(job_dir(s, job.tenant_id, job.id), ignore_errors=True)
         events.delete(job.id)
         return Response(status_code=204)
 
-    @app.get("/v1/jobs/{job_id}/report")
+    @app.get("/v1/jobs/{job_id}/report", tags=["jobs"], responses=errors(401, 404))
     def report(job_id: str, tenant_id: Tenant) -> dict[str, Any]:
         job = store.get_job(tenant_id, job_id)
         if not any(a["name"] == REPORT for a in job.artifacts or []):
             raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
         return json.loads((job_dir(s, tenant_id, job_id) / REPORT).read_text())
 
-    @app.get("/v1/jobs/{job_id}/artifacts/{name}")
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}", tags=["jobs"], responses=errors(401, 404))
     def artifact(job_id: str, name: str, tenant_id: Tenant) -> FileResponse:
         job = store.get_job(tenant_id, job_id)
         listed = {a["name"]: a for a in job.artifacts or []}
@@ -226,21 +253,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(job_dir(s, tenant_id, job_id) / name, filename=name,
                             headers={"X-Checksum-SHA256": listed[name]["sha256"]})
 
-    @app.get("/v1/jobs/{job_id}/events")
-    async def job_events(job_id: str, tenant_id: Tenant, request: Request,
-                         last_event_id: Annotated[str | None, Header()] = None
-                         ) -> StreamingResponse:
-        job = await asyncio.to_thread(store.get_job, tenant_id, job_id)
-        return StreamingResponse(_event_stream(request, job, last_event_id),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
-
-    async def _event_stream(request: Request, job, last_id: str | None):
-        """Snapshot from the DB, then the stream from ``Last-Event-ID``, until terminal."""
-        if last_id is None:
-            yield _sse("snapshot", JobOut.of(job).model_dump(mode="json"))
-        after = last_id or "0"
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse,
+             responses=errors(401, 404))
+    async def job_events(job: Annotated[Job, Depends(owned_job)], request: Request,
+                         last_event_id: Annotated[str | None, Header()] = None):
+        """Server-sent events: a ``snapshot`` of the job (unless resuming with
+        ``Last-Event-ID``), then every event from the job's Redis stream, until the terminal
+        event (``succeeded``, ``failed`` or ``cancelled``). Keep-alive comments while idle."""
+        if last_event_id is None:
+            yield ServerSentEvent(event="snapshot", data=job_out(job).model_dump(mode="json"))
+        after = last_event_id or "0"
         key = stream_key(job.id)
         r = request.app.state.aredis
         while not await request.is_disconnected():
@@ -252,16 +274,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     return
                 if current.state in TERMINAL:  # finished, and nothing more arrived: done
                     return
-                yield ": keepalive\n\n"
-                continue
+                continue  # FastAPI sends the keep-alive comments
             for event_id, fields in res[0][1]:
                 after = event_id
-                yield _sse(fields["type"], json.loads(fields.get("data", "{}")), event_id)
+                data = json.loads(fields.get("data", "{}"))
+                if "at" in fields:
+                    data["at"] = fields["at"]
+                yield ServerSentEvent(event=fields["type"], data=data, id=event_id)
                 if fields["type"] in TERMINAL_EVENTS:
                     return
 
     # ------------------------------------------------------------------ models
-    @app.post("/v1/models", response_model=ModelOut, status_code=201)
+    @app.post("/v1/models", tags=["models"], response_model=ModelOut, status_code=201,
+              responses=errors(401, 413, 422))
     async def upload_model(tenant_id: Tenant, file: Annotated[UploadFile, File()],
                            arch: Annotated[str, Form()],
                            num_classes: Annotated[int, Form(ge=2, le=1000)],
@@ -274,10 +299,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       "image_size": image_size})
         except ModelRejected as e:
             raise HTTPException(e.status, str(e)) from e
-        return ModelOut.of(row)
+        return model_out(row)
 
     # ------------------------------------------------------------------ operations
-    @app.get("/healthz", response_model=Health)
+    @app.get("/healthz", tags=["operations"], response_model=Health)
     def healthz(response: Response) -> Health:
         db = _ok(store.ping)
         rd = _ok(events.ping)
@@ -285,7 +310,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response.status_code = 503
         return Health(status="ok" if db and rd else "degraded", database=db, redis=rd)
 
-    @app.get("/metrics")
+    @app.get("/metrics", tags=["operations"])
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -301,8 +326,3 @@ def _ok(fn) -> bool:
         return bool(fn())
     except Exception:
         return False
-
-
-def _sse(kind: str, data: Any, event_id: str | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"

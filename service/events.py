@@ -2,12 +2,14 @@
 
 Streams persist and replay by id, so a client that reconnects with ``Last-Event-ID`` misses
 nothing (pub/sub would drop what it sent while the client was away). Each entry holds
-``type`` and ``data`` (JSON). The stream is capped (``MAXLEN ~``) and expires some time after
+``type``, ``data`` (JSON) and ``at`` (RFC 3339 UTC time of publication, added to the data
+the API sends). The stream is capped (``MAXLEN ~``) and expires some time after
 the terminal event. Torch-free: the trainer process publishes, the API reads.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -31,7 +33,8 @@ class Events:
 
     def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None) -> str:
         key = stream_key(job_id)
-        event_id = self.redis.xadd(key, {"type": kind, "data": json.dumps(data or {})},
+        at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        event_id = self.redis.xadd(key, {"type": kind, "data": json.dumps(data or {}), "at": at},
                                    maxlen=self.maxlen, approximate=True)
         if kind in TERMINAL_EVENTS:
             self.redis.expire(key, self.ttl)
@@ -44,7 +47,10 @@ class Events:
         out = []
         for _key, entries in res or []:
             for event_id, fields in entries:
-                out.append((event_id, fields["type"], json.loads(fields.get("data", "{}"))))
+                data = json.loads(fields.get("data", "{}"))
+                if "at" in fields:
+                    data["at"] = fields["at"]
+                out.append((event_id, fields["type"], data))
         return out
 
     def delete(self, job_id: str) -> None:

@@ -1,69 +1,40 @@
-"""Response bodies of the API (the request body of POST /v1/jobs is ``contract.spec.JobSpec``)."""
+"""Responses built from store rows; their shapes are ``contract.api`` (shared with the SDK)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel
+from contract.api import ArtifactOut, ErrorOut, JobOut, ModelOut
+from service.db import TERMINAL, Job, UploadedModel
 
-from service.db import Job, UploadedModel
-
-
-class ArtifactOut(BaseModel):
-    name: str
-    size: int
-    sha256: str
-
-
-class JobOut(BaseModel):
-    id: str
-    state: str
-    name: str | None
-    attempt: int
-    max_attempts: int
-    cancel_requested: bool
-    progress: dict[str, Any]
-    error: str | None
-    artifacts: list[ArtifactOut]
-    created_at: dt.datetime
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-    spec: dict[str, Any]
-    model_id: str | None = None
-
-    @classmethod
-    def of(cls, job: Job) -> JobOut:
-        return cls(id=job.id, state=job.state, name=job.name, attempt=job.attempt,
-                   max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
-                   progress=job.progress or {}, error=job.error,
-                   artifacts=[ArtifactOut(**a) for a in job.artifacts or []],
-                   created_at=job.created_at, started_at=job.started_at,
-                   finished_at=job.finished_at, spec=job.spec, model_id=job.model_id)
+_ERRORS = {
+    401: "missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key')",
+    404: "no such job, artifact or model for this tenant",
+    409: "conflict: the job's state does not allow it, or an Idempotency-Key was reused "
+         "with another body",
+    413: "request body too large (the limit is in the message)",
+    422: "invalid input: each entry names the field (loc) and the allowed range (msg)",
+    429: "the tenant's queued-job quota is full",
+}
 
 
-class JobList(BaseModel):
-    items: list[JobOut]
-    total: int
-    limit: int
-    offset: int
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error codes a route can answer."""
+    return {c: {"model": ErrorOut, "description": _ERRORS[c]} for c in codes}
 
 
-class ModelOut(BaseModel):
-    id: str
-    arch: str
-    meta: dict[str, Any]
-    sha256: str
-    size: int
-    created_at: dt.datetime
-
-    @classmethod
-    def of(cls, m: UploadedModel) -> ModelOut:
-        return cls(id=m.id, arch=m.arch, meta=m.meta, sha256=m.sha256, size=m.size,
-                   created_at=m.created_at)
+def job_out(job: Job) -> JobOut:
+    progress = dict(job.progress or {})
+    if job.state in TERMINAL:  # a finished job is in no phase
+        progress.pop("phase", None)
+    return JobOut(id=job.id, state=job.state, name=job.name, attempt=job.attempt,
+                  max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
+                  progress=progress, error=job.error,
+                  artifacts=[ArtifactOut(**a) for a in job.artifacts or []],
+                  created_at=job.created_at, started_at=job.started_at,
+                  finished_at=job.finished_at, spec=job.spec, model_id=job.model_id)
 
 
-class Health(BaseModel):
-    status: str
-    database: bool
-    redis: bool
+def model_out(m: UploadedModel) -> ModelOut:
+    return ModelOut(id=m.id, arch=m.arch, meta=m.meta, sha256=m.sha256, size=m.size,
+                    created_at=m.created_at)

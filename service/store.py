@@ -130,6 +130,34 @@ class Store:
             s.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=key[:10]))
         return key
 
+    def list_api_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
+        """Every key (or one tenant's), newest first: prefix, tenant, created, revoked."""
+        with self.session() as s:
+            q = select(ApiKey).order_by(ApiKey.created_at.desc())
+            if tenant_id is not None:
+                q = q.where(ApiKey.tenant_id == tenant_id)
+            rows = list(s.scalars(q).all())
+            for r in rows:
+                s.expunge(r)
+            return rows
+
+    def revoke_api_key(self, prefix: str) -> ApiKey:
+        """Revoke the one key whose printed prefix (or full key) starts with ``prefix``."""
+        probe = prefix[:10]
+        with self.session() as s:
+            rows = [r for r in s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(
+                probe, autoescape=True))).all() if r.prefix.startswith(probe)]
+            if len(prefix) > 10:  # a whole key: match its digest
+                rows = [r for r in rows if r.key_hash == hash_key(prefix)]
+            if not rows:
+                raise NotFound(f"no API key starts with {prefix!r}")
+            if len(rows) > 1:
+                raise Conflict(f"{len(rows)} keys start with {prefix!r}; give more of the key")
+            rows[0].revoked = True
+            s.flush()
+            s.expunge(rows[0])
+            return rows[0]
+
     def authenticate(self, key: str) -> str | None:
         """The tenant of ``key``, or None."""
         digest = hash_key(key)
@@ -181,12 +209,15 @@ class Store:
             s.expunge(job)
             return job
 
-    def list_jobs(self, tenant_id: str, *, state: str | None = None, limit: int = 50,
+    def list_jobs(self, tenant_id: str, *, state: str | None = None,
+                  id_prefix: str | None = None, limit: int = 50,
                   offset: int = 0) -> tuple[list[Job], int]:
         with self.session() as s:
             q = select(Job).where(Job.tenant_id == tenant_id)
             if state:
                 q = q.where(Job.state == state)
+            if id_prefix:
+                q = q.where(Job.id.startswith(id_prefix.lower(), autoescape=True))
             total = s.scalar(select(func.count()).select_from(q.subquery()))
             rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id)
                              .limit(limit).offset(offset)).all()

@@ -2,16 +2,19 @@
 
 Local, no server:
     bulwark run SPEC.{json,yaml} --out DIR [--device cpu|cuda|auto] [--resume]
-    bulwark validate SPEC         print the spec as it will run (presets resolved)
-    bulwark presets               list the named presets
+    bulwark sweep SWEEP.yaml --out DIR [--parallel N]   a grid of runs, resumable
+    bulwark validate SPEC         the spec as it will run (presets resolved), and its data
+    bulwark presets               the named recipes, every part
 Service:
     bulwark serve                 embedded: private Redis + API + one worker, SQLite
     bulwark worker [--device D]   a Celery worker for one device (production)
     bulwark reaper                re-queue jobs whose worker stopped heartbeating
-    bulwark keys create [--tenant T]
+    bulwark keys create [--tenant T] | list | revoke PREFIX
 Client (BULWARK_URL, BULWARK_API_KEY; embedded mode's key is read from bulwark-data/api_key):
     bulwark submit SPEC [--wait]  bulwark jobs   bulwark status ID   bulwark report ID
     bulwark cancel ID             bulwark download ID NAME [-o PATH]   bulwark delete ID
+    bulwark upload MODEL.safetensors [--arch A]
+A job id can be shortened to any unique prefix.
 
 Errors are printed as messages, never as tracebacks (exit code 2).
 """
@@ -30,14 +33,9 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def _summary(report: dict) -> str:
-    f = report["final"]
-    lines = [f"clean accuracy   {f['clean_acc']:.4f}  (n={f['n']})"]
-    for name, r in f["attacks"].items():
-        lines.append(f"{name:<16} {r['acc']:.4f}  (n={r['n']})")
-    for e in report["events"]:
-        lines.append(f"event: {e['type']} at epoch {e['epoch']} "
-                     f"(pgd {e['pgd_acc']:.3f}, fgsm {e['fgsm_acc']:.3f})")
-    return "\n".join(lines)
+    from contract.report import Report
+
+    return Report.model_validate(report).summary()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -59,20 +57,54 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name in RUN_OUTPUTS:
             (out / name).unlink(missing_ok=True)
 
+    from workers.client.progress import ProgressView
     from workers.engine.data import DataError
     from workers.engine.runner import run_job
 
+    view = ProgressView(spec.name or spec.recipe.preset or "job", epochs=False,
+                        enabled=not args.quiet)
     try:
         report = run_job(spec, out, device=args.device, resume=args.resume,
-                         progress=not args.quiet)
+                         progress=not args.quiet, on_event=view)
     except (DataError, ValueError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue with: bulwark run {args.spec} --out {out} --resume",
                      130)
+    finally:
+        view.close()
+    (out / CHECKPOINT).unlink(missing_ok=True)  # finished: report and weights are the result
     print(_summary(report))
     print(f"report: {out / 'report.json'}\nweights: {out / 'model.safetensors'}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from contract.sweep import expand, load_sweep
+    from workers.client.sweep import SWEEP_FILE, run_sweep, table
+
+    try:
+        children = expand(load_sweep(args.sweep))
+    except ValueError as e:  # SpecError: the file, the child and the field
+        return _fail(str(e))
+    out = Path(args.out)
+    if args.dry_run:
+        for c in children:
+            print(c.name)
+        print(f"{len(children)} children")
+        return 0
+    print(f"sweep: {len(children)} children, {args.parallel} at a time, in {out}", flush=True)
+
+    def done(row: dict) -> None:
+        figures = (f"clean {row['clean_acc']:.3f}  pgd {row['pgd_acc'] or 0:.3f}"
+                   if row["state"] == "succeeded" else row.get("error", ""))
+        print(f"  {row['state']:<9} {row['name']}  {figures}"
+              f"{'  (already done)' if row.get('skipped') else ''}", flush=True)
+
+    rows = run_sweep(children, out, parallel=args.parallel, device=args.device, on_done=done)
+    print(table(rows))
+    print(f"table: {out / SWEEP_FILE}")
+    return 0 if all(r["state"] == "succeeded" for r in rows) else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -83,17 +115,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as e:
         return _fail(str(e))
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    from workers.engine.data import DataError, locate_dataset
+
+    try:
+        where = locate_dataset(spec.dataset)
+    except DataError as e:
+        print(f"data: NOT FOUND — {e}", file=sys.stderr)
+        return 1
+    print(f"data: {spec.dataset.name} found at {where}", file=sys.stderr)
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from contract.presets import PRESETS
+    from contract.presets import describe_presets
 
-    for name, build in PRESETS.items():
-        recipe = build(8.0)["recipe"]
-        regs = ", ".join(r["kind"] for r in recipe["regularizers"]) or "-"
-        print(f"{name:<16} adversary={recipe['adversary']['kind']:<8} "
-              f"loss={recipe['loss']['kind']:<7} regularizers={regs}")
+    rows = describe_presets(args.epsilon)
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    print(f"(values at ε = {args.epsilon}; every field can be overridden in the spec)")
     return 0
 
 
@@ -146,11 +188,24 @@ def cmd_reaper(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from service.settings import get_settings
-    from service.store import Store
+    from service.store import Store, StoreError
 
     store = Store(get_settings().resolved_database_url())
     store.migrate()
-    print(store.create_api_key(args.tenant))
+    if args.keys_command == "create":
+        print(store.create_api_key(args.tenant))
+    elif args.keys_command == "list":
+        keys = store.list_api_keys(args.tenant)
+        for k in keys:
+            print(f"{k.prefix}…  tenant {k.tenant_id:<16} created "
+                  f"{k.created_at:%Y-%m-%d %H:%M}  {'revoked' if k.revoked else 'active'}")
+        print(f"{len(keys)} keys")
+    else:
+        try:
+            k = store.revoke_api_key(args.prefix)
+        except StoreError as e:
+            return _fail(str(e))
+        print(f"revoked {k.prefix}… (tenant {k.tenant_id})")
     return 0
 
 
@@ -165,108 +220,82 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     client = _client(args)  # the API validates the spec: its 422 names the field and range
     job = client.submit(read_spec_file(args.spec), idempotency_key=args.idempotency_key)
-    print(f"job {job['id']} {job['state']}", flush=True)
+    print(f"job {job.id} {job.state}", flush=True)
     if not args.wait:
         return 0
-    return follow(client, job["id"])
+    return follow(job)
 
 
-def follow(client, job_id: str) -> int:
-    """Follow a job's event stream with a progress bar; exit 0 only if it succeeded."""
-    import time
-
-    import httpx
-
-    bar, state, last_id, failures = None, None, None, 0
-    while state is None:
-        try:
-            for event_id, kind, data in client.events(job_id, last_id):
-                last_id, failures = event_id or last_id, 0
-                bar, state = _show_event(job_id, kind, data, bar)
-            break
-        except httpx.TransportError:  # reconnect and resume from the last event id
-            failures += 1
-            if failures > 5:
-                raise
-            time.sleep(min(2.0 * failures, 10.0))
-    job = client.job(job_id)
-    state = state or job["state"]
-    print(f"job {job_id} {state}")
-    if state == "succeeded":
-        print(_summary(client.report(job_id)))
-    return 0 if state == "succeeded" else 1
-
-
-def _show_event(job_id: str, kind: str, data: dict, bar):
-    """Update the progress bar with one event; returns (bar, terminal state or None)."""
-    from tqdm import tqdm
-
-    state = None
-    if kind == "started" and bar is None:
-        bar = tqdm(total=data.get("epochs"), initial=data.get("start_epoch", 0),
-                   unit="epoch", desc=job_id[:8], dynamic_ncols=True)
-    elif kind == "epoch" and bar is not None:
-        bar.update(1)
-        mon = data.get("monitor") or {}
-        if mon:
-            bar.set_postfix(clean=f"{mon['clean_acc']:.3f}", pgd=f"{mon['pgd_acc']:.3f}")
-    elif kind == "phase" and bar is not None:
-        bar.set_description(f"{job_id[:8]} {data.get('phase')}")
-    elif kind in ("succeeded", "failed", "cancelled"):
-        state = kind
-        if bar is not None:
-            bar.close()
-        if kind == "failed":
-            print(f"job {job_id} failed: {data.get('error')}", file=sys.stderr)
-    return bar, state
+def follow(job) -> int:
+    """Follow a job's events with progress bars; print its report; exit 0 only on success."""
+    info = job.wait(progress=True)
+    print(f"job {job.id} {info.state}" + (f": {info.error}" if info.error else ""))
+    if info.state == "succeeded":
+        print(job.report().summary())
+    return 0 if info.state == "succeeded" else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    page = _client(args).jobs(state=args.state, limit=args.limit, offset=args.offset)
-    for j in page["items"]:
-        epoch = (j["progress"] or {}).get("epoch")
-        print(f"{j['id']}  {j['state']:<9}  {j['created_at'][:19]}  "
-              f"{j['name'] or j['spec'].get('recipe', {}).get('preset') or '-'}"
-              f"{f'  epoch {epoch}' if epoch else ''}")
-    print(f"{len(page['items'])} of {page['total']}")
+    page = _client(args).job_list(state=args.state, limit=args.limit, offset=args.offset)
+    for j in page.items:
+        epoch = j.progress.get("epoch")
+        what = j.name or j.spec.get("recipe", {}).get("preset") or "-"
+        print(f"{j.id}  {j.state:<9}  {j.created_at:%Y-%m-%d %H:%M:%S%z}  {what}"
+              f"{f'  epoch {epoch}' if epoch and not j.terminal else ''}")
+    print(f"{len(page.items)} of {page.total}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(json.dumps(_client(args).job(args.job_id), indent=2))
+    job = _client(args).job(args.job_id)
+    print(job.info.model_dump_json(indent=2))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report = _client(args).report(args.job_id)
-    print(json.dumps(report, indent=2) if args.json else _summary(report))
+    job = _client(args).job(args.job_id)
+    print(json.dumps(job.report_json(), indent=2) if args.json else job.report().summary())
     return 0
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    return follow(_client(args).job(args.job_id))
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
-    job = _client(args).cancel(args.job_id)
-    print(f"job {job['id']} {job['state']}"
-          f"{' (cancel requested)' if job['state'] == 'running' else ''}")
+    info = _client(args).job(args.job_id).cancel()
+    print(f"job {info.id} {info.state}"
+          f"{' (cancel requested)' if info.state == 'running' else ''}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _client(args).delete(args.job_id)
-    print(f"job {args.job_id} deleted")
+    job = _client(args).job(args.job_id)
+    job.delete()
+    print(f"job {job.id} deleted")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    print(_client(args).job(args.job_id).download(args.name, args.output))
+    return 0
 
-    dest = Path(args.output or args.name)
-    _client(args).download(args.job_id, args.name, dest)
-    print(dest)
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    m = _client(args).upload_model(args.model, arch=args.arch, num_classes=args.num_classes,
+                                   in_channels=args.in_channels, image_size=args.image_size)
+    print(f"model {m.id} ({m.arch}, {m.size} bytes, sha256 {m.sha256[:12]}…)")
+    print(f'evaluate it with: {{"mode": "evaluate", "model": {{"arch": "{m.arch}", '
+          f'"weights": "models/{m.id}"}}, ...}}')
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bulwark", description="Adversarial-robustness training.")
+    from contract.artifacts import DOWNLOADABLE
+
+    p = argparse.ArgumentParser(prog="bulwark", description="Adversarial-robustness training.",
+                                epilog="A job id can be shortened to any unique prefix.")
+    p.add_argument("--version", action="version", version=f"bulwark {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a job spec locally, no server")
     r.add_argument("spec", help="job spec file (.json, .yaml, .yml)")
@@ -276,10 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="overwrite a previous run in --out")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+    sw = sub.add_parser("sweep", help="run a sweep (a base spec x a grid) locally, resumable")
+    sw.add_argument("sweep", help="sweep file (.yaml, .json): base, grid, variants")
+    sw.add_argument("--out", required=True, help="folder for the children and sweep.json")
+    sw.add_argument("--parallel", type=int, default=1, help="children run at once")
+    sw.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    sw.add_argument("--dry-run", action="store_true", help="list the children and stop")
+    sw.set_defaults(func=cmd_sweep)
     v = sub.add_parser("validate", help="check a spec and print it with presets resolved")
     v.add_argument("spec")
     v.set_defaults(func=cmd_validate)
-    pr = sub.add_parser("presets", help="list the named recipes")
+    pr = sub.add_parser("presets", help="the named recipes with every part")
+    pr.add_argument("--epsilon", default="8/255", help="ε to resolve per-ε values at (8/255)")
     pr.set_defaults(func=cmd_presets)
 
     sv = sub.add_parser("serve", help="embedded service: private Redis, API and a worker")
@@ -301,14 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="create an API key (printed once)")
     kc.add_argument("--tenant", default="default")
-    kc.set_defaults(func=cmd_keys)
+    kl = ksub.add_parser("list", help="list the keys (prefix, tenant, created, revoked)")
+    kl.add_argument("--tenant", default=None)
+    kr = ksub.add_parser("revoke", help="revoke a key by its prefix (as `keys list` shows)")
+    kr.add_argument("prefix")
+    k.set_defaults(func=cmd_keys)
 
-    def client_parser(name: str, help: str, func, job: bool = True) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        c.add_argument("--url", default=None, help="API URL (default $BULWARK_URL)")
-        c.add_argument("--key", default=None, help="API key (default $BULWARK_API_KEY)")
+    def client_parser(name: str, help: str, func, job: bool = True,
+                      epilog: str | None = None) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("--url", default=None,
+                       help="API URL (default $BULWARK_URL, else http://127.0.0.1:8000)")
+        c.add_argument("--key", default=None, help="API key (default $BULWARK_API_KEY, else "
+                                                   "the key file of `bulwark serve`)")
         if job:
-            c.add_argument("job_id")
+            c.add_argument("job_id", help="job id, or any unique prefix of it")
         c.set_defaults(func=func)
         return c
 
@@ -323,11 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     client_parser("status", "show a job", cmd_status)
     c = client_parser("report", "show a job's robustness report", cmd_report)
     c.add_argument("--json", action="store_true")
+    client_parser("wait", "follow a job until it finishes, then show its report", cmd_wait)
     client_parser("cancel", "cancel a queued or running job", cmd_cancel)
     client_parser("delete", "delete a finished job and its artifacts", cmd_delete)
-    c = client_parser("download", "download an artifact of a job", cmd_download)
-    c.add_argument("name", help="report.json or model.safetensors")
-    c.add_argument("-o", "--output", default=None)
+    c = client_parser("download", "download an artifact of a job", cmd_download,
+                      epilog=ARTIFACT_HELP)
+    c.add_argument("name", choices=DOWNLOADABLE, metavar="NAME",
+                   help="one of: " + ", ".join(DOWNLOADABLE))
+    c.add_argument("-o", "--output", default=None, help="file or folder (default: NAME here)")
+    c = client_parser("upload", "upload safetensors weights for evaluation-only jobs",
+                      cmd_upload, job=False)
+    c.add_argument("model", help="a .safetensors file")
+    c.add_argument("--arch", default=None, help="small_cnn, preact_resnet18 or wide_resnet "
+                                                "(default: from the file's metadata)")
+    c.add_argument("--num-classes", type=int, default=None)
+    c.add_argument("--in-channels", type=int, default=None)
+    c.add_argument("--image-size", type=int, default=None)
     return p
 
 
@@ -343,17 +399,33 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # client and service errors: a message, not a traceback
-        from workers.client.http import ApiError
+        from workers.client.http import ApiError, ConnectionFailed
 
         if isinstance(e, ApiError):
             return _fail(str(e), 1 if e.status < 500 else 3)
-        import httpx
-
-        if isinstance(e, httpx.TransportError):
-            return _fail(f"cannot reach the API ({e}); is `bulwark serve` running?", 3)
+        if isinstance(e, ConnectionFailed):
+            return _fail(str(e), 3)
         if isinstance(e, ValueError | OSError):
             return _fail(str(e))
         raise
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("bulwark")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+ARTIFACT_HELP = """artifacts of a finished job:
+  report.json         the robustness report (spec, environment, history, final suite)
+  report.html         the same with plots, one self-contained page
+  model.safetensors   the weights after the last epoch (metadata: arch, classes, shape)
+  best.safetensors    the weights of the epoch with the best monitor PGD accuracy
+  wa.safetensors      the weight-averaged model, when the recipe keeps one
+  certify.tsv         per-point certification results (randomized smoothing jobs)"""
 
 
 if __name__ == "__main__":

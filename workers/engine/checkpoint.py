@@ -65,3 +65,37 @@ def load_weights(path: Path, model: nn.Module, device="cpu") -> nn.Module:
     """Load safetensors weights (never a pickle) into ``model``; all keys must match."""
     model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
     return model
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (Bulwark writes arch, classes, shape, mean, std)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_model(path: str | Path, *, device: str = "cpu", mean=None, std=None) -> nn.Module:
+    """A plain ``nn.Module`` (in eval mode) rebuilt from a Bulwark weights file: the
+    architecture, classes and input shape come from its metadata, then the safetensors tensors
+    are loaded (never a pickle). It maps [0, 1] images to logits (normalization inside).
+    ``mean``/``std`` are needed only for weights written before they were recorded."""
+    from workers.engine.models import build_model
+
+    path = Path(path)
+    meta = weights_metadata(path)
+    missing = [k for k in ("arch", "num_classes", "in_channels", "image_size") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} in the file's metadata; it was not "
+                         "written by Bulwark (build the model yourself and use load_weights)")
+    if mean is None or std is None:
+        if "mean" not in meta or "std" not in meta:
+            raise ValueError(f"{path}: the file records no input mean/std; pass mean= and std=")
+        mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
+    model = build_model(meta["arch"], num_classes=int(meta["num_classes"]),
+                        in_channels=int(meta["in_channels"]),
+                        image_size=int(meta["image_size"]), mean=mean, std=std,
+                        depth=int(meta.get("depth", 28)),
+                        widen_factor=int(meta.get("widen_factor", 10)))
+    load_weights(path, model, device=device)
+    return model.to(device).eval()

@@ -487,6 +487,28 @@ def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
 
 
 # ---------------------------------------------------------------------------------- loading
+def locate_dataset(spec: DatasetSpec) -> str:
+    """Where ``spec``'s data would be read from, without reading or downloading it
+    (DataError, naming every place looked in, when it is nowhere)."""
+    if spec.name in _STANDARD:
+        local = spec.model_copy(update={"download": False})
+        try:
+            files = _find_standard(spec.name, local)
+        except DataError:
+            if spec.download:
+                return (f"nowhere locally; dataset.download is on, so the run would fetch it "
+                        f"into {resolve_data_root(spec.root)[0]}")
+            raise
+        return str(next(iter(files.values())).parent)
+    if spec.name == "npz":
+        path = Path(spec.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"dataset.path {path}: no such file")
+        return str(path)
+    return {"digits": "scikit-learn's load_digits (ships with scikit-learn)",
+            "synthetic": "generated from dataset.synthetic (seeded)"}[spec.name]
+
+
 def load_dataset(spec: DatasetSpec) -> ImageDataset:
     """Read the dataset that ``spec`` names; apply limits and augmentation overrides."""
     name = spec.name

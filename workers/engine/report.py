@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -56,28 +57,56 @@ def environment(device: torch.device, seed: int, channels_last: bool,
     }
 
 
+class AttackProgress:
+    """``progress(done, total)`` for one attack: reports ``{attack, model, done, total,
+    eta_seconds}`` through ``emit`` at most every ``every`` seconds (and at the end)."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None], attack: str, model: str,
+                 every: float = 2.0):
+        self.emit, self.attack, self.model, self.every = emit, attack, model, every
+        self.t0 = time.perf_counter()
+        self.last = -1e9
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        self.emit({"attack": self.attack, "model": self.model, "done": done, "total": total,
+                   "eta_seconds": (total - done) / rate if rate > 0 else None})
+
+
 def final_evaluation(model: nn.Module, x: Tensor, y: Tensor, plan, *, eps: float, norm: str,
-                     num_classes: int, seed: int,
-                     on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Clean accuracy plus the plan's attacks (FGSM, PGD-k-r, AutoAttack) on (x, y)."""
-    phase = on_phase or (lambda name: None)
+                     num_classes: int, seed: int, model_name: str = "last",
+                     on_phase: Callable[[str, int], None] | None = None,
+                     on_progress: Callable[[dict[str, Any]], None] | None = None
+                     ) -> dict[str, Any]:
+    """Clean accuracy plus the plan's attacks (FGSM, PGD-k-r, AutoAttack) on (x, y).
+
+    ``on_phase(attack, n)`` before each attack; ``on_progress`` with the attack's progress."""
+    phase = on_phase or (lambda name, n: None)
+    report = on_progress or (lambda p: None)
     model.eval()
-    bs = plan.batch_size
+    bs, n = plan.batch_size, int(x.shape[0])
     clean = clean_accuracy(model, x, y, batch_size=bs)
     attacks: dict[str, Any] = {}
+
+    def run(name: str, fn) -> None:
+        phase(name, n)
+        r = fn(AttackProgress(report, name, model_name))
+        attacks[r.name] = r.to_dict()
+
     if plan.fgsm:
-        phase("fgsm")
-        r = fgsm_eval(model, x, y, eps=eps, norm=norm, batch_size=bs)
-        attacks[r.name] = r.to_dict()
+        run("fgsm", lambda p: fgsm_eval(model, x, y, eps=eps, norm=norm, batch_size=bs,
+                                        progress=p))
     if plan.pgd is not None:
-        phase("pgd")
-        r = pgd_eval(model, x, y, eps=eps, norm=norm, steps=plan.pgd.steps,
-                     alpha=plan.pgd.alpha * eps, restarts=plan.pgd.restarts, batch_size=bs,
-                     seed=seed)
-        attacks[r.name] = r.to_dict()
+        run(f"pgd{plan.pgd.steps}-{plan.pgd.restarts}", lambda p: pgd_eval(
+            model, x, y, eps=eps, norm=norm, steps=plan.pgd.steps,
+            alpha=plan.pgd.alpha * eps, restarts=plan.pgd.restarts, batch_size=bs, seed=seed,
+            progress=p))
     if plan.autoattack is not None:
-        phase("autoattack")
-        r = autoattack_eval(model, x, y, eps=eps, norm=norm, version=plan.autoattack.version,
-                            num_classes=num_classes, batch_size=bs, seed=seed)
-        attacks[r.name] = r.to_dict()
-    return {"clean_acc": clean.acc, "n": clean.n, "model": "last", "attacks": attacks}
+        run(f"autoattack-{plan.autoattack.version}", lambda p: autoattack_eval(
+            model, x, y, eps=eps, norm=norm, version=plan.autoattack.version,
+            num_classes=num_classes, batch_size=bs, seed=seed, progress=p))
+    return {"clean_acc": clean.acc, "n": clean.n, "model": model_name, "attacks": attacks}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,8 @@ from contract.artifacts import (
     WA,
     WEIGHTS,
 )
-from contract.spec import JobSpec
+from contract.report import Report
+from contract.spec import JobSpec, as_spec
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
 from workers.engine.checkpoint import (
@@ -51,6 +54,10 @@ Event = Callable[[str, dict[str, Any]], None]
 
 class Cancelled(Exception):
     """Raised inside the loop when ``should_stop`` says so; the last checkpoint stands."""
+
+
+class Diverged(ValueError):
+    """The training loss went non-finite: the weights are lost, the job fails (not retried)."""
 
 
 @dataclass
@@ -170,9 +177,13 @@ class Training:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # the epoch with the best monitor PGD acc
         self.start_epoch = 0
+        self.stopped_early: dict[str, Any] | None = None
+        # what load_model needs to rebuild the network (safetensors metadata is str -> str)
         self.meta = {"arch": spec.model.arch, "num_classes": str(data.num_classes),
                      "in_channels": str(data.channels), "image_size": str(data.image_size),
-                     "format": "bulwark-v1"}
+                     "mean": json.dumps(list(data.mean)), "std": json.dumps(list(data.std)),
+                     "depth": str(spec.model.depth), "widen_factor": str(spec.model.widen_factor),
+                     "dataset": data.name, "format": "bulwark-v1"}
 
     # ---------------------------------------------------------------------- checkpoints
     def checkpoint(self, epoch: int) -> None:
@@ -183,6 +194,7 @@ class Training:
                 "scaler": self.scaler.state_dict(), "recipe": self.recipe.state_dict(),
                 "watchdog": self.watchdog.state_dict(), "history": self.history,
                 "best": self.best, "timing": dict(self.timing.seconds),
+                "stopped_early": self.stopped_early,
                 "rng": {"torch": torch.get_rng_state(), "seed": self.spec.schedule.seed},
             })
 
@@ -202,6 +214,7 @@ class Training:
         self.watchdog.load_state_dict(state["watchdog"])
         self.history, self.best = list(state["history"]), state["best"]
         self.start_epoch = int(state["epoch"])
+        self.stopped_early = state.get("stopped_early")
         for k, v in state["timing"].items():
             self.timing.seconds[k] = float(v)
         return True
@@ -218,15 +231,21 @@ class Training:
                        desc=self.spec.name or (self.spec.recipe.preset or "job"))
         emit("started", {"epochs": sched.epochs, "start_epoch": self.start_epoch,
                          "device": str(self.dev)})
-        last_epoch = sched.epochs if self.spec.mode == "train" else 0
+        last_epoch = sched.epochs if self.spec.mode == "train" and not self.stopped_early else 0
         try:
             for epoch in range(self.start_epoch, last_epoch):
                 row = self.epoch(epoch, should_stop, bar)
                 self.history.append(row)
+                co = bool(row["catastrophic_overfitting"] and self.watchdog.events)
+                if co and self.spec.evaluation.monitor.stop_on_co:
+                    self.stopped_early = {"epoch": epoch + 1, "reason": "catastrophic_overfitting"}
                 self.checkpoint(epoch + 1)
                 emit("epoch", row)
-                if row["catastrophic_overfitting"] and self.watchdog.events:
+                if co:
                     emit("catastrophic_overfitting", self.watchdog.events[-1])
+                if self.stopped_early:
+                    emit("stopped_early", self.stopped_early)
+                    break
         finally:
             if bar is not None:
                 bar.close()
@@ -255,6 +274,14 @@ class Training:
                 if bar is not None:
                     bar.update(1)
         train_seconds = time.perf_counter() - t_epoch
+        summary = stats.summary()
+        if not math.isfinite(summary["train_loss"]):
+            bad = sorted(k for k, v in summary["metrics"].items() if not math.isfinite(v))
+            raise Diverged(
+                f"training diverged in epoch {epoch + 1}: the loss is {summary['train_loss']}"
+                + (f" ({', '.join(bad)} too)" if bad else "") + "; the last finite weights are "
+                "the previous epoch's checkpoint. Lower schedule.lr.lr_max or the "
+                "regularizer's λ, or add threat.epsilon_warmup")
         mon = None
         if self.n_mon:
             with self.timing.phase("monitor"):
@@ -271,7 +298,7 @@ class Training:
                             pgd=f"{mon['pgd_acc']:.3f}")
         return {"epoch": epoch + 1, "lr": lr,  # lr and training ε at the epoch's last step
                 "train_epsilon": self.recipe.eps,
-                **stats.summary(), "monitor": mon, "catastrophic_overfitting": co,
+                **summary, "monitor": mon, "catastrophic_overfitting": co,
                 "seconds": time.perf_counter() - t_epoch, "train_seconds": train_seconds}
 
     # ---------------------------------------------------------------------- evaluation
@@ -293,13 +320,17 @@ class Training:
             for name in ev.final.models:
                 if name not in candidates:
                     continue
-                emit("phase", {"phase": "final_evaluation", "model": name})
+                emit("phase", {"phase": "final_evaluation", "model": name,
+                               "n": int(test_x.shape[0])})
                 torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
                 finals[name] = final_evaluation(
                     candidates[name], test_x, test_y, ev.final, eps=self.spec.threat.epsilon,
                     norm=self.spec.threat.norm, num_classes=data.num_classes, seed=sched.seed,
-                    on_phase=lambda p, m=name: emit("phase", {"phase": p, "model": m}))
-                finals[name]["model"] = name
+                    model_name=name,
+                    on_phase=lambda p, n, m=name: emit("phase", {"phase": "final_evaluation",
+                                                                 "attack": p, "model": m,
+                                                                 "n": n}),
+                    on_progress=lambda p: emit("evaluation", p))
         return finals
 
     def certify(self, emit: Event) -> dict[str, Any] | None:
@@ -349,10 +380,10 @@ class Training:
             "final": finals.get("last") or next(iter(finals.values())),
             "final_models": finals,
             "selection": self.selection(),
+            "stopped_early": self.stopped_early,
             "certification": certification,
             "timing": {},
-            "artifacts": [n for n in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV,
-                                      CHECKPOINT)
+            "artifacts": [n for n in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
                           if n in (REPORT, REPORT_HTML) or (self.out / n).exists()],
         }
 
@@ -389,3 +420,12 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     write_text(out / REPORT_HTML, render_html(report))
     emit("finished", {"final": report["final"]})
     return report
+
+
+def run(spec, out: str | Path, *, device: str | None = None, resume: bool = False,
+        progress: bool = True) -> Report:
+    """Run a job locally, no server: ``spec`` is a ``JobSpec``, a mapping or a spec file.
+    Writes the run's files to ``out`` and returns the typed report. ``device`` None = CUDA
+    when torch sees one, else the CPU. ``resume`` continues from ``out``'s checkpoint."""
+    return Report.model_validate(run_job(as_spec(spec), out, device=device, resume=resume,
+                                         progress=progress))

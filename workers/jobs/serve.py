@@ -107,10 +107,15 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
 
     Store(settings.resolved_database_url()).migrate()
     key = ensure_api_key(home_path)
+    worker_env = dict(os.environ)
+    if workers > 1 and "OMP_NUM_THREADS" not in worker_env:
+        # CPU workers share the cores instead of each taking all of them
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        worker_env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     for i in range(workers):
         children.append(subprocess.Popen(
             worker_command(queue=settings.queue, name=f"embedded{i}@%h"),
-            env=dict(os.environ), start_new_session=True))
+            env=worker_env, start_new_session=True))
 
     import uvicorn
 

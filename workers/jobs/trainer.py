@@ -14,6 +14,7 @@ import time
 import traceback
 from typing import Any
 
+from contract.artifacts import CHECKPOINT
 from service.artifacts import describe_artifacts, job_dir
 from service.db import CANCELLED, FAILED, SUCCEEDED
 from service.events import Events
@@ -21,6 +22,10 @@ from service.settings import get_settings
 from service.store import Store
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_ERROR = 0, 2, 3, 1
+# events that update the job row's ``progress`` (and the keys of theirs it keeps)
+PROGRESS_EVENTS = ("started", "resumed", "epoch", "phase", "evaluation", "certification")
+PROGRESS_KEYS = ("epoch", "phase", "monitor", "attack", "model", "done", "total",
+                 "eta_seconds")
 
 
 class CancelPoll:
@@ -68,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
         events.publish(job_id, kind, data)
-        if kind in ("started", "resumed", "epoch", "phase"):
+        if kind in PROGRESS_EVENTS:
+            if kind == "phase":  # a new phase: the previous one's counters are done
+                for k in ("attack", "model", "done", "total", "eta_seconds"):
+                    progress.pop(k, None)
+            if kind == "certification":
+                progress["phase"] = "certification"
             progress.update({"last_event": kind, **{k: v for k, v in data.items()
-                                                    if k in ("epoch", "phase", "monitor")}})
+                                                    if k in PROGRESS_KEYS}})
             if kind == "started":
                 progress["epochs"] = data.get("epochs")
             store.heartbeat(job_id, owner, dict(progress))
@@ -90,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return EXIT_ERROR
     artifacts = describe_artifacts(out)
-    store.finish(job_id, owner, SUCCEEDED, artifacts=artifacts)
+    if store.finish(job_id, owner, SUCCEEDED, artifacts=artifacts):
+        # only now: a crash before the row said succeeded retries from this checkpoint
+        (out / CHECKPOINT).unlink(missing_ok=True)
     events.publish(job_id, "succeeded", {"final": report["final"]})
     return EXIT_OK
 

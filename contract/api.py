@@ -1,0 +1,83 @@
+"""The shapes of the API's responses (torch-free): the service builds them from its store, the
+SDK and CLI read them. The request body of ``POST /v1/jobs`` is ``contract.spec.JobSpec``.
+
+Every timestamp carries its zone (RFC 3339); accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A naive time is UTC (SQLite hands back naive values): give it its zone."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+UTCDateTime = Annotated[dt.datetime, AfterValidator(_utc)]
+
+
+class ErrorOut(BaseModel):
+    """Error body: ``detail`` is a message, or for 422 a list of {loc, msg, type}."""
+
+    detail: str | list[dict[str, Any]]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class JobOut(BaseModel):
+    """A job as the API shows it. ``progress`` holds the last epoch, phase and monitor figures
+    while the job runs (no phase once it is terminal)."""
+
+    id: str
+    state: JobState
+    name: str | None
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: dict[str, Any]
+    error: str | None
+    artifacts: list[ArtifactOut]
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    spec: dict[str, Any]
+    model_id: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelOut(BaseModel):
+    id: str
+    arch: str
+    meta: dict[str, Any]
+    sha256: str
+    size: int
+    created_at: UTCDateTime
+
+
+class Health(BaseModel):
+    status: str
+    database: bool
+    redis: bool

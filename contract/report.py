@@ -1,0 +1,178 @@
+"""The robustness report as typed models (torch-free): what ``report.json`` holds.
+
+``Report.model_validate(json.load(...))`` reads any report of ``report_version`` 1; fields a
+later version adds are kept (``extra="allow"``), so an older SDK still reads a newer report.
+Accuracies are fractions in [0, 1], always next to the number of points they count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from contract.spec import JobSpec
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class AttackResult(_Open):
+    """Accuracy under one attack: ``acc`` over ``n`` points, with the attack's parameters."""
+
+    acc: float
+    n: int
+    params: dict[str, Any] = {}
+
+
+class FinalResult(_Open):
+    """The final suite for one model (``last``, ``best`` or ``wa``) on the test points."""
+
+    clean_acc: float
+    n: int
+    model: str = "last"
+    attacks: dict[str, AttackResult] = {}
+
+    def _first(self, prefix: str) -> AttackResult | None:
+        return next((a for k, a in self.attacks.items() if k.startswith(prefix)), None)
+
+    @property
+    def fgsm(self) -> AttackResult | None:
+        return self.attacks.get("fgsm")
+
+    @property
+    def pgd(self) -> AttackResult | None:
+        return self._first("pgd")
+
+    @property
+    def autoattack(self) -> AttackResult | None:
+        return self._first("autoattack")
+
+
+class MonitorResult(_Open):
+    """Per-epoch clean / FGSM / PGD accuracy on the held-out monitor slice."""
+
+    clean_acc: float
+    fgsm_acc: float
+    pgd_acc: float
+    n: int
+
+
+class HistoryRow(_Open):
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    train_epsilon: float | None = None
+    metrics: dict[str, float] = {}
+    monitor: MonitorResult | None = None
+    catastrophic_overfitting: bool = False
+    seconds: float
+    train_seconds: float
+
+
+class Event(_Open):
+    """A watchdog event, e.g. the onset of catastrophic overfitting."""
+
+    type: str
+    epoch: int
+    pgd_acc: float | None = None
+    fgsm_acc: float | None = None
+    clean_acc: float | None = None
+    best_pgd_acc: float | None = None
+    rule: str | None = None
+
+
+class SmoothedAttack(_Open):
+    acc: float
+    n: int
+    params: dict[str, Any] = {}
+
+
+class Certification(_Open):
+    """CERTIFY (Cohen et al. 2019): certified accuracy at each radius, ACR, abstentions."""
+
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    num_points: int
+    radii: list[float]
+    certified_accuracy: list[float]
+    acr: float
+    abstain_rate: float
+    seconds: float | None = None
+    empirical: SmoothedAttack | None = None
+
+    def at(self, radius: float) -> float:
+        """Certified accuracy at ``radius`` (one of ``radii``)."""
+        for r, a in zip(self.radii, self.certified_accuracy, strict=True):
+            if abs(r - radius) < 1e-9:
+                return a
+        raise KeyError(f"radius {radius} was not certified; radii: {self.radii}")
+
+
+class DatasetInfo(_Open):
+    name: str
+    num_classes: int
+    train: int
+    validation: int
+    test: int
+    monitor: int
+    shape: list[int]
+
+
+class Report(_Open):
+    report_version: int
+    spec: dict[str, Any]
+    environment: dict[str, Any]
+    dataset: DatasetInfo
+    history: list[HistoryRow]
+    events: list[Event]
+    final: FinalResult
+    final_models: dict[str, FinalResult] = {}
+    selection: dict[str, Any] | None = None
+    stopped_early: dict[str, Any] | None = None
+    certification: Certification | None = None
+    timing: dict[str, float] = {}
+    artifacts: list[str] = []
+
+    @property
+    def job_spec(self) -> JobSpec:
+        """The spec as it ran, as a ``JobSpec``."""
+        return JobSpec.model_validate(self.spec)
+
+    @property
+    def co_epochs(self) -> list[int]:
+        """Epochs at which the watchdog saw catastrophic overfitting begin."""
+        return [e.epoch for e in self.events if e.type == "catastrophic_overfitting"]
+
+    def summary(self) -> str:
+        """The few lines ``bulwark run`` and ``bulwark report`` print."""
+        f = self.final
+        lines = [f"clean accuracy   {f.clean_acc:.4f}  (n={f.n})"]
+        for name, r in f.attacks.items():
+            lines.append(f"{name:<16} {r.acc:.4f}  (n={r.n})")
+        for name, other in self.final_models.items():
+            if name != f.model:
+                lines.append(f"[{name} weights] clean {other.clean_acc:.4f}  " + "  ".join(
+                    f"{k} {a.acc:.4f}" for k, a in other.attacks.items()))
+        c = self.certification
+        if c is not None:
+            radii = "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(c.radii, c.certified_accuracy,
+                                                                  strict=True))
+            lines.append(f"certified (σ={c.sigma:g}, n={c.n}, α={c.alpha:g}, "
+                         f"{c.num_points} points)  {radii}")
+            lines.append(f"ACR {c.acr:.3f}   abstained {c.abstain_rate:.3f}")
+            if c.empirical is not None:
+                lines.append(f"smoothed PGD (ℓ2 ε={c.empirical.params.get('eps', '?')}) "
+                             f"{c.empirical.acc:.4f}  (n={c.empirical.n})")
+        for e in self.events:
+            lines.append(f"event: {e.type} at epoch {e.epoch}"
+                         + (f" (pgd {e.pgd_acc:.3f}, fgsm {e.fgsm_acc:.3f})"
+                            if e.pgd_acc is not None and e.fgsm_acc is not None else ""))
+        if self.stopped_early:
+            lines.append(f"stopped early after epoch {self.stopped_early.get('epoch')} "
+                         f"({self.stopped_early.get('reason')})")
+        return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Sweeps: a base job spec crossed with a grid over spec fields (torch-free).
+
+A sweep file::
+
+    base: examples/mnist-fgsm.yaml        # a spec file (relative to this file) or a mapping
+    grid:                                  # dotted spec fields -> the values to try
+      recipe.preset: [fgsm, n-fgsm]
+      threat.epsilon: [0.1, 0.3]
+      schedule.seed: [0, 1, 2]
+    variants:                              # optional named overrides, each crossed with the grid
+      elle-lam-100: {recipe: {preset: fgsm-elle, regularizers: [{kind: elle, lam: 100}]}}
+    stop_on_catastrophic_overfitting: false
+
+Children are the product of the variants (or the base alone) and every grid combination, in
+file order; each is a complete, validated ``JobSpec``. A child's name joins the variant name
+and ``field=value`` for every grid field, so folders and tables say what each child varied.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+
+from contract.presets import merge
+from contract.spec import JobSpec, SpecError, _Strict, format_validation_error, read_spec_file
+
+MAX_CHILDREN = 1000
+
+
+class SweepSpec(_Strict):
+    base: dict[str, Any] | str = Field(description="a job spec mapping, or a spec file path")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="dotted spec field -> values, e.g. threat.epsilon")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> overrides merged into the base")
+    stop_on_catastrophic_overfitting: bool = Field(
+        False, description="children stop training at the watchdog's first CO event and go "
+                           "straight to their final evaluation")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)*", key):
+                raise ValueError(f"grid key {key!r}: a dotted spec field such as threat.epsilon")
+            if not values:
+                raise ValueError(f"grid.{key}: give at least one value")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(f"variant name {name!r}: letters, digits, '.', '_', '-' "
+                                 "(at most 64)")
+        return v
+
+
+@dataclass(frozen=True)
+class Child:
+    name: str                   # folder-safe, unique within the sweep
+    overrides: dict[str, Any]   # variant name and grid values, for tables
+    spec: JobSpec
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if k == "recipe" and isinstance(node.get(k), str):
+            node[k] = {"preset": node[k]}  # "recipe: fgsm" is short for {preset: fgsm}
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = node[k] = {}
+        node = nxt
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    data = read_spec_file(str(path))
+    try:
+        sweep = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{path}: invalid sweep\n{format_validation_error(e)}") from e
+    if isinstance(sweep.base, str):
+        base_path = Path(sweep.base)
+        if not base_path.is_absolute():
+            base_path = Path(path).parent / base_path
+        sweep.base = read_spec_file(str(base_path))
+    return sweep
+
+
+def expand(sweep: SweepSpec) -> list[Child]:
+    """Every child of the sweep as a validated JobSpec (SpecError names the failing child)."""
+    if isinstance(sweep.base, str):
+        raise SpecError("sweep.base must be resolved to a mapping first (load_sweep does)")
+    variants = sweep.variants or {"": {}}
+    keys = list(sweep.grid)
+    combos = list(itertools.product(*(sweep.grid[k] for k in keys)))
+    if len(variants) * len(combos) > MAX_CHILDREN:
+        raise SpecError(f"the sweep has {len(variants) * len(combos)} children; at most "
+                        f"{MAX_CHILDREN}")
+    children: list[Child] = []
+    for vname, override in variants.items():
+        for combo in combos:
+            data = merge(copy.deepcopy(sweep.base), override, by_kind=False)
+            for k, value in zip(keys, combo, strict=True):
+                _set(data, k, value)
+            if sweep.stop_on_catastrophic_overfitting:
+                _set(data, "evaluation.monitor.stop_on_co", True)
+            parts = ([vname] if vname else []) + [
+                f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in zip(keys, combo, strict=True)]
+            name = "_".join(parts) or "base"
+            data.setdefault("name", name)
+            try:
+                spec = JobSpec.model_validate(data)
+            except ValidationError as e:
+                raise SpecError(f"sweep child {name}: invalid job spec\n"
+                                f"{format_validation_error(e)}") from e
+            except ValueError as e:
+                raise SpecError(f"sweep child {name}: {e}") from e
+            overrides = ({"variant": vname} if vname else {}) | dict(zip(keys, combo,
+                                                                         strict=True))
+            children.append(Child(name, overrides, spec))
+    names = [c.name for c in children]
+    if len(set(names)) != len(names):
+        raise SpecError("two sweep children share a name; give the variants distinct names")
+    return children

@@ -1,0 +1,95 @@
+"""Submit job specs side by side through the API, follow them, print one comparison table.
+
+    python examples/quickstart.py examples/mnist-fgsm.yaml examples/mnist-n-fgsm.yaml
+
+Uses the SDK (``import bulwark``): the URL and key come from $BULWARK_URL / $BULWARK_API_KEY
+or the key file of a running ``bulwark serve``. Exit code 0 when every job succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+import bulwark
+
+
+def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str, int]) -> None:
+    """One line per epoch (monitor accuracies) and per catastrophic-overfitting event."""
+    for ev in job.events():
+        d = ev.data
+        line = None
+        if ev.type == "started":
+            epochs[label] = d.get("epochs", 0)
+        elif ev.type == "epoch" and d.get("monitor"):
+            m = d["monitor"]
+            line = (f"epoch {d['epoch']}/{epochs.get(label, '?')}  monitor clean "
+                    f"{m['clean_acc']:.3f}  FGSM {m['fgsm_acc']:.3f}  PGD {m['pgd_acc']:.3f}"
+                    f"  ({d['train_seconds']:.0f} s)")
+        elif ev.type == "catastrophic_overfitting":
+            line = (f"!! catastrophic overfitting at epoch {d['epoch']}: PGD {d['pgd_acc']:.3f} "
+                    f"while FGSM {d['fgsm_acc']:.3f}")
+        elif ev.type == "phase" and d.get("attack"):
+            line = f"final evaluation: {d['attack']} on {d.get('n')} test images"
+        elif ev.type in ("succeeded", "failed", "cancelled"):
+            line = ev.type + (f": {d.get('error')}" if d.get("error") else "")
+        if line:
+            with lock:
+                print(f"[{label:<12}] {line}", flush=True)
+
+
+def row(label: str, job: bulwark.Job) -> list[str]:
+    info = job.status()
+    if info.state != "succeeded":
+        return [label, info.state, "-", "-", "-", "-", "-"]
+    r = job.report()
+    f = r.final
+    seconds = (info.finished_at - info.started_at).total_seconds() if info.started_at else 0
+    co = ", ".join(map(str, r.co_epochs)) or "none"
+    pgd = f.pgd
+    return [label, info.state, f"{f.clean_acc:.3f}", f"{f.fgsm.acc:.3f}" if f.fgsm else "-",
+            f"{pgd.acc:.3f}" if pgd else "-", co, f"{seconds:.0f}"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("specs", nargs="+", help="job spec files, one job each")
+    args = ap.parse_args()
+    client = bulwark.Client()
+    jobs = []
+    for path in args.specs:
+        job = client.submit(path)
+        spec = job.info.spec
+        label = spec.get("name") or spec["recipe"].get("preset") or job.id[:8]
+        jobs.append((label, job))
+        print(f"submitted {label}: job {job.id}", flush=True)
+    lock, epochs = threading.Lock(), {}
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=follow, args=(job, label, lock, epochs), daemon=True)
+               for label, job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+
+    eps = jobs[0][1].info.spec["threat"]["epsilon"]
+    head = ["job", "state", "clean", "FGSM", "PGD", "CO at epoch", "seconds"]
+    rows = [head] + [row(label, job) for label, job in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    print(f"\nSide by side on the test set (ε = {eps:g}; PGD = the job's final PGD attack):")
+    for r in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    print(f"(both jobs ran at once on {len(jobs)} workers; {wall:.0f} s wall)")
+    print("\nreports:")
+    for label, job in jobs:
+        print(f"  {label:<12} {client.url}/v1/jobs/{job.id}/report   (html: .../artifacts/"
+              f"report.html; or: bulwark download {job.id[:8]} report.html)")
+    return 0 if all(job.status().state == "succeeded" for _, job in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

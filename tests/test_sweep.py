@@ -1,0 +1,139 @@
+"""Sweeps: expansion of a base spec x grid x variants, and the local, resumable runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from contract.spec import SpecError
+from contract.sweep import MAX_CHILDREN, SweepSpec, expand, load_sweep
+from workers.engine.runner import Cancelled, run_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "dataset": {"name": "synthetic", "val_size": 64,
+                "synthetic": {"image_size": 8, "n_train": 256, "n_test": 64, "num_classes": 4}},
+    "threat": {"epsilon": "8/255"},
+    "recipe": "fgsm",
+    "schedule": {"epochs": 2, "batch_size": 64, "lr": {"kind": "cyclic", "lr_max": 0.05}},
+    "evaluation": {"monitor": {"size": 64, "pgd_steps": 2},
+                   "final": {"n": 32, "pgd": {"steps": 2, "restarts": 1}, "autoattack": None}},
+}
+
+
+def test_grid_times_variants_in_file_order():
+    sweep = SweepSpec.model_validate({
+        "base": BASE,
+        "variants": {"plain": {}, "elle": {"recipe": {"preset": "fgsm-elle",
+                                                      "regularizers": [{"kind": "elle",
+                                                                        "lam": 50}]}}},
+        "grid": {"threat.epsilon": [0.1, "16/255"], "schedule.seed": [0, 1]},
+    })
+    children = expand(sweep)
+    assert [c.name for c in children] == [
+        f"{v}_epsilon={e}_seed={s}" for v in ("plain", "elle") for e in ("0.1", "16-255")
+        for s in (0, 1)]
+    c = children[5]  # elle, 0.1, seed 1
+    assert c.overrides == {"variant": "elle", "threat.epsilon": 0.1, "schedule.seed": 1}
+    assert c.spec.threat.epsilon == 0.1 and c.spec.schedule.seed == 1
+    assert c.spec.recipe.regularizers[0].lam == 50 and c.spec.name == c.name
+    assert children[2].spec.threat.epsilon == pytest.approx(16 / 255)
+    assert all(ch.spec.recipe.adversary.kind == "fgsm" for ch in children)
+
+
+def test_grid_over_a_preset_named_by_string_and_stop_on_co():
+    sweep = SweepSpec.model_validate({"base": BASE, "grid": {"recipe.preset": ["fgsm", "n-fgsm"]},
+                                      "stop_on_catastrophic_overfitting": True})
+    a, b = expand(sweep)
+    assert (a.spec.recipe.adversary.kind, b.spec.recipe.adversary.kind) == ("fgsm", "n_fgsm")
+    assert a.spec.evaluation.monitor.stop_on_co and b.spec.evaluation.monitor.stop_on_co
+
+
+def test_bad_sweeps_name_the_child_and_field(tmp_path):
+    with pytest.raises(SpecError, match=r"(?s)sweep child epsilon=2:.*threat.epsilon.*\(0, 1\]"):
+        expand(SweepSpec.model_validate({"base": BASE, "grid": {"threat.epsilon": [0.1, 2]}}))
+    with pytest.raises(ValueError, match="dotted spec field"):
+        SweepSpec.model_validate({"base": BASE, "grid": {"Threat/eps": [1]}})
+    with pytest.raises(ValueError, match="at least one value"):
+        SweepSpec.model_validate({"base": BASE, "grid": {"threat.epsilon": []}})
+    big = {"base": BASE, "grid": {"schedule.seed": list(range(MAX_CHILDREN + 1))}}
+    with pytest.raises(SpecError, match="at most"):
+        expand(SweepSpec.model_validate(big))
+    path = tmp_path / "s.yaml"
+    path.write_text("grid: {schedule.seed: [0]}\n")
+    with pytest.raises(SpecError, match=r"s.yaml: invalid sweep\nbase: Field required"):
+        load_sweep(path)
+
+
+def test_base_may_be_a_spec_file_next_to_the_sweep(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
+        {"base": "base.yaml", "grid": {"schedule.seed": [3]}}))
+    (child,) = expand(load_sweep(tmp_path / "sweep.yaml"))
+    assert child.spec.schedule.seed == 3 and child.spec.dataset.name == "synthetic"
+
+
+def _sweep_cli(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path),
+                           "--out", str(out), *extra], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+
+
+def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": [0, 1]},
+                                    "variants": {"fgsm": {}, "bad": {
+                                        "dataset": {"name": "npz", "path": "/nonexistent.npz"}
+                                    }}}, sort_keys=False))
+    out = tmp_path / "runs"
+    # An interrupted child: seed 1 stopped after its first epoch, as a killed sweep leaves it.
+    (child,) = [c for c in expand(load_sweep(path)) if c.name == "fgsm_seed=1"]
+    epochs = []
+    with pytest.raises(Cancelled):
+        run_job(child.spec, out / child.name, progress=False,
+                on_event=lambda k, d: epochs.append(k),
+                should_stop=lambda: epochs.count("epoch") >= 1)
+    ckpt_path = out / child.name / "checkpoint.pt"
+    state = torch.load(ckpt_path, weights_only=True)
+    assert state["epoch"] == 1
+    state["history"][0]["train_loss"] = 123.0  # a marker only a resumed run carries over
+    torch.save(state, ckpt_path)
+
+    proc = _sweep_cli(path, out, "--parallel", "2")
+    assert proc.returncode == 1, "one child fails"
+    table = json.loads((out / "sweep.json").read_text())["children"]
+    by = {r["name"]: r for r in table}
+    assert [r["name"] for r in table] == ["fgsm_seed=0", "fgsm_seed=1", "bad_seed=0",
+                                          "bad_seed=1"]
+    assert by["fgsm_seed=0"]["state"] == "succeeded" and by["fgsm_seed=0"]["n"] == 32
+    assert by["bad_seed=0"]["state"] == "failed"
+    assert "/nonexistent.npz" in by["bad_seed=0"]["error"]
+    resumed = json.loads((out / "fgsm_seed=1" / "report.json").read_text())
+    assert resumed["history"][0]["train_loss"] == 123.0, "continued from the checkpoint"
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert not (out / "fgsm_seed=1" / "checkpoint.pt").exists(), "cleaned after success"
+    assert "fgsm_seed=0" in proc.stdout and "clean" in proc.stdout
+
+    mtime = (out / "fgsm_seed=0" / "report.json").stat().st_mtime_ns
+    again = _sweep_cli(path, out)
+    assert "already done" in again.stdout
+    assert (out / "fgsm_seed=0" / "report.json").stat().st_mtime_ns == mtime, "not re-run"
+    skipped = {r["name"]: r.get("skipped") for r in
+               json.loads((out / "sweep.json").read_text())["children"]}
+    assert skipped["fgsm_seed=0"] and skipped["fgsm_seed=1"]
+
+
+def test_dry_run_lists_children(tmp_path):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"base": BASE, "grid": {"threat.norm": ["Linf", "L2"]}}))
+    proc = _sweep_cli(path, tmp_path / "x", "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.split() == ["norm=Linf", "norm=L2", "2",
+                                                             "children"]
+    assert not (tmp_path / "x").exists()

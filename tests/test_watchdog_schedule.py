@@ -1,0 +1,127 @@
+"""The catastrophic-overfitting watchdog, ε warm-up, the Adam option, stopping at CO and the
+divergence guard: scripted inputs with hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from contract.spec import JobSpec
+from workers.engine.monitor import COWatchdog
+from workers.engine.runner import Diverged, run_job
+from workers.engine.schedule import build_optimizer, epsilon_at
+
+
+def m(clean, fgsm, pgd):
+    return {"clean_acc": clean, "fgsm_acc": fgsm, "pgd_acc": pgd, "n": 100}
+
+
+def test_watchdog_flags_a_collapse_after_robustness():
+    w = COWatchdog(co_drop=0.5, co_gap=0.2)
+    flags = [w.check(e, x) for e, x in enumerate(
+        [m(0.6, 0.4, 0.30), m(0.8, 0.5, 0.40), m(0.9, 0.9, 0.05), m(0.95, 0.95, 0.0),
+         m(0.9, 0.5, 0.41)], start=1)]
+    assert flags == [False, False, True, True, False]
+    assert [e["epoch"] for e in w.events] == [3], "one event at the onset"
+    assert w.events[0]["best_pgd_acc"] == 0.40
+
+
+def test_watchdog_flags_a_model_that_was_never_robust():
+    """MNIST ε = 0.3 with plain FGSM: PGD is 0 from the first epoch while FGSM climbs."""
+    w = COWatchdog()
+    assert w.check(1, m(0.9, 0.59, 0.004))
+    assert w.events[0]["epoch"] == 1
+
+
+def test_watchdog_quiet_at_chance_and_for_robust_models():
+    w = COWatchdog()
+    assert not w.check(1, m(0.11, 0.11, 0.11)), "chance level: no gap"
+    assert not w.check(2, m(0.95, 0.70, 0.40)), "PGD above half of FGSM"
+    assert not w.check(3, m(0.95, 0.70, 0.36)), "0.36 > 0.5 * max(0.40, 0.70) = 0.35"
+    assert w.check(4, m(0.95, 0.70, 0.34)), "0.34 < 0.35 and the gap is 0.36"
+    w2 = COWatchdog()
+    assert not w2.check(1, m(0.5, 0.25, 0.12)), "gap 0.13 < 0.2"
+
+
+def test_watchdog_state_round_trip():
+    w = COWatchdog()
+    w.check(1, m(0.8, 0.5, 0.4))
+    w.check(2, m(0.9, 0.9, 0.0))
+    w2 = COWatchdog()
+    w2.load_state_dict(w.state_dict())
+    assert w2.check(3, m(0.9, 0.9, 0.0)) and len(w2.events) == 1, "still flagged: no new event"
+
+
+def test_epsilon_warmup_is_a_linear_ramp():
+    assert epsilon_at(0.3, 0, 0.0) == 0.3
+    assert epsilon_at(0.3, 2, 0.0) == 0.0
+    assert math.isclose(epsilon_at(0.3, 2, 0.5), 0.075)
+    assert math.isclose(epsilon_at(0.3, 2, 1.5), 0.225)
+    assert epsilon_at(0.3, 2, 2.0) == 0.3 and epsilon_at(0.3, 2, 7.0) == 0.3
+
+
+def test_adam_is_built_with_the_spec_weight_decay():
+    spec = JobSpec.model_validate({"schedule": {"optimizer": "adam", "weight_decay": 1e-4}})
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], spec.schedule)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 1e-4
+    sgd = build_optimizer([torch.nn.Parameter(torch.zeros(2))], JobSpec().schedule)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="nesterov"):
+        JobSpec.model_validate({"schedule": {"optimizer": "adam", "nesterov": True}})
+    with pytest.raises(ValueError, match="epsilon_warmup"):
+        JobSpec.model_validate({"schedule": {"epochs": 2}, "threat": {"epsilon_warmup": 3}})
+
+
+def _digits(**over):
+    spec = {"dataset": {"name": "digits", "val_size": 256}, "threat": {"epsilon": 0.3},
+            "recipe": "fgsm",
+            "schedule": {"epochs": 3, "batch_size": 64, "optimizer": "adam",
+                         "weight_decay": 0, "lr": {"kind": "cyclic", "lr_max": 0.01}},
+            "evaluation": {"monitor": {"size": 128, "pgd_steps": 5},
+                           "final": {"n": 64, "pgd": {"steps": 5, "restarts": 1},
+                                     "autoattack": None}}}
+    for k, v in over.items():
+        old = spec.get(k)
+        spec[k] = {**old, **v} if isinstance(v, dict) and isinstance(old, dict) else v
+    return JobSpec.model_validate(spec)
+
+
+def test_training_epsilon_follows_the_warmup(tmp_path):
+    spec = _digits(threat={"epsilon": 0.2, "epsilon_warmup": 2})
+    r = run_job(spec, tmp_path, progress=False)
+    steps = math.ceil(r["dataset"]["train"] / 64)
+    eps = [h["train_epsilon"] for h in r["history"]]
+    # the value at each epoch's last step t = e + (steps - 1) / steps
+    assert eps[0] == pytest.approx(0.2 * ((steps - 1) / steps) / 2)
+    assert eps[1] == pytest.approx(0.2 * min((1 + (steps - 1) / steps) / 2, 1))
+    assert eps[2] == pytest.approx(0.2)
+
+
+def test_stop_on_co_goes_straight_to_the_final_evaluation(tmp_path):
+    # An lr so large that the monitor is fooled early: force the rule with co_gap tiny and
+    # co_drop close to 1, so the first epoch whose PGD is below its FGSM stops the run.
+    spec = _digits(schedule={"epochs": 6},
+                   evaluation={"monitor": {"size": 128, "pgd_steps": 5, "co_drop": 0.99,
+                                           "co_gap": 0.01, "stop_on_co": True}})
+    events = []
+    r = run_job(spec, tmp_path, progress=False, on_event=lambda k, d: events.append(k))
+    stopped = r["stopped_early"]
+    assert stopped is not None and stopped["reason"] == "catastrophic_overfitting"
+    assert len(r["history"]) == stopped["epoch"] < 6
+    assert r["history"][-1]["catastrophic_overfitting"]
+    assert "stopped_early" in events and events.index("stopped_early") < events.index("finished")
+    assert r["final"]["n"] == 64, "the final suite still runs"
+    # resuming the stopped run does not train further
+    r2 = run_job(spec, tmp_path, progress=False, resume=True)
+    assert len(r2["history"]) == len(r["history"])
+
+
+def test_a_non_finite_loss_fails_the_run_with_advice(tmp_path):
+    spec = _digits(schedule={"epochs": 2, "optimizer": "sgd",
+                             "lr": {"kind": "constant", "lr_max": 10.0}},
+                   recipe={"preset": "fgsm-elle", "regularizers": [{"kind": "elle",
+                                                                    "lam": 1e6}]})
+    with pytest.raises(Diverged, match="diverged in epoch 1.*lr_max"):
+        run_job(spec, tmp_path, progress=False)

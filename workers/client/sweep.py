@@ -1,0 +1,119 @@
+"""``bulwark sweep SWEEP.yaml --out DIR [--parallel N]``: run a sweep's children locally.
+
+Each child runs as ``bulwark run DIR/<child>/spec.json --out DIR/<child> --resume`` in its own
+process (threads split evenly between the parallel children), so the sweep is resumable:
+a child with a ``report.json`` is skipped, an unfinished one continues from its checkpoint.
+``DIR/sweep.json`` lists every child with its overrides, state and headline figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from contract.artifacts import REPORT
+from contract.sweep import Child
+
+SWEEP_FILE = "sweep.json"
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures a sweep table shows for one finished child."""
+    final = report["final"]
+    attacks = final.get("attacks", {})
+    pgd = next((v["acc"] for k, v in attacks.items() if k.startswith("pgd")), None)
+    history = report.get("history") or []
+    return {
+        "clean_acc": final.get("clean_acc"), "fgsm_acc": attacks.get("fgsm", {}).get("acc"),
+        "pgd_acc": pgd, "autoattack_acc": next(
+            (v["acc"] for k, v in attacks.items() if k.startswith("autoattack")), None),
+        "n": final.get("n"),
+        "co_epochs": [e["epoch"] for e in report.get("events", [])
+                      if e.get("type") == "catastrophic_overfitting"],
+        "epochs_run": len(history),
+        "seconds": report.get("timing", {}).get("total"),
+        "seconds_per_epoch": (sum(h["train_seconds"] for h in history) / len(history)
+                              if history else None),
+    }
+
+
+def _run_child(child: Child, out: Path, device: str, threads: int) -> dict[str, Any]:
+    folder = out / child.name
+    folder.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"name": child.name, "overrides": child.overrides}
+    if (folder / REPORT).is_file():
+        return {**row, "state": "succeeded", "skipped": True,
+                **headline(json.loads((folder / REPORT).read_text()))}
+    spec_path = folder / "spec.json"
+    spec_path.write_text(child.spec.model_dump_json(indent=2))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    with open(folder / "run.log", "a") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "workers.client.cli", "run", str(spec_path), "--out",
+             str(folder), "--resume", "--quiet", "--device", device],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode == 0 and (folder / REPORT).is_file():
+        return {**row, "state": "succeeded",
+                **headline(json.loads((folder / REPORT).read_text()))}
+    lines = (folder / "run.log").read_text().strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("bulwark: error:")]
+    return {**row, "state": "failed", "seconds": time.perf_counter() - t0,
+            "error": (errors[-1] if errors else (lines[-1] if lines else "no output"))
+            .removeprefix("bulwark: error: ")}
+
+
+def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: str = "auto",
+              on_done=None) -> list[dict[str, Any]]:
+    """Run every child (skipping finished ones); returns and writes the sweep table."""
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
+    rows: dict[str, dict[str, Any]] = {}
+
+    def write() -> None:
+        ordered = [rows[c.name] for c in children if c.name in rows]
+        tmp = out / (SWEEP_FILE + ".tmp")
+        tmp.write_text(json.dumps({"children": ordered}, indent=2))
+        os.replace(tmp, out / SWEEP_FILE)
+
+    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+        futures = {pool.submit(_run_child, c, out, device, threads): c for c in children}
+        for fut in as_completed(futures):
+            row = fut.result()
+            rows[row["name"]] = row
+            write()
+            if on_done is not None:
+                on_done(row)
+    return [rows[c.name] for c in children]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "-"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """An aligned text table: child, state, clean, FGSM, PGD, AutoAttack, CO epochs, seconds."""
+    cols = [("child", "name"), ("state", "state"), ("clean", "clean_acc"), ("fgsm", "fgsm_acc"),
+            ("pgd", "pgd_acc"), ("autoattack", "autoattack_acc"), ("CO at", "co_epochs"),
+            ("s/epoch", "seconds_per_epoch"), ("seconds", "seconds")]
+    cells = [[h for h, _ in cols]] + [
+        [_fmt(r.get(k)) if k != "seconds" or r.get(k) is None else f"{r[k]:.0f}"
+         for _, k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    failed = [f"{r['name']}: {r['error']}" for r in rows if r.get("state") == "failed"]
+    return "\n".join(lines + ([""] + failed if failed else []))
