@@ -217,6 +217,14 @@ def test_gaussian_job_certifies_and_evaluate_mode_reproduces(tmp_path):
     assert again["certification"]["certified_accuracy"] == acc
     assert again["final"]["clean_acc"] == report["final"]["clean_acc"]
 
+    # the summary `bulwark run` and `bulwark report` print includes the certification
+    from contract.report import Report
+
+    text = Report.model_validate(report).summary()
+    assert "certified (σ=0.25, n=1000, α=0.001, 40 points)" in text
+    assert f"r=0: {acc[0]:.3f}" in text and f"ACR {cert['acr']:.3f}" in text
+    assert f"smoothed PGD (ℓ2 ε=0.25) {emp['acc']:.4f}  (n=16)" in text
+
 
 def test_evaluate_mode_needs_loadable_weights(tmp_path):
     with pytest.raises(ValueError, match="model.weights is required"):
@@ -237,3 +245,32 @@ def test_cli_submit_reads_the_spec_like_run_does(tmp_path):
     proc = _cli("submit", str(bad), "--url", "http://127.0.0.1:9")
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_validate_says_where_the_data_is(tmp_path):
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("dataset: {name: mnist}\nthreat: {norm: Linf, epsilon: 0.3}\n")
+    proc = _cli("validate", str(ok), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["threat"]["norm"] == "linf", "norm in any case"
+    assert "data: mnist found at" in proc.stderr and str(REPO / "data" / "mnist") in proc.stderr
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"dataset: {{name: cifar10, root: {tmp_path / 'none'}}}\n")
+    proc = _cli("validate", str(missing), cwd=tmp_path)
+    assert proc.returncode == 1 and "data: NOT FOUND" in proc.stderr
+    assert str(tmp_path / "none" / "cifar-10-batches-py") in proc.stderr
+
+
+def test_cli_presets_shows_every_part_aligned():
+    proc = _cli("presets", "--epsilon", "16/255")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = lines[0].split()
+    assert header == ["preset", "adversary", "loss", "regularizers", "awp", "labels", "wa",
+                      "epochs", "optimizer", "lr"]
+    rows = {ln.split()[0]: ln for ln in lines[1:-1]}
+    assert "elle(lam=5000)" in rows["fgsm-elle"], "λ resolved at the ε asked"
+    assert "awp(gamma=0.005, warmup=10)" in rows["trades-awp"]
+    assert "adr(τ 2.5→2, λ 0.7→0.95)" in rows["pgd-adr"] and "ema(0.995)" in rows["pgd-adr"]
+    col = lines[0].index("loss")
+    assert all(ln[col - 2:col] == "  " for ln in lines[1:-1]), "columns line up"
