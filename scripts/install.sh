@@ -14,4 +14,13 @@ $PIP install --quiet -c constraints.txt -e ".[dev]"
 # torchattacks 3.5.1 declares torchvision and requests~=2.25.1 but imports neither; its real
 # needs (numpy, scipy, tqdm) come with Bulwark's own dependencies.
 $PIP install --quiet --no-deps "torchattacks==3.5.1"
+# Debian's Chromium for the browser test of /docs (Playwright drives the system browser and
+# never downloads one). Installed only where it is missing and apt is ours to use.
+if [ -z "${BULWARK_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "note: could not install chromium; the browser test will skip" >&2
+fi
 "$VENV/bin/python" -c "import torch, torchattacks; print('bulwark env ready: torch', torch.__version__, '| torchattacks', torchattacks.__version__)"

@@ -7,7 +7,7 @@
 # Usage: scripts/quickstart.sh [SPEC ...]      (default: the two quick-start specs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh
+BULWARK_NO_CHROMIUM=1 scripts/install.sh   # the browser is for the tests only
 VENV=${VENV:-.venv}
 if [ "$#" -eq 0 ]; then
   set -- examples/quickstart/mnist-fgsm.yaml examples/quickstart/mnist-single-step.yaml

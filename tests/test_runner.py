@@ -274,3 +274,28 @@ def test_cli_presets_shows_every_part_aligned():
     assert "adr(τ 2.5→2, λ 0.7→0.95)" in rows["pgd-adr"] and "ema(0.995)" in rows["pgd-adr"]
     col = lines[0].index("loss")
     assert all(ln[col - 2:col] == "  " for ln in lines[1:-1]), "columns line up"
+
+
+def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path):
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({
+        "name": "bars", "dataset": {"name": "digits", "val_size": 128},
+        "threat": {"epsilon": 0.1}, "recipe": "fgsm",
+        "schedule": {"epochs": 1, "batch_size": 64},
+        "evaluation": {"monitor": {"size": 64, "pgd_steps": 2},
+                       "final": {"n": 64, "pgd": {"steps": 2, "restarts": 1},
+                                 "autoattack": {"version": "apgd-ce"}}}}))
+    import os
+
+    env = {**os.environ, "COLUMNS": "0", "LINES": "0"}
+    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(spec),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for phase in ("bars train", "bars last fgsm", "bars last pgd2-1",
+                  "bars last autoattack-apgd-ce"):
+        assert phase in proc.stderr, f"no bar for {phase!r}:\n{proc.stderr}"
+    frames = [f for line in proc.stderr.splitlines() for f in line.split("\r") if f.strip()]
+    assert max(len(f) for f in frames) <= 100, "the 100-column fallback"
+    assert "64/64" in proc.stderr, "attack bars count test points"
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()

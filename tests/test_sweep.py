@@ -137,3 +137,30 @@ def test_dry_run_lists_children(tmp_path):
     assert proc.returncode == 0 and proc.stdout.split() == ["norm=Linf", "norm=L2", "2",
                                                              "children"]
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_stops_the_sweep_and_its_children_and_keeps_checkpoints(tmp_path):
+    import os
+    import signal
+    import time
+
+    base = {**BASE, "schedule": {**BASE["schedule"], "epochs": 40}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "grid": {"schedule.seed": [0, 1, 2]}}))
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "workers.client.cli", "sweep", str(path),
+                             "--out", str(out), "--parallel", "2"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "seed=0" / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert left.strip() == "", "no child outlives the sweep"
+    assert not (out / "seed=2").exists(), "no new child started after Ctrl-C"
+    ckpt = torch.load(out / "seed=0" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] >= 1
+    assert os.path.exists(out / "seed=0" / "spec.json")

@@ -101,7 +101,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"  {row['state']:<9} {row['name']}  {figures}"
               f"{'  (already done)' if row.get('skipped') else ''}", flush=True)
 
-    rows = run_sweep(children, out, parallel=args.parallel, device=args.device, on_done=done)
+    try:
+        rows = run_sweep(children, out, parallel=args.parallel, device=args.device,
+                         on_done=done)
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; run the same command again to resume: bulwark sweep "
+                     f"{args.sweep} --out {out}", 130)
     print(table(rows))
     print(f"table: {out / SWEEP_FILE}")
     return 0 if all(r["state"] == "succeeded" for r in rows) else 1

@@ -8,19 +8,14 @@ the trainer's own ETA). A catastrophic-overfitting event prints a line above the
 
 from __future__ import annotations
 
-import shutil
 import sys
 from typing import Any
 
 from tqdm import tqdm
 
+from workers.engine.bars import bar
+
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def bar(**kwargs: Any) -> tqdm:
-    """A tqdm bar as wide as the terminal; 100 columns when it reports none (or 0)."""
-    return tqdm(ncols=shutil.get_terminal_size((100, 24)).columns or 100, file=sys.stderr,
-                **kwargs)
 
 
 class ProgressView:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -21,6 +23,7 @@ from contract.artifacts import REPORT
 from contract.sweep import Child
 
 SWEEP_FILE = "sweep.json"
+SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1}
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -37,43 +40,74 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "co_epochs": [e["epoch"] for e in report.get("events", [])
                       if e.get("type") == "catastrophic_overfitting"],
         "epochs_run": len(history),
+        "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
+                        for h in history],
         "seconds": report.get("timing", {}).get("total"),
         "seconds_per_epoch": (sum(h["train_seconds"] for h in history) / len(history)
                               if history else None),
     }
 
 
-def _run_child(child: Child, out: Path, device: str, threads: int) -> dict[str, Any]:
-    folder = out / child.name
-    folder.mkdir(parents=True, exist_ok=True)
-    row: dict[str, Any] = {"name": child.name, "overrides": child.overrides}
-    if (folder / REPORT).is_file():
-        return {**row, "state": "succeeded", "skipped": True,
-                **headline(json.loads((folder / REPORT).read_text()))}
-    spec_path = folder / "spec.json"
-    spec_path.write_text(child.spec.model_dump_json(indent=2))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.perf_counter()
-    with open(folder / "run.log", "a") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "workers.client.cli", "run", str(spec_path), "--out",
-             str(folder), "--resume", "--quiet", "--device", device],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode == 0 and (folder / REPORT).is_file():
-        return {**row, "state": "succeeded",
-                **headline(json.loads((folder / REPORT).read_text()))}
-    lines = (folder / "run.log").read_text().strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("bulwark: error:")]
-    return {**row, "state": "failed", "seconds": time.perf_counter() - t0,
-            "error": (errors[-1] if errors else (lines[-1] if lines else "no output"))
-            .removeprefix("bulwark: error: ")}
+class _Runner:
+    """Runs children as subprocesses; ``stop()`` (Ctrl-C) starts no new child and ends the
+    running ones, whose checkpoints let the next ``bulwark sweep`` resume them."""
+
+    def __init__(self, out: Path, device: str, threads: int):
+        self.out, self.device, self.threads = out, device, threads
+        self.stopping = threading.Event()
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            for proc in self.procs:
+                proc.send_signal(signal.SIGINT)
+
+    def __call__(self, child: Child) -> dict[str, Any]:
+        folder = self.out / child.name
+        folder.mkdir(parents=True, exist_ok=True)
+        row: dict[str, Any] = {"name": child.name, "overrides": child.overrides}
+        if (folder / REPORT).is_file():
+            return {**row, "state": "succeeded", "skipped": True,
+                    **headline(json.loads((folder / REPORT).read_text()))}
+        if self.stopping.is_set():
+            return {**row, "state": "interrupted"}
+        spec_path = folder / "spec.json"
+        spec_path.write_text(child.spec.model_dump_json(indent=2))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
+                   MKL_NUM_THREADS=str(self.threads))
+        t0 = time.perf_counter()
+        with open(folder / "run.log", "a") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.client.cli", "run", str(spec_path), "--out",
+                 str(folder), "--resume", "--quiet", "--device", self.device],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            with self.lock:
+                self.procs.add(proc)
+            try:
+                code = proc.wait()
+            finally:
+                with self.lock:
+                    self.procs.discard(proc)
+        if code == 0 and (folder / REPORT).is_file():
+            return {**row, "state": "succeeded",
+                    **headline(json.loads((folder / REPORT).read_text()))}
+        if self.stopping.is_set():
+            return {**row, "state": "interrupted"}
+        lines = (folder / "run.log").read_text().strip().splitlines()
+        errors = [ln for ln in lines if ln.startswith("bulwark: error:")]
+        return {**row, "state": "failed", "seconds": time.perf_counter() - t0,
+                "error": (errors[-1] if errors else (lines[-1] if lines else "no output"))
+                .removeprefix("bulwark: error: ")}
 
 
 def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: str = "auto",
               on_done=None) -> list[dict[str, Any]]:
-    """Run every child (skipping finished ones); returns and writes the sweep table."""
+    """Run every child (skipping finished ones); returns and writes the sweep table.
+    KeyboardInterrupt stops the sweep; run it again to resume."""
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
+    runner = _Runner(out, device, max(1, (os.cpu_count() or 1) // max(parallel, 1)))
     rows: dict[str, dict[str, Any]] = {}
 
     def write() -> None:
@@ -82,14 +116,20 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
         tmp.write_text(json.dumps({"children": ordered}, indent=2))
         os.replace(tmp, out / SWEEP_FILE)
 
-    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        futures = {pool.submit(_run_child, c, out, device, threads): c for c in children}
+    pool = ThreadPoolExecutor(max_workers=max(parallel, 1))
+    try:
+        futures = [pool.submit(runner, c) for c in children]
         for fut in as_completed(futures):
             row = fut.result()
             rows[row["name"]] = row
             write()
             if on_done is not None:
                 on_done(row)
+    except KeyboardInterrupt:
+        runner.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return [rows[c.name] for c in children]
 
 
@@ -99,6 +139,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     if isinstance(v, list):
+        if v and all(isinstance(x, float) or x is None for x in v):
+            return " ".join("-" if x is None else f"{x:.2f}" for x in v)
         return ",".join(map(str, v)) or "-"
     return str(v)
 
@@ -107,12 +149,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     """An aligned text table: child, state, clean, FGSM, PGD, AutoAttack, CO epochs, seconds."""
     cols = [("child", "name"), ("state", "state"), ("clean", "clean_acc"), ("fgsm", "fgsm_acc"),
             ("pgd", "pgd_acc"), ("autoattack", "autoattack_acc"), ("CO at", "co_epochs"),
-            ("s/epoch", "seconds_per_epoch"), ("seconds", "seconds")]
+            ("s/epoch", "seconds_per_epoch"), ("seconds", "seconds"),
+            ("monitor PGD by epoch", "monitor_pgd")]
     cells = [[h for h, _ in cols]] + [
-        [_fmt(r.get(k)) if k != "seconds" or r.get(k) is None else f"{r[k]:.0f}"
-         for _, k in cols] for r in rows]
+        [f"{r[k]:.{SECONDS_DIGITS[k]}f}" if k in SECONDS_DIGITS and r.get(k) is not None
+         else _fmt(r.get(k)) for _, k in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+    lines = ["  ".join(c.ljust(w) if i < 2 or i == len(cols) - 1 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in cells]
     failed = [f"{r['name']}: {r['error']}" for r in rows if r.get("state") == "failed"]

@@ -224,11 +224,11 @@ class Training:
         sched = self.spec.schedule
         bar = None
         if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.steps_per_epoch * sched.epochs,
-                       initial=self.start_epoch * self.steps_per_epoch, unit="step",
-                       dynamic_ncols=True,
-                       desc=self.spec.name or (self.spec.recipe.preset or "job"))
+            from workers.engine.bars import bar as progress_bar
+            bar = progress_bar(total=self.steps_per_epoch * sched.epochs,
+                               initial=self.start_epoch * self.steps_per_epoch, unit="step",
+                               desc=f"{self.spec.name or self.spec.recipe.preset or 'job'} "
+                                    "train")
         emit("started", {"epochs": sched.epochs, "start_epoch": self.start_epoch,
                          "device": str(self.dev)})
         last_epoch = sched.epochs if self.spec.mode == "train" and not self.stopped_early else 0
