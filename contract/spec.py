@@ -519,6 +519,12 @@ def load_spec_file(path: str) -> JobSpec:
         raise SpecError(f"{path}: invalid job spec\n{e}") from e
 
 
+def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal job specs (as dumped), whatever their names: a name changes nothing a run
+    computes, so a run may resume or be reused under another name."""
+    return {**a, "name": None} == {**b, "name": None}
+
+
 def as_spec(spec: Any) -> JobSpec:
     """A ``JobSpec`` from a JobSpec, a mapping, or the path of a JSON/YAML file."""
     from pathlib import Path

@@ -123,7 +123,7 @@ def expand(sweep: SweepSpec) -> list[Child]:
             parts = ([vname] if vname else []) + [
                 f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in zip(keys, combo, strict=True)]
             name = "_".join(parts) or "base"
-            data.setdefault("name", name)
+            data["name"] = name  # the child's jobs and reports carry its name
             try:
                 spec = JobSpec.model_validate(data)
             except ValidationError as e:

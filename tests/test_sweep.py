@@ -129,6 +129,18 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
                json.loads((out / "sweep.json").read_text())["children"]}
     assert skipped["fgsm_seed=0"] and skipped["fgsm_seed=1"]
 
+    other = tmp_path / "other.yaml"  # a second sweep into the same folder shares its table
+    other.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": [7]}}))
+    assert _sweep_cli(other, out).returncode == 0
+    names = [r["name"] for r in json.loads((out / "sweep.json").read_text())["children"]]
+    assert names == ["fgsm_seed=0", "fgsm_seed=1", "bad_seed=0", "bad_seed=1", "seed=7"]
+    changed = tmp_path / "changed.yaml"  # same child name, another spec: never reused
+    changed.write_text(yaml.safe_dump({"base": {**BASE, "schedule": {**BASE["schedule"],
+                                                                     "epochs": 1}},
+                                       "grid": {"schedule.seed": [7]}}))
+    proc = _sweep_cli(changed, out)
+    assert proc.returncode == 1 and "holds a finished run of another spec" in proc.stdout
+
 
 def test_dry_run_lists_children(tmp_path):
     path = tmp_path / "sweep.json"
@@ -139,7 +151,7 @@ def test_dry_run_lists_children(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_ctrl_c_stops_the_sweep_and_its_children_and_keeps_checkpoints(tmp_path):
+def test_sigterm_stops_the_sweep_and_its_children_and_keeps_checkpoints(tmp_path):
     import os
     import signal
     import time
@@ -155,7 +167,7 @@ def test_ctrl_c_stops_the_sweep_and_its_children_and_keeps_checkpoints(tmp_path)
     while not (out / "seed=0" / "checkpoint.pt").exists():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)  # as `kill` or a scheduler stops it (Ctrl-C alike)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command again to resume" in err
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout

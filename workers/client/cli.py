@@ -392,8 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a run or a sweep like Ctrl-C: checkpoints stay
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "sweep"):
+        import signal
+
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         return args.func(args)
     except KeyboardInterrupt:

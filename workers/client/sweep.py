@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.artifacts import REPORT
+from contract.spec import same_spec
 from contract.sweep import Child
 
 SWEEP_FILE = "sweep.json"
@@ -62,15 +63,19 @@ class _Runner:
         self.stopping.set()
         with self.lock:
             for proc in self.procs:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)  # `bulwark run` stops as on Ctrl-C
 
     def __call__(self, child: Child) -> dict[str, Any]:
         folder = self.out / child.name
         folder.mkdir(parents=True, exist_ok=True)
         row: dict[str, Any] = {"name": child.name, "overrides": child.overrides}
         if (folder / REPORT).is_file():
-            return {**row, "state": "succeeded", "skipped": True,
-                    **headline(json.loads((folder / REPORT).read_text()))}
+            report = json.loads((folder / REPORT).read_text())
+            if not same_spec(report.get("spec", {}), child.spec.model_dump(mode="json")):
+                return {**row, "state": "failed",
+                        "error": f"{folder} holds a finished run of another spec; delete it "
+                                 "or sweep into another --out"}
+            return {**row, "state": "succeeded", "skipped": True, **headline(report)}
         if self.stopping.is_set():
             return {**row, "state": "interrupted"}
         spec_path = folder / "spec.json"
@@ -110,11 +115,18 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
     runner = _Runner(out, device, max(1, (os.cpu_count() or 1) // max(parallel, 1)))
     rows: dict[str, dict[str, Any]] = {}
 
+    table_path = out / SWEEP_FILE
+    # sweeps that share a folder share its table: rows of other sweeps stay, ours update
+    earlier = (json.loads(table_path.read_text()).get("children", [])
+               if table_path.is_file() else [])
+    earlier_names = {r["name"] for r in earlier}
+
     def write() -> None:
-        ordered = [rows[c.name] for c in children if c.name in rows]
+        merged = [rows.get(r["name"], r) for r in earlier] + [
+            rows[c.name] for c in children if c.name in rows and c.name not in earlier_names]
         tmp = out / (SWEEP_FILE + ".tmp")
-        tmp.write_text(json.dumps({"children": ordered}, indent=2))
-        os.replace(tmp, out / SWEEP_FILE)
+        tmp.write_text(json.dumps({"children": merged}, indent=2))
+        os.replace(tmp, table_path)
 
     pool = ThreadPoolExecutor(max_workers=max(parallel, 1))
     try:

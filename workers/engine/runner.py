@@ -31,7 +31,7 @@ from contract.artifacts import (
     WEIGHTS,
 )
 from contract.report import Report
-from contract.spec import JobSpec, as_spec
+from contract.spec import JobSpec, as_spec, same_spec
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
 from workers.engine.checkpoint import (
@@ -204,7 +204,8 @@ class Training:
         if not path.exists():
             return False
         state = load_checkpoint(path, map_location=self.dev)
-        if state.get("spec") != self.spec.model_dump_json():
+        if not same_spec(json.loads(state.get("spec") or "{}"),
+                         json.loads(self.spec.model_dump_json())):
             raise ValueError(f"{path} was written for a different job spec; resume with "
                              "the same spec, or start over in another folder")
         self.model.load_state_dict(state["model"])
