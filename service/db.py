@@ -21,10 +21,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from contract.api import TERMINAL_STATES
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = TERMINAL_STATES  # the API contract's (contract.api)
 
 
 def utcnow() -> dt.datetime:

@@ -15,7 +15,9 @@ from typing import Any
 
 import redis
 
-TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
+from contract.api import TERMINAL_STATES
+
+TERMINAL_EVENTS = TERMINAL_STATES  # a job's stream ends with the event of its terminal state
 
 
 def stream_key(job_id: str) -> str:

@@ -141,6 +141,19 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
     proc = _sweep_cli(changed, out)
     assert proc.returncode == 1 and "holds a finished run of another spec" in proc.stdout
 
+    cmp = subprocess.run([sys.executable, "-m", "workers.client.cli", "compare", str(out),
+                          "--json", str(tmp_path / "cmp.json")], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert cmp.returncode == 0, cmp.stderr
+    runs = json.loads((tmp_path / "cmp.json").read_text())["runs"]
+    done = {r["name"]: r for r in runs if r["state"] == "succeeded"}
+    assert set(done) == {"fgsm_seed=0", "fgsm_seed=1", "seed=7"}
+    report = json.loads((out / "seed=7" / "report.json").read_text())
+    assert done["seed=7"]["clean_acc"] == report["final"]["clean_acc"]
+    assert done["seed=7"]["monitor_pgd"] == [round(h["monitor"]["pgd_acc"], 3)
+                                             for h in report["history"]]
+    assert cmp.stdout.splitlines()[0].split()[:3] == ["child", "state", "clean"]
+
 
 def test_dry_run_lists_children(tmp_path):
     path = tmp_path / "sweep.json"

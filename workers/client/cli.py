@@ -3,6 +3,7 @@
 Local, no server:
     bulwark run SPEC.{json,yaml} --out DIR [--device cpu|cuda|auto] [--resume]
     bulwark sweep SWEEP.yaml --out DIR [--parallel N]   a grid of runs, resumable
+    bulwark compare DIR [DIR ...]                      one table of finished runs
     bulwark validate SPEC         the spec as it will run (presets resolved), and its data
     bulwark presets               the named recipes, every part
 Service:
@@ -110,6 +111,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(table(rows))
     print(f"table: {out / SWEEP_FILE}")
     return 0 if all(r["state"] == "succeeded" for r in rows) else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workers.client.sweep import collect, table
+
+    rows = []
+    for folder in args.folders:
+        if not Path(folder).is_dir():
+            return _fail(f"{folder}: no such folder (give sweep --out folders)")
+        rows += [{**r, "name": f"{Path(folder).name}/{r['name']}" if len(args.folders) > 1
+                  else r["name"]} for r in collect(Path(folder))]
+    if not rows:
+        return _fail(f"no finished runs (*/report.json) in {', '.join(args.folders)}")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": rows}, indent=2))
+        print(f"table: {args.json}")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -317,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sw.add_argument("--dry-run", action="store_true", help="list the children and stop")
     sw.set_defaults(func=cmd_sweep)
+    cp = sub.add_parser("compare", help="one table of the finished runs in sweep folders")
+    cp.add_argument("folders", nargs="+", help="folders holding <run>/report.json")
+    cp.add_argument("--json", default=None, help="also write the table to this JSON file")
+    cp.set_defaults(func=cmd_compare)
     v = sub.add_parser("validate", help="check a spec and print it with presets resolved")
     v.add_argument("spec")
     v.set_defaults(func=cmd_validate)

@@ -13,9 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from contract.api import TERMINAL_STATES as TERMINAL
 from workers.engine.bars import bar
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class ProgressView:

@@ -145,6 +145,27 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
     return [rows[c.name] for c in children]
 
 
+def collect(folder: Path) -> list[dict[str, Any]]:
+    """The finished runs under ``folder`` (each ``<child>/report.json``), in the order of its
+    ``sweep.json`` where there is one, then by name; with their headline figures."""
+    order: list[dict[str, Any]] = []
+    if (folder / SWEEP_FILE).is_file():
+        order = json.loads((folder / SWEEP_FILE).read_text()).get("children", [])
+    known = {r["name"]: r for r in order}
+    names = [r["name"] for r in order] + sorted(
+        p.parent.name for p in folder.glob(f"*/{REPORT}") if p.parent.name not in known)
+    rows = []
+    for name in names:
+        path = folder / name / REPORT
+        if path.is_file():
+            report = json.loads(path.read_text())
+            rows.append({"name": name, "overrides": known.get(name, {}).get("overrides", {}),
+                         "state": "succeeded", **headline(report)})
+        elif name in known:
+            rows.append(known[name])
+    return rows
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
