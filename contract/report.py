@@ -73,7 +73,8 @@ class HistoryRow(_Open):
 
 
 class Event(_Open):
-    """A watchdog event, e.g. the onset of catastrophic overfitting."""
+    """A watchdog event: the onset of ``catastrophic_overfitting`` or of an
+    ``accuracy_collapse`` (clean accuracy under half its best)."""
 
     type: str
     epoch: int
@@ -81,6 +82,7 @@ class Event(_Open):
     fgsm_acc: float | None = None
     clean_acc: float | None = None
     best_pgd_acc: float | None = None
+    best_clean_acc: float | None = None
     rule: str | None = None
 
 
@@ -169,9 +171,13 @@ class Report(_Open):
                 lines.append(f"smoothed PGD (ℓ2 ε={c.empirical.params.get('eps', '?')}) "
                              f"{c.empirical.acc:.4f}  (n={c.empirical.n})")
         for e in self.events:
-            lines.append(f"event: {e.type} at epoch {e.epoch}"
-                         + (f" (pgd {e.pgd_acc:.3f}, fgsm {e.fgsm_acc:.3f})"
-                            if e.pgd_acc is not None and e.fgsm_acc is not None else ""))
+            if e.type == "accuracy_collapse" and e.clean_acc is not None:
+                figures = f" (clean {e.clean_acc:.3f}, best {e.best_clean_acc or 0:.3f})"
+            elif e.pgd_acc is not None and e.fgsm_acc is not None:
+                figures = f" (pgd {e.pgd_acc:.3f}, fgsm {e.fgsm_acc:.3f})"
+            else:
+                figures = ""
+            lines.append(f"event: {e.type} at epoch {e.epoch}{figures}")
         if self.stopped_early:
             lines.append(f"stopped early after epoch {self.stopped_early.get('epoch')} "
                          f"({self.stopped_early.get('reason')})")

@@ -45,6 +45,18 @@ def test_watchdog_quiet_at_chance_and_for_robust_models():
     assert not w2.check(1, m(0.5, 0.25, 0.12)), "gap 0.13 < 0.2"
 
 
+def test_watchdog_records_a_collapse_to_a_constant_predictor():
+    """N-FGSM + AAER on MNIST, ε = 0.3, seed 0 (experiments/quickstart): clean 0.92, 0.94,
+    then 0.12 for every attack alike; the CO rule sees no gap, the collapse rule sees it."""
+    w = COWatchdog()
+    flags = [w.check(e, x) for e, x in enumerate(
+        [m(0.92, 0.60, 0.49), m(0.94, 0.70, 0.58), m(0.12, 0.125, 0.125),
+         m(0.12, 0.125, 0.125), m(0.95, 0.7, 0.6)], start=1)]
+    assert flags == [False] * 5, "not catastrophic overfitting"
+    assert [(e["type"], e["epoch"]) for e in w.events] == [("accuracy_collapse", 3)]
+    assert w.events[0]["best_clean_acc"] == 0.94
+
+
 def test_watchdog_state_round_trip():
     w = COWatchdog()
     w.check(1, m(0.8, 0.5, 0.4))

@@ -61,6 +61,10 @@ class ProgressView:
             self.write(f"{self.label}: catastrophic overfitting at epoch {data.get('epoch')} "
                        f"(monitor PGD {data.get('pgd_acc', 0):.3f} vs FGSM "
                        f"{data.get('fgsm_acc', 0):.3f})")
+        elif kind == "accuracy_collapse":
+            self.write(f"{self.label}: clean accuracy collapsed at epoch {data.get('epoch')} "
+                       f"({data.get('clean_acc', 0):.3f}, "
+                       f"best {data.get('best_clean_acc', 0):.3f})")
         elif kind == "phase" and data.get("attack"):
             self._open(("attack", data.get("model"), data["attack"]), total=data.get("n"),
                        unit="pt", desc=f"{self.label} {data.get('model', '')} {data['attack']}")

@@ -58,9 +58,25 @@ class COWatchdog:
     best_pgd: float | None = None
     flagged: bool = False
     events: list[dict] = field(default_factory=list)
+    best_clean: float | None = None
+    collapsed: bool = False
 
     def check(self, epoch: int, m: dict[str, float]) -> bool:
-        """Update with epoch ``epoch``'s monitor figures; True when the CO rule holds."""
+        """Update with epoch ``epoch``'s monitor figures; True when the CO rule holds.
+
+        Also records an ``accuracy_collapse`` event when clean accuracy falls below
+        ``co_drop`` x its best so far (every attack then "fails" alike, so the CO rule cannot
+        see it: seen with N-FGSM + AAER on MNIST at ε = 0.3 falling to a constant predictor)."""
+        clean = m["clean_acc"]
+        down = self.best_clean is not None and clean < self.co_drop * self.best_clean
+        if down and not self.collapsed:
+            self.events.append({
+                "type": "accuracy_collapse", "epoch": epoch, "clean_acc": clean,
+                "best_clean_acc": self.best_clean, "pgd_acc": m["pgd_acc"],
+                "fgsm_acc": m["fgsm_acc"],
+                "rule": f"clean_acc < {self.co_drop} x best_clean_acc"})
+        self.collapsed = down
+        self.best_clean = clean if self.best_clean is None else max(self.best_clean, clean)
         pgd, fgsm = m["pgd_acc"], m["fgsm_acc"]
         holds = (pgd < self.co_drop * max(self.best_pgd or 0.0, fgsm)
                  and fgsm - pgd >= self.co_gap)
@@ -76,7 +92,9 @@ class COWatchdog:
         return holds
 
     def state_dict(self) -> dict:
-        return {"best_pgd": self.best_pgd, "flagged": self.flagged, "events": self.events}
+        return {"best_pgd": self.best_pgd, "flagged": self.flagged, "events": self.events,
+                "best_clean": self.best_clean, "collapsed": self.collapsed}
 
     def load_state_dict(self, s: dict) -> None:
         self.best_pgd, self.flagged, self.events = s["best_pgd"], s["flagged"], list(s["events"])
+        self.best_clean, self.collapsed = s.get("best_clean"), s.get("collapsed", False)

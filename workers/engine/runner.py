@@ -235,15 +235,17 @@ class Training:
         last_epoch = sched.epochs if self.spec.mode == "train" and not self.stopped_early else 0
         try:
             for epoch in range(self.start_epoch, last_epoch):
+                seen = len(self.watchdog.events)
                 row = self.epoch(epoch, should_stop, bar)
                 self.history.append(row)
-                co = bool(row["catastrophic_overfitting"] and self.watchdog.events)
+                new = self.watchdog.events[seen:]  # onsets this epoch: CO, accuracy collapse
+                co = any(e["type"] == "catastrophic_overfitting" for e in new)
                 if co and self.spec.evaluation.monitor.stop_on_co:
                     self.stopped_early = {"epoch": epoch + 1, "reason": "catastrophic_overfitting"}
                 self.checkpoint(epoch + 1)
                 emit("epoch", row)
-                if co:
-                    emit("catastrophic_overfitting", self.watchdog.events[-1])
+                for event in new:
+                    emit(event["type"], event)
                 if self.stopped_early:
                     emit("stopped_early", self.stopped_early)
                     break
