@@ -11,8 +11,16 @@ from contract.sweep import expand, load_sweep
 from workers.engine.data import locate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SPECS = sorted((REPO / "examples").rglob("*.yaml"))
-SWEEPS = sorted((REPO / "experiments").rglob("*.yaml"))
+def _is_sweep(path: Path) -> bool:
+    import yaml
+
+    return "base" in (yaml.safe_load(path.read_text()) or {})
+
+
+STUDY_FILES = sorted((REPO / "experiments").rglob("*.yaml"))
+SWEEPS = [p for p in STUDY_FILES if _is_sweep(p)]
+SPECS = sorted((REPO / "examples").rglob("*.yaml")) + [p for p in STUDY_FILES
+                                                       if not _is_sweep(p)]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: str(p.relative_to(REPO)))
@@ -34,3 +42,16 @@ def test_the_quick_start_pair_differs_only_in_the_recipe():
     a = load_spec_file(str(REPO / "examples/quickstart/mnist-fgsm.yaml")).model_dump()
     b = load_spec_file(str(REPO / "examples/quickstart/mnist-n-aaer.yaml")).model_dump()
     assert {k for k in a if a[k] != b[k]} == {"name", "recipe"}
+
+
+def test_the_shipped_quick_start_is_the_spec_the_study_measured():
+    """examples/quickstart/*.yaml are exactly (names aside) the children of
+    experiments/quickstart/lr.yaml whose results the README and the examples quote."""
+    from contract.spec import same_spec
+
+    children = {c.name: c.spec for c in expand(load_sweep(REPO / "experiments/quickstart/lr.yaml"))}
+    for example, child in (("mnist-fgsm", "fgsm-lr2e-3_seed=0"),
+                           ("mnist-n-aaer", "n-aaer-lr2e-3_seed=0")):
+        shipped = load_spec_file(str(REPO / f"examples/quickstart/{example}.yaml"))
+        assert same_spec(shipped.model_dump(mode="json"),
+                         children[child].model_dump(mode="json")), example
