@@ -12,8 +12,11 @@ import argparse
 import sys
 import threading
 import time
+from pathlib import Path
 
 import bulwark
+
+pgd_names: set[str] = set()
 
 
 def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str, int]) -> None:
@@ -48,6 +51,7 @@ def row(label: str, job: bulwark.Job) -> list[str]:
     if info.state != "succeeded":
         return [label, info.state, "-", "-", "-", "-", "-"]
     r = job.report()
+    pgd_names.add(next((k for k in r.final.attacks if k.startswith("pgd")), "pgd"))
     f = r.final
     seconds = (info.finished_at - info.started_at).total_seconds() if info.started_at else 0
     co = ", ".join(map(str, r.co_epochs)) or "none"
@@ -59,6 +63,8 @@ def row(label: str, job: bulwark.Job) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("specs", nargs="+", help="job spec files, one job each")
+    ap.add_argument("--reports", type=Path, default=Path("quickstart-reports"),
+                    help="folder for each job's report.html / .json (default quickstart-reports)")
     args = ap.parse_args()
     client = bulwark.Client()
     jobs = []
@@ -82,15 +88,21 @@ def main() -> int:
     head = ["job", "state", "clean", "FGSM", "PGD", "CO at epoch", "seconds"]
     rows = [head] + [row(label, job) for label, job in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    print(f"\nSide by side on the test set (ε = {eps:g}; PGD = the job's final PGD attack):")
+    attack = ", ".join(sorted(pgd_names)) or "PGD"
+    print(f"\nSide by side: accuracy on {jobs[0][1].info.spec['evaluation']['final'].get('n')} "
+          f"MNIST test images at ε = {eps:g} (PGD = {attack})")
     for r in rows:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-    print(f"(both jobs ran at once on {len(jobs)} workers; {wall:.0f} s wall)")
-    print("\nreports:")
+    print(f"(the jobs ran at once, one worker each; {wall:.0f} s wall)")
+
+    args.reports.mkdir(parents=True, exist_ok=True)
+    print(f"\nreports (kept after the service stops), in {args.reports}/:")
     for label, job in jobs:
-        print(f"  {label:<12} {client.url}/v1/jobs/{job.id}/report   (html: .../artifacts/"
-              f"report.html; or: bulwark download {job.id[:8]} report.html)")
+        if job.status().state == "succeeded":
+            html = job.download("report.html", args.reports / f"{label}.html")
+            job.download("report.json", args.reports / f"{label}.json")
+            print(f"  {label:<8} {html}  (+ .json)   job {job.id}")
     return 0 if all(job.status().state == "succeeded" for _, job in jobs) else 1
 
 

@@ -30,4 +30,4 @@ grep "^Bulwark is up\|^API key" "$LOG"
 export BULWARK_URL="http://127.0.0.1:$PORT"
 export BULWARK_API_KEY=$(sed -n 's/^API key: //p' "$LOG")
 "$VENV/bin/python" examples/quickstart.py "$@"
-echo "files: $HOME_DIR/artifacts/tenants/default/jobs/<job id>/ (report.json, report.html, model.safetensors)"
+echo "service state (SQLite, artifacts, weights) stays in $HOME_DIR/; \`bulwark serve --home $HOME_DIR\` brings it back"

@@ -238,3 +238,27 @@ def test_ambiguous_job_prefix_is_a_clear_error(served):
     assert client.job("abcdef1").id.startswith("abcdef1")
     out = _cli(env, "status", "abcdef")
     assert out.returncode == 1 and "give more of it" in out.stderr
+
+
+def test_quickstart_script_runs_jobs_side_by_side_and_keeps_reports(served, tmp_path):
+    """examples/quickstart.py (what scripts/quickstart.sh runs), on two tiny specs."""
+    _, env, _ = served
+    specs = []
+    for recipe in ("fgsm", "n-aaer"):
+        p = tmp_path / f"{recipe}.json"
+        p.write_text(json.dumps(tiny_spec(epochs=2, name=recipe, recipe=recipe)))
+        specs.append(str(p))
+    out = subprocess.run([sys.executable, "examples/quickstart.py", *specs, "--reports",
+                          str(tmp_path / "reports")], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("job "))
+    assert lines[head].split() == ["job", "state", "clean", "FGSM", "PGD", "CO", "at", "epoch",
+                                   "seconds"]
+    table = {ln.split()[0]: ln.split() for ln in lines[head + 1:head + 3]}
+    assert set(table) == {"fgsm", "n-aaer"} and all(r[1] == "succeeded" for r in table.values())
+    assert "[fgsm        ] epoch 2/2" in out.stdout, "one line per epoch and job"
+    report = json.loads((tmp_path / "reports" / "n-aaer.json").read_text())
+    assert table["n-aaer"][2] == f"{report['final']['clean_acc']:.3f}"
+    assert (tmp_path / "reports" / "fgsm.html").read_text().lower().startswith("<!doctype html>")
