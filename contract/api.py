@@ -77,6 +77,16 @@ class ModelOut(BaseModel):
     created_at: UTCDateTime
 
 
+class DatasetOut(BaseModel):
+    """An uploaded dataset: ``meta`` holds train / test sizes, image shape and classes."""
+
+    id: str
+    meta: dict[str, Any]
+    sha256: str
+    size: int
+    created_at: UTCDateTime
+
+
 class Health(BaseModel):
     status: str
     database: bool

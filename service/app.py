@@ -36,17 +36,18 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 
-from contract.api import Health, JobList, JobOut, JobState, ModelOut
+from contract.api import DatasetOut, Health, JobList, JobOut, JobState, ModelOut
 from contract.artifacts import REPORT
+from contract.datasets import api_dataset_problem
 from contract.spec import JobSpec
 from service.artifacts import job_dir
 from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
 from service.metrics import JobCollector
-from service.models import ModelRejected, store_upload
+from service.models import UploadRejected, store_dataset, store_upload
 from service.queue import enqueue, revoke
-from service.schemas import errors, job_out, model_out
+from service.schemas import dataset_out, errors, job_out, model_out
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
 
@@ -142,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True})
     app.state.store, app.state.events, app.state.settings = store, events, s
     app.add_middleware(BodySizeLimit, limit_for=lambda path: (
-        s.max_upload_bytes if path.startswith("/v1/models") else SPEC_MAX_BYTES))
+        s.max_upload_bytes if path.startswith(("/v1/models", "/v1/datasets"))
+        else SPEC_MAX_BYTES))
 
     @app.middleware("http")
     async def _timing(request: Request, call_next):
@@ -179,6 +181,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        "input": spec.model.arch}])
         return row.id
 
+    def uploaded_dataset_id(spec: JobSpec, tenant_id: str) -> str | None:
+        """Through the API a job names a dataset the server has, or one the tenant uploaded:
+        never a server path, never a download (both are `bulwark run` features)."""
+        problem = api_dataset_problem(spec.dataset)
+        if problem is None and spec.dataset.name == "npz":
+            try:
+                return store.get_dataset(tenant_id, spec.dataset.path.split("/", 1)[1]).id
+            except StoreError:
+                problem = ("path", "must be 'datasets/<id>' of a dataset you uploaded with "
+                           "POST /v1/datasets", spec.dataset.path)
+        if problem is not None:
+            field, msg, value = problem
+            raise HTTPException(422, [{"loc": ["body", "dataset", field],
+                                       "type": "value_error", "msg": msg, "input": value}])
+        return None
+
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", tags=["jobs"], response_model=JobOut, status_code=201,
               responses={200: {"model": JobOut, "description": "idempotent replay"},
@@ -186,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
         model_id = uploaded_model_id(spec, tenant_id)
+        uploaded_dataset_id(spec, tenant_id)
         job, created = store.create_job(tenant_id, spec.model_dump(mode="json"),
                                         max_attempts=s.max_attempts,
                                         max_queued=s.max_queued_per_tenant,
@@ -297,9 +316,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 store_upload, store, s, tenant_id, file.file, arch=arch,
                 meta={"num_classes": num_classes, "in_channels": in_channels,
                       "image_size": image_size})
-        except ModelRejected as e:
+        except UploadRejected as e:
             raise HTTPException(e.status, str(e)) from e
         return model_out(row)
+
+    @app.post("/v1/datasets", tags=["datasets"], response_model=DatasetOut, status_code=201,
+              responses=errors(401, 413, 422))
+    async def upload_dataset(tenant_id: Tenant,
+                             file: Annotated[UploadFile, File()]) -> DatasetOut:
+        """An ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (images uint8 or
+        float in [0, 1], NHWC or NHW; integer labels), read with numpy alone (no pickles).
+        Jobs use it as ``{"dataset": {"name": "npz", "path": "datasets/<id>"}}``."""
+        try:
+            row = await asyncio.to_thread(store_dataset, store, s, tenant_id, file.file)
+        except UploadRejected as e:
+            raise HTTPException(e.status, str(e)) from e
+        return dataset_out(row)
 
     # ------------------------------------------------------------------ operations
     @app.get("/healthz", tags=["operations"], response_model=Health)

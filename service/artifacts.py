@@ -23,6 +23,11 @@ def model_path(settings: Settings, tenant_id: str, model_id: str) -> Path:
         f"{model_id}.safetensors"
 
 
+def dataset_path(settings: Settings, tenant_id: str, dataset_id: str) -> Path:
+    return settings.resolved_artifact_root() / "tenants" / tenant_id / "datasets" / \
+        f"{dataset_id}.npz"
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.api import ArtifactOut, ErrorOut, JobOut, ModelOut
-from service.db import TERMINAL, Job, UploadedModel
+from contract.api import ArtifactOut, DatasetOut, ErrorOut, JobOut, ModelOut
+from service.db import TERMINAL, Job, UploadedDataset, UploadedModel
 
 _ERRORS = {
     401: "missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key')",
-    404: "no such job, artifact or model for this tenant",
+    404: "no such job, artifact, model or dataset for this tenant",
     409: "conflict: the job's state does not allow it, or an Idempotency-Key was reused "
          "with another body",
     413: "request body too large (the limit is in the message)",
@@ -38,3 +38,8 @@ def job_out(job: Job) -> JobOut:
 def model_out(m: UploadedModel) -> ModelOut:
     return ModelOut(id=m.id, arch=m.arch, meta=m.meta, sha256=m.sha256, size=m.size,
                     created_at=m.created_at)
+
+
+def dataset_out(d: UploadedDataset) -> DatasetOut:
+    return DatasetOut(id=d.id, meta=d.meta, sha256=d.sha256, size=d.size,
+                      created_at=d.created_at)

@@ -33,6 +33,7 @@ from service.db import (
     Attempt,
     Job,
     Tenant,
+    UploadedDataset,
     UploadedModel,
     utcnow,
 )
@@ -194,13 +195,14 @@ class Store:
             return job, True
 
     @staticmethod
-    def _owned(s: Session, cls: type[Job] | type[UploadedModel], tenant_id: str | None,
-               row_id: str):
+    def _owned(s: Session, cls: type[Job] | type[UploadedModel] | type[UploadedDataset],
+               tenant_id: str | None, row_id: str):
         """The row, if it belongs to ``tenant_id`` (None: any tenant, for workers); another
         tenant's row is reported exactly like a missing one."""
         row = s.get(cls, row_id)
         if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-            raise NotFound(f"{'job' if cls is Job else 'model'} {row_id} not found")
+            what = {Job: "job", UploadedModel: "model", UploadedDataset: "dataset"}[cls]
+            raise NotFound(f"{what} {row_id} not found")
         return row
 
     def get_job(self, tenant_id: str | None, job_id: str) -> Job:
@@ -261,6 +263,22 @@ class Store:
                                 path=path, sha256=sha256, size=size)
             s.add(row)
             s.flush()
+            s.expunge(row)
+            return row
+
+    def add_dataset(self, tenant_id: str, *, meta: dict[str, Any], path: str, sha256: str,
+                    size: int, dataset_id: str) -> UploadedDataset:
+        with self.session() as s:
+            row = UploadedDataset(id=dataset_id, tenant_id=tenant_id, meta=meta, path=path,
+                                  sha256=sha256, size=size)
+            s.add(row)
+            s.flush()
+            s.expunge(row)
+            return row
+
+    def get_dataset(self, tenant_id: str | None, dataset_id: str) -> UploadedDataset:
+        with self.session() as s:
+            row = self._owned(s, UploadedDataset, tenant_id, dataset_id)
             s.expunge(row)
             return row
 

@@ -43,7 +43,7 @@ def reset_postgres() -> None:
     import sqlalchemy
 
     with sqlalchemy.create_engine(PG_URL).begin() as c:
-        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, jobs, api_keys, tenants, "
+        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, datasets, jobs, api_keys, tenants, "
                           "alembic_version CASCADE")
 
 

@@ -14,7 +14,7 @@ Service:
 Client (BULWARK_URL, BULWARK_API_KEY; embedded mode's key is read from bulwark-data/api_key):
     bulwark submit SPEC [--wait]  bulwark jobs   bulwark status ID   bulwark report ID
     bulwark cancel ID             bulwark download ID NAME [-o PATH]   bulwark delete ID
-    bulwark upload MODEL.safetensors [--arch A]
+    bulwark upload MODEL.safetensors [--arch A] | DATA.npz
 A job id can be shortened to any unique prefix.
 
 Errors are printed as messages, never as tracebacks (exit code 2).
@@ -306,6 +306,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
+    if args.model.endswith(".npz"):
+        d = _client(args).upload_dataset(args.model)
+        print(f"dataset {d.id} ({d.meta['train']} train / {d.meta['test']} test images of "
+              f"{d.meta['shape']}, {d.meta['num_classes']} classes)")
+        print(f'use it with: {{"dataset": {{"name": "npz", "path": "datasets/{d.id}"}}, ...}}')
+        return 0
     m = _client(args).upload_model(args.model, arch=args.arch, num_classes=args.num_classes,
                                    in_channels=args.in_channels, image_size=args.image_size)
     print(f"model {m.id} ({m.arch}, {m.size} bytes, sha256 {m.sha256[:12]}…)")
@@ -404,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", choices=DOWNLOADABLE, metavar="NAME",
                    help="one of: " + ", ".join(DOWNLOADABLE))
     c.add_argument("-o", "--output", default=None, help="file or folder (default: NAME here)")
-    c = client_parser("upload", "upload safetensors weights for evaluation-only jobs",
-                      cmd_upload, job=False)
-    c.add_argument("model", help="a .safetensors file")
+    c = client_parser("upload", "upload weights (.safetensors, for evaluation-only jobs) or a "
+                      "dataset (.npz)", cmd_upload, job=False)
+    c.add_argument("model", help="a .safetensors file, or an .npz dataset")
     c.add_argument("--arch", default=None, help="small_cnn, preact_resnet18 or wide_resnet "
                                                 "(default: from the file's metadata)")
     c.add_argument("--num-classes", type=int, default=None)

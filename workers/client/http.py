@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from contract.api import TERMINAL_STATES, JobList, JobOut, ModelOut
+from contract.api import TERMINAL_STATES, DatasetOut, JobList, JobOut, ModelOut
 from contract.artifacts import DOWNLOADABLE
 from contract.report import Report
 from contract.spec import JobSpec, read_spec_file
@@ -209,6 +209,15 @@ class Client:
             return ModelOut.model_validate(self.request(
                 "POST", "/v1/models", data=data,
                 files={"file": (p.name, f, "application/octet-stream")}))
+
+    def upload_dataset(self, path: str | os.PathLike) -> DatasetOut:
+        """Upload an ``.npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``) for jobs that
+        name it as ``{"dataset": {"name": "npz", "path": "datasets/<id>"}}``; the server
+        reads it with numpy alone (no pickles) and answers with its sizes and classes."""
+        p = Path(path)
+        with open(p, "rb") as f:
+            return DatasetOut.model_validate(self.request(
+                "POST", "/v1/datasets", files={"file": (p.name, f, "application/octet-stream")}))
 
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz")

@@ -39,13 +39,13 @@ try:  # numpy >= 2
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
+from contract.datasets import DataError, DataNotFound, load_npz
+from contract.datasets import images as _images
+from contract.datasets import labels as _labels
+
 ENV_ROOT = "BULWARK_DATA_ROOT"
 LIMIT_SEED = 0  # the fixed shuffle behind dataset.train_limit
 DIGITS_SEED = 0  # the fixed 80/20 split of scikit-learn's digits
-
-
-class DataError(ValueError):
-    """A dataset is missing or a file is malformed; the message names the file and the fault."""
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _find_standard(name: str, spec: DatasetSpec) -> dict[str, Path]:
         if all(found.values()):
             return found
         looked.append(f"  {roots[0] / folders[0]} (still incomplete after the download)")
-    raise DataError(
+    raise DataNotFound(
         f"dataset {name!r} not found: need {need} (each raw or .gz). Looked in:\n"
         + "\n".join(looked) + f"\n{how}, or set dataset.download: true on a machine with "
         "internet access."
@@ -238,34 +238,6 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e})") from e
-
-
-def _images(x: object, path: Path, what: str = "images") -> np.ndarray:
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or 0 in x.shape[1:]:
-        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise DataError(f"{path}: {what} must be a uint8 [N, C, H, W] array, got {desc}")
-    return x
-
-
-def _labels(y: object, path: Path, n: int, hi: int | None, what: str = "labels",
-            lo: int = 0) -> np.ndarray:
-    """n integer labels (1-D or [n, 1]) in lo..hi (no upper bound if hi is None), as int64."""
-    try:
-        y = np.asarray(y)
-    except ValueError as e:  # ragged nested lists
-        raise DataError(f"{path}: {what} are not a flat list of integers ({e})") from e
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or y.dtype.kind not in "iuf" or (
-        y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y)))
-    ):
-        raise DataError(f"{path}: {what} must be a 1-D integer array, got {y.dtype} {y.shape}")
-    if len(y) != n:
-        raise DataError(f"{path}: {len(y)} {what} for {n} images (the counts must match)")
-    if len(y) and (y.min() < lo or (hi is not None and y.max() > hi)):
-        want = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-        raise DataError(f"{path}: {what} must be {want}, found {y.min()}..{y.max()}")
-    return y.astype(np.int64)
 
 
 def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -441,51 +413,6 @@ def synthetic_images(s: SyntheticSpec) -> tuple[np.ndarray, ...]:
     return split(s.n_train) + split(s.n_test)
 
 
-def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
-    """uint8 or float-in-[0,1] images, NHWC or NHW, as uint8 NCHW."""
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or not 1 <= x.shape[3] <= 4:
-        raise DataError(f"{path}: {key} must be NHWC (1-4 channels) or NHW, got shape {x.shape}")
-    if x.dtype.kind == "f":
-        if x.size and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
-            raise DataError(
-                f"{path}: float {key} must lie in [0, 1], found [{x.min()}, {x.max()}]"
-            )
-        x = np.round(x * 255.0).astype(np.uint8)
-    elif x.dtype != np.uint8:
-        raise DataError(f"{path}: {key} must be uint8 or float in [0, 1], got {x.dtype}")
-    return _images(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), path, key)
-
-
-def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
-    """A user .npz with x_train, y_train, x_test, y_test (no pickled objects)."""
-    if not path.is_file():
-        raise DataError(f"{path}: npz file not found (dataset.path)")
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: missing arrays {missing} (has {z.files})")
-            arrays = {k: z[k] for k in keys}
-    except DataError:
-        raise
-    except Exception as e:  # object arrays raise ValueError; corrupt zips BadZipFile etc.
-        raise DataError(f"{path}: cannot read npz ({type(e).__name__}: {e})") from e
-    trx = _npz_images(arrays["x_train"], path, "x_train")
-    tex = _npz_images(arrays["x_test"], path, "x_test")
-    if trx.shape[1:] != tex.shape[1:]:
-        raise DataError(f"{path}: x_train images {trx.shape[1:]} != x_test {tex.shape[1:]}")
-    ys = []
-    for key, n in (("y_train", len(trx)), ("y_test", len(tex))):
-        y = arrays[key]
-        if y.dtype.kind not in "iu":
-            raise DataError(f"{path}: {key} must be integers, got {y.dtype}")
-        ys.append(_labels(y, path, n, None, key))
-    return trx, ys[0], tex, ys[1]
-
-
 # ---------------------------------------------------------------------------------- loading
 def locate_dataset(spec: DatasetSpec) -> str:
     """Where ``spec``'s data would be read from, without reading or downloading it
@@ -533,7 +460,7 @@ def load_dataset(spec: DatasetSpec) -> ImageDataset:
         mean, std = (0.5,) * spec.synthetic.channels, (0.25,) * spec.synthetic.channels
     elif name == "npz":
         source = str(Path(spec.path).expanduser())
-        arrays, crop, flip = _load_npz(Path(source)), 0, False
+        arrays, crop, flip = load_npz(Path(source)), 0, False
         k = int(max(arrays[1].max(initial=-1), arrays[3].max(initial=-1))) + 1
         if k < 2:
             raise DataError(f"{source}: labels must span at least 2 classes, found {k}")

@@ -136,11 +136,13 @@ class Training:
     """One job's state, built once; the methods are the phases of ``run_job``."""
 
     def __init__(self, spec: JobSpec, out: Path, dev: torch.device, timing: Timing,
-                 weights: str | Path | None):
+                 weights: str | Path | None, data_path: str | Path | None = None):
         self.spec, self.out, self.dev, self.timing = spec, out, dev, timing
         sched, ev = spec.schedule, spec.evaluation
         with timing.phase("data"):
-            self.data = data = load_dataset(spec.dataset)
+            dataset = spec.dataset if data_path is None else spec.dataset.model_copy(
+                update={"path": str(data_path)})
+            self.data = data = load_dataset(dataset)
             train_x, train_y, val_x, val_y = split_validation(
                 data.train_x, data.train_y, spec.dataset.val_size, sched.seed)
             self.sizes = {"train": int(train_x.shape[0]), "validation": int(val_x.shape[0])}
@@ -394,11 +396,13 @@ class Training:
 def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             resume: bool = False, progress: bool = True, on_event: Event | None = None,
             should_stop: Callable[[], bool] | None = None,
-            weights: str | Path | None = None) -> dict[str, Any]:
+            weights: str | Path | None = None,
+            data_path: str | Path | None = None) -> dict[str, Any]:
     """Train and evaluate ``spec``; write ``report.json`` and ``model.safetensors`` to out_dir.
 
     ``weights``: the resolved file of ``spec.model.weights`` (the service resolves uploaded
-    model ids; ``bulwark run`` takes the spec's path as it is). With ``mode: evaluate`` no
+    model ids; ``bulwark run`` takes the spec's path as it is); ``data_path`` likewise for an
+    uploaded npz dataset (the report keeps the spec's ``datasets/<id>``). With ``mode: evaluate`` no
     training happens: the weights are evaluated (and certified) as they are.
 
     Raises ``Cancelled`` if ``should_stop()`` turns true (checked between steps); the
@@ -409,7 +413,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     emit = on_event or (lambda kind, data: None)
     timing = Timing()
     t_start = time.perf_counter()
-    job = Training(spec, out, resolve_device(device), timing, weights)
+    job = Training(spec, out, resolve_device(device), timing, weights, data_path)
     if resume and job.restore():
         emit("resumed", {"epoch": job.start_epoch})
     job.fit(emit, should_stop, progress)

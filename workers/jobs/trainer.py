@@ -9,6 +9,7 @@ flag between steps, and writes the terminal state itself. Exit codes: 0 succeede
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -19,13 +20,24 @@ from service.artifacts import describe_artifacts, job_dir
 from service.db import CANCELLED, FAILED, SUCCEEDED
 from service.events import Events
 from service.settings import get_settings
-from service.store import Store
+from service.store import Store, StoreError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_ERROR = 0, 2, 3, 1
 # events that update the job row's ``progress`` (and the keys of theirs it keeps)
 PROGRESS_EVENTS = ("started", "resumed", "epoch", "phase", "evaluation", "certification")
 PROGRESS_KEYS = ("epoch", "phase", "monitor", "attack", "model", "done", "total",
                  "eta_seconds")
+
+
+# an absolute path: "/" not after ":", "/", a word character, "." or "~" (so URLs and 8/255
+# stay), and not an API route (/v1/...)
+_ABS_PATH = re.compile(r"(?<![:\w/.~-])/(?!v1/)[^\s'\":,()\[\]{}]+")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by ``<server path>``: what a tenant sees of a
+    worker error (the operator's log keeps it whole)."""
+    return _ABS_PATH.sub("<server path>", text)
 
 
 class CancelPoll:
@@ -51,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     job = store.get_job(None, job_id)
 
     def fail(msg: str, code: int) -> int:
-        store.finish(job_id, owner, FAILED, error=msg)
-        events.publish(job_id, "failed", {"error": msg})
+        print(f"job {job_id} failed: {msg}", file=sys.stderr)  # the operator's log: in full
+        shown = scrub_paths(msg)  # the tenant's view: no server paths
+        store.finish(job_id, owner, FAILED, error=shown)
+        events.publish(job_id, "failed", {"error": shown})
         return code
 
     from pydantic import ValidationError
@@ -64,9 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as e:
         return fail(f"invalid job spec: {format_validation_error(e)}", EXIT_BAD_INPUT)
 
-    from workers.engine.data import DataError
+    from contract.datasets import DataError, DataNotFound, api_dataset_problem
     from workers.engine.runner import Cancelled, run_job
 
+    problem = api_dataset_problem(spec.dataset)  # re-checked here: the API is not the only door
+    if problem is not None:
+        return fail(f"invalid job spec: dataset.{problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
+    data_path = None
+    if spec.dataset.name == "npz":
+        try:
+            data_path = store.get_dataset(job.tenant_id,
+                                          spec.dataset.path.split("/", 1)[1]).path
+        except StoreError:
+            return fail(f"dataset.path {spec.dataset.path}: no such upload of yours",
+                        EXIT_BAD_INPUT)
     out = job_dir(settings, job.tenant_id, job_id)
     weights = store.get_model(job.tenant_id, job.model_id).path if job.model_id else None
     progress: dict[str, Any] = {"attempt": job.attempt}
@@ -88,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # resume=True: continue from the checkpoint an earlier attempt left, if there is one
         report = run_job(spec, out, device=settings.device, resume=True, progress=False,
-                         on_event=on_event, weights=weights,
+                         on_event=on_event, weights=weights, data_path=data_path,
                          should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds))
     except Cancelled:
         store.finish(job_id, owner, CANCELLED, error="cancelled by request")
         events.publish(job_id, "cancelled", {})
         return EXIT_CANCELLED
+    except DataNotFound:
+        return fail(f"dataset {spec.dataset.name!r} is not on this server: the operator "
+                    "places its files under the workers' data root (BULWARK_DATA_ROOT); or "
+                    "upload your data as .npz with POST /v1/datasets", EXIT_BAD_INPUT)
     except (DataError, ValueError) as e:
         return fail(str(e), EXIT_BAD_INPUT)
     except Exception:  # a bug or a resource error: the task decides whether to retry
