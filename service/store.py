@@ -307,6 +307,11 @@ class Store:
             if res.rowcount != 1:
                 return None
             job = s.get(Job, job_id)
+            # taking over a stale lease: the attempt that held it is lost, as the reaper says
+            s.execute(update(Attempt).where(Attempt.job_id == job_id,
+                                            Attempt.ended_at.is_(None))
+                      .values(ended_at=now, outcome="lost")
+                      .execution_options(synchronize_session=False))
             s.add(Attempt(job_id=job_id, attempt=job.attempt, owner=owner, started_at=now))
             return Claim(job.id, job.attempt, owner, dict(job.spec), job.tenant_id, job.model_id)
 

@@ -43,8 +43,8 @@ def reset_postgres() -> None:
     import sqlalchemy
 
     with sqlalchemy.create_engine(PG_URL).begin() as c:
-        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, datasets, jobs, api_keys, tenants, "
-                          "alembic_version CASCADE")
+        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, datasets, jobs, api_keys, "
+                          "tenants, alembic_version CASCADE")
 
 
 def tiny_spec(epochs: int = 2, **over) -> dict:

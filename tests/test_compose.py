@@ -31,7 +31,8 @@ PREFIX = "BULWARK_"
 # BULWARK_* variables read outside Settings, with the file that reads them.
 OUTSIDE_SETTINGS = {"BULWARK_DATA_ROOT": "workers/engine/data.py"}
 # What the API image leaves out (docker/Dockerfile.api API_SKIP) must never be imported there.
-HEAVY = {"torch", "numpy", "scipy", "scikit-learn", "safetensors"}
+# (numpy stays in: the API reads uploaded .npz datasets with it)
+HEAVY = {"torch", "scipy", "scikit-learn", "safetensors"}
 IMPORT_NAMES = {"scikit-learn": "sklearn"}
 
 

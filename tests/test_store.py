@@ -64,6 +64,21 @@ def test_lease_is_exclusive_and_stale_leases_are_reaped(store):
     assert [a.outcome for a in store.attempts(job.id)] == ["lost", "lost"]
 
 
+def test_taking_over_a_stale_lease_marks_the_old_attempt_lost(store):
+    """A redelivered task may claim a stale job before the reaper sees it: the attempt that
+    held the lease still ends as lost, never open."""
+    job = new_job(store, max_attempts=3)
+    assert store.claim(job.id, "w1", stale_after=60) is not None
+    time.sleep(0.05)
+    second = store.claim(job.id, "w2", stale_after=0.01)
+    assert second is not None and second.attempt == 2
+    assert [(a.owner, a.outcome) for a in store.attempts(job.id)] == [("w1", "lost"),
+                                                                      ("w2", None)]
+    assert not store.finish(job.id, "w1", SUCCEEDED), "the old owner can no longer finish"
+    assert store.finish(job.id, "w2", SUCCEEDED)
+    assert [a.outcome for a in store.attempts(job.id)] == ["lost", SUCCEEDED]
+
+
 def test_finish_records_the_outcome_once(store):
     job = new_job(store)
     store.claim(job.id, "w", stale_after=60)
