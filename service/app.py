@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import shutil
 import threading
@@ -29,6 +30,8 @@ from fastapi import (
     Response,
     UploadFile,
 )
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -46,7 +49,7 @@ from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
 from service.metrics import JobCollector
 from service.models import UploadRejected, store_dataset, store_upload
-from service.queue import enqueue, revoke
+from service.queue import revoke, send
 from service.schemas import dataset_out, errors, job_out, model_out
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
@@ -55,6 +58,7 @@ log = logging.getLogger("bulwark.api")
 KEEPALIVE_SECONDS = 15.0
 MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 SPEC_MAX_BYTES = 1024 * 1024
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -78,6 +82,15 @@ def current_tenant(request: Request,
 Tenant = Annotated[str, Depends(current_tenant)]
 
 
+def resume_from(last_event_id: Annotated[str | None, Header()] = None) -> str | None:
+    """The ``Last-Event-ID`` to resume a stream after (400 unless it is a stream id); checked
+    before the stream starts."""
+    if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
+        raise HTTPException(400, "Last-Event-ID must be the id of an event this stream sent "
+                                 "(like 1764612345678-0)")
+    return last_event_id
+
+
 def owned_job(job_id: str, request: Request, tenant_id: Tenant) -> Job:
     """The tenant's job ``job_id`` (404 for anyone else's), resolved before a stream starts."""
     return request.app.state.store.get_job(tenant_id, job_id)
@@ -91,12 +104,17 @@ def reap_once(store: Store, settings: Settings, events: Events) -> list[str]:
         job = store.get_job(None, job_id)
         events.publish(job_id, "retrying", {"error": "worker lost (stale heartbeat)",
                                             "attempt": job.attempt})
-        enqueue(job_id, job.attempt)
+        send(store, job_id, job.attempt)
         log.warning("reaper: job %s had a stale heartbeat; re-enqueued", job_id)
     for state in (FAILED, CANCELLED):
         for job_id in reaped[state]:
             events.publish(job_id, state, {"error": store.get_job(None, job_id).error})
-    return reaped[QUEUED]
+    sent = []
+    for job_id, attempt in store.unsent(older_than=settings.unsent_after_seconds):
+        if send(store, job_id, attempt):  # its message never reached the broker
+            sent.append(job_id)
+            log.warning("reaper: job %s was queued without a broker message; sent", job_id)
+    return reaped[QUEUED] + sent
 
 
 def _reaper_loop(store: Store, settings: Settings, events: Events,
@@ -200,7 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", tags=["jobs"], response_model=JobOut, status_code=201,
               responses={200: {"model": JobOut, "description": "idempotent replay"},
-                         **errors(401, 409, 413, 422, 429)})
+                         **errors(401, 409, 413, 422, 429, 503)})
     def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
         model_id = uploaded_model_id(spec, tenant_id)
@@ -211,7 +229,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                         idempotency_key=idempotency_key, model_id=model_id)
         if created:
             events.publish(job.id, "queued", {})
-            enqueue(job.id)  # after the commit: the worker must find the row
+            if not send(store, job.id):  # after the commit: the worker must find the row
+                store.discard_unsent(tenant_id, job.id)
+                _quietly(events.delete, job.id)
+                raise HTTPException(503, "the job queue (Redis) is unreachable, so nothing was "
+                                         "stored; submit again in a moment",
+                                    headers={"Retry-After": "10"})
         else:
             response.status_code = 200
         return job_out(job)
@@ -242,7 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = store.request_cancel(tenant_id, job_id)
         if before.state == QUEUED and job.state != QUEUED:
             events.publish(job_id, "cancelled", {"while": "queued"})
-            revoke(job_id, before.attempt)
+            _quietly(revoke, job_id, before.attempt)  # the row decides; the message may stay
         elif job.state not in TERMINAL:
             events.publish(job_id, "cancel_requested", {})
         return job_out(job)
@@ -273,9 +296,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             headers={"X-Checksum-SHA256": listed[name]["sha256"]})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse,
-             responses=errors(401, 404))
+             responses=errors(400, 401, 404))
     async def job_events(job: Annotated[Job, Depends(owned_job)], request: Request,
-                         last_event_id: Annotated[str | None, Header()] = None):
+                         last_event_id: Annotated[str | None, Depends(resume_from)] = None):
         """Server-sent events: a ``snapshot`` of the job (unless resuming with
         ``Last-Event-ID``), then every event from the job's Redis stream, until the terminal
         event (``succeeded``, ``failed`` or ``cancelled``). Keep-alive comments while idle."""
@@ -348,9 +371,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ValidationError)
     async def _validation(request: Request, exc: ValidationError):
-        return JSONResponse({"detail": exc.errors(include_url=False)}, status_code=422)
+        return JSONResponse({"detail": json_safe(exc.errors(include_url=False))},
+                            status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError):
+        # the default handler echoes the input, which may hold NaN / Infinity / bytes that JSON
+        # cannot carry (a 500): the same 422, with such values as strings
+        return JSONResponse({"detail": json_safe(jsonable_encoder(
+            exc.errors(), custom_encoder={bytes: lambda b: b.decode(errors="replace")}))},
+            status_code=422)
 
     return app
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as its string ("nan", "inf"): JSON-encodable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, BaseException):
+        return str(value)
+    return value
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # best effort: the caller already has its answer
+        log.exception("ignored error in %s", getattr(fn, "__name__", fn))
 
 
 def _ok(fn) -> bool:

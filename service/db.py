@@ -74,6 +74,9 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the outbox mark: when the broker last accepted this job's message (None: not yet, or
+    # back to queued); the reaper re-sends queued jobs whose message was never accepted
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     artifacts: Mapped[list[Any]] = mapped_column(JSON, default=list)

@@ -11,13 +11,33 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Any
 
 import redis
 
 from contract.api import TERMINAL_STATES
 
+log = logging.getLogger("bulwark.events")
 TERMINAL_EVENTS = TERMINAL_STATES  # a job's stream ends with the event of its terminal state
+
+
+# XADD unless the stream's last entry is terminal, atomically (one script): ARGV = maxlen,
+# is-terminal flag, ttl, the terminal types, "|", then the entry's field/value pairs.
+_APPEND = """
+local terminal, i = {}, 4
+while ARGV[i] ~= '|' do terminal[ARGV[i]] = true; i = i + 1 end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local f = last[1][2]
+  for j = 1, #f, 2 do
+    if f[j] == 'type' and terminal[f[j + 1]] then return false end
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1))
+if ARGV[2] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return id
+"""
 
 
 def stream_key(job_id: str) -> str:
@@ -28,19 +48,28 @@ class Events:
     def __init__(self, url: str, *, maxlen: int = 1000, ttl_seconds: int = 7 * 86400):
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.maxlen, self.ttl = maxlen, ttl_seconds
+        self._append = self.redis.register_script(_APPEND)
 
     @classmethod
     def from_settings(cls, s) -> Events:
         return cls(s.redis_url, maxlen=s.events_maxlen, ttl_seconds=s.events_ttl_seconds)
 
-    def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None) -> str:
+    def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None
+                ) -> str | None:
+        """Append an event; None (and nothing appended) once the stream holds a terminal
+        event — nothing follows a job's end (a late ``cancel_requested`` is dropped) — or
+        when Redis is unreachable."""
         key = stream_key(job_id)
         at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        event_id = self.redis.xadd(key, {"type": kind, "data": json.dumps(data or {}), "at": at},
-                                   maxlen=self.maxlen, approximate=True)
-        if kind in TERMINAL_EVENTS:
-            self.redis.expire(key, self.ttl)
-        return event_id
+        try:
+            return self._append(keys=[key], args=[
+                self.maxlen, int(kind in TERMINAL_EVENTS), self.ttl, *TERMINAL_EVENTS, "|",
+                "type", kind, "data", json.dumps(data or {}), "at", at])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            # events are the progress side channel; the job row is the truth: a Redis outage
+            # loses events, never a job (SSE clients re-read the row when they reconnect)
+            log.warning("event %s of job %s not published: %s", kind, job_id, e)
+            return None
 
     def read(self, job_id: str, after: str = "0", *, block_ms: int | None = None,
              count: int = 100) -> list[tuple[str, str, dict[str, Any]]]:

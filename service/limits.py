@@ -23,19 +23,25 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _reject(send, limit)
-        received, started = 0, False
+        received, started, exceeded = 0, False, False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded:  # the app may have turned our exception into its own 400: answer 413
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _reject(send, limit)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -43,6 +49,7 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
+                started = True
                 await _reject(send, limit)
 
 

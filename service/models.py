@@ -42,6 +42,9 @@ def check_safetensors(path: str) -> dict[str, Any]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UploadRejected("not a safetensors file: the header is not JSON") from None
+        except RecursionError:
+            raise UploadRejected("not a safetensors file: the header is nested too deeply") \
+                from None
     if not isinstance(header, dict):
         raise UploadRejected("not a safetensors file: the header is not a JSON object")
     header.pop("__metadata__", None)

@@ -68,3 +68,25 @@ def enqueue(job_id: str, attempt: int = 0, *, app: Celery | None = None) -> None
 def revoke(job_id: str, attempt: int = 0, *, app: Celery | None = None) -> None:
     """Revoke a queued job's message (never terminate=True: the pid may run another task)."""
     (app or producer()).control.revoke(f"{job_id}.{attempt}")
+
+
+BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError)
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    import kombu.exceptions
+    import redis.exceptions
+
+    return (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError, *BROKER_ERRORS)
+
+
+def send(store, job_id: str, attempt: int = 0) -> bool:
+    """Enqueue the job and record that the broker took it (the outbox mark). False when the
+    broker is unreachable: the row stays unmarked and the reaper sends it later."""
+    try:
+        enqueue(job_id, attempt)
+    except _broker_errors():
+        return False
+    store.mark_enqueued(job_id)
+    return True

@@ -8,6 +8,7 @@ from contract.api import ArtifactOut, DatasetOut, ErrorOut, JobOut, ModelOut
 from service.db import TERMINAL, Job, UploadedDataset, UploadedModel
 
 _ERRORS = {
+    400: "a malformed header (the message says which)",
     401: "missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key')",
     404: "no such job, artifact, model or dataset for this tenant",
     409: "conflict: the job's state does not allow it, or an Idempotency-Key was reused "
@@ -15,6 +16,7 @@ _ERRORS = {
     413: "request body too large (the limit is in the message)",
     422: "invalid input: each entry names the field (loc) and the allowed range (msg)",
     429: "the tenant's queued-job quota is full",
+    503: "the job queue is unreachable; nothing was stored (see Retry-After)",
 }
 
 

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(30.0, gt=0)
     stale_after_seconds: float = Field(300.0, gt=0, description="heartbeat age before reaping")
     reaper_interval_seconds: float = Field(60.0, gt=0)
+    unsent_after_seconds: float = Field(
+        30.0, gt=0, description="a queued job with no accepted broker message is re-sent")
     cancel_poll_seconds: float = Field(2.0, gt=0)
     max_run_seconds: int = Field(6 * 3600, ge=60, description="Celery soft time limit")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, create_engine, func, or_, select, update
+from sqlalchemy import and_, create_engine, delete, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -248,6 +248,32 @@ class Store:
             s.delete(job)
             return job
 
+    def mark_enqueued(self, job_id: str) -> None:
+        """The broker accepted the job's message (the outbox mark)."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED)
+                      .values(enqueued_at=utcnow())
+                      .execution_options(synchronize_session=False))
+
+    def unsent(self, *, older_than: float) -> list[tuple[str, int]]:
+        """Queued jobs whose message the broker never accepted (the send failed, or the
+        process died between commit and send), unchanged for ``older_than`` seconds: (id,
+        attempt) to send again. A duplicate message is harmless (the lease decides)."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        with self.session() as s:
+            return [(r.id, r.attempt) for r in s.execute(
+                select(Job.id, Job.attempt).where(Job.state == QUEUED,
+                                                  Job.enqueued_at.is_(None),
+                                                  Job.updated_at < cutoff))]
+
+    def discard_unsent(self, tenant_id: str, job_id: str) -> None:
+        """Remove a just-created job whose message could not be sent (the submit fails)."""
+        with self.session() as s:
+            s.execute(delete(Job).where(Job.id == job_id, Job.tenant_id == tenant_id,
+                                        Job.state == QUEUED, Job.enqueued_at.is_(None),
+                                        Job.attempt == 0)
+                      .execution_options(synchronize_session=False))
+
     def count_by_state(self) -> dict[str, int]:
         with self.session() as s:
             rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
@@ -335,6 +361,8 @@ class Store:
         values: dict[str, Any] = {"state": state, "error": error, "lease_owner": None}
         if state != QUEUED:
             values["finished_at"] = utcnow()
+        else:
+            values["enqueued_at"] = None  # to be sent again
         if artifacts is not None:
             values["artifacts"] = artifacts
         with self.session() as s:
@@ -363,7 +391,7 @@ class Store:
                     job.state, job.finished_at = FAILED, utcnow()
                     job.error = f"worker lost {job.attempt} times (max_attempts)"
                 else:
-                    job.state = QUEUED
+                    job.state, job.enqueued_at = QUEUED, None
                 out[job.state].append(job.id)
                 job.lease_owner = None
                 s.execute(update(Attempt).where(Attempt.job_id == job.id,

@@ -168,6 +168,17 @@ class LocalStack:
             self.start_worker(f"w{i}")
         return self
 
+    def stop_redis(self) -> None:
+        """Kill the stack's Redis (SIGKILL: what a crash or an OOM kill does)."""
+        proc = self.procs["redis"]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def start_redis(self) -> None:
+        """Start Redis again on the same port and data folder (its AOF brings the queue back)."""
+        port = int(self.env["BULWARK_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+        self.procs["redis"] = start_redis(self.home / "redis", port)
+
     def start_worker(self, name: str) -> subprocess.Popen:
         queue = self.env.get("BULWARK_QUEUE", "bulwark")
         proc = subprocess.Popen(worker_command(queue=queue, name=f"{name}@%h"), env=self.env,

@@ -26,7 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from service.db import FAILED, QUEUED
 from service.events import Events
-from service.queue import TASK_NAME, enqueue
+from service.queue import TASK_NAME, send
 from service.settings import get_settings
 from service.store import Store
 from workers.jobs.celery_app import app
@@ -113,8 +113,9 @@ def run_job(self, job_id: str) -> str:
     reason = f"trainer exited with {code} on attempt {claim.attempt}"
     if job.attempt < job.max_attempts and not job.cancel_requested:
         if store().finish(job_id, owner, QUEUED, error=reason):
+            # send first: should Redis be down now, the reaper sends the unmarked row later
+            send(store(), job_id, job.attempt)
             events().publish(job_id, "retrying", {"error": reason, "attempt": job.attempt})
-            enqueue(job_id, job.attempt)
         return "requeued"
     store().finish(job_id, owner, FAILED, error=f"{reason} (max_attempts reached)")
     events().publish(job_id, "failed", {"error": reason})
