@@ -193,6 +193,8 @@ def _run_attack(
                 cand = attack(xb[idx], yb[idx]).detach()
             adv[idx] = cand.to(adv.dtype)
             rob[idx] = _correct(model, cand, yb[idx])
+            if progress is not None and restarts > 1:
+                progress(sl.start, x.shape[0])  # between restarts too: a caller may stop here
         x_adv[sl] = adv
         robust[sl] = rob
         if progress is not None:

@@ -73,7 +73,8 @@ class Smooth:
 
     def __init__(self, base_model: nn.Module, num_classes: int, sigma: float, *,
                  precision: str = "fp32", channels_last: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 check: Callable[[], None] | None = None) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not sigma > 0:
@@ -86,6 +87,7 @@ class Smooth:
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.generator = generator
+        self.check = check  # called every few noise batches; it may raise to stop the work
         self.device = _model_device(base_model)
         if self.channels_last:
             base_model.to(memory_format=torch.channels_last)
@@ -178,7 +180,9 @@ class Smooth:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         with self._eval_mode(), torch.inference_mode():
             labels = torch.empty(total, dtype=torch.long, device=dev)
-            for start in range(0, total, batch_size):
+            for i, start in enumerate(range(0, total, batch_size)):
+                if self.check is not None and i % 16 == 0:
+                    self.check()
                 stop = min(start + batch_size, total)
                 owner = torch.arange(start, stop, device=dev).div_(num, rounding_mode="floor")
                 noisy = torch.empty((stop - start, *xs.shape[1:]), dtype=xs.dtype, device=dev,

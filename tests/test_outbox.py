@@ -108,3 +108,28 @@ def test_oversized_chunked_upload_is_a_413_and_deep_headers_a_422(stack, alice):
     r = alice.post("/v1/models", files={"file": ("m.safetensors", deep)},
                    data={"arch": "small_cnn", "num_classes": "10"})
     assert r.status_code == 422 and "nested too deeply" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("phase, evaluation", [
+    ("final_evaluation", {"monitor": {"size": 0},
+                          "final": {"n": 64, "pgd": {"steps": 3000, "restarts": 20},
+                                    "autoattack": None}}),
+    ("certification", {"monitor": {"size": 0}, "final": {"n": 16, "pgd": None,
+                                                         "autoattack": None, "fgsm": False},
+                       "certification": {"sigma": 0.25, "n0": 10, "n": 2_000_000,
+                                         "batch_size": 1000, "chunk": 1, "empirical": None}}),
+])
+def test_cancel_in_any_phase_ends_cancelled_promptly(stack, alice, phase, evaluation):
+    job = alice.post("/v1/jobs", json=tiny_spec(epochs=1, name=f"cancel-{phase}",
+                                                evaluation=evaluation)).json()
+    deadline = time.monotonic() + 120
+    while alice.get(f"/v1/jobs/{job['id']}").json()["progress"].get("phase") != phase:
+        assert time.monotonic() < deadline, f"never reached {phase}"
+        time.sleep(0.2)
+    assert alice.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    done = wait_state(alice, job["id"], ("cancelled", "failed", "succeeded"), timeout=90)
+    assert done["state"] == "cancelled", done
+    assert [a.outcome for a in Store(stack.database_url).attempts(job["id"])] == ["cancelled"]
+    (last,) = [d for _, k, d in Events(stack.env["BULWARK_REDIS_URL"]).read(job["id"])
+               if k == "cancelled"]
+    assert "exit_code" not in last, "the trainer stopped itself; it was not killed"

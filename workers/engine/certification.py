@@ -51,10 +51,13 @@ def smoothed_pgd_accuracy(model: nn.Module, smooth: Smooth, x: Tensor, y: Tensor
 
 def run_certification(model: nn.Module, x: Tensor, y: Tensor, plan, *, num_classes: int,
                       out: Path, precision: str, channels_last: bool, seed: int,
-                      emit: Callable[[str, dict], None]) -> dict[str, Any]:
+                      emit: Callable[[str, dict], None],
+                      check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """CERTIFY every selected test point (resumable through ``certify.tsv``), then the
+    smoothed-PGD attack; ``check()`` runs every few noise batches and may raise to stop."""
     idx = select_points(len(x), plan)
     smooth = Smooth(model, num_classes, plan.sigma, precision=precision,
-                    channels_last=channels_last)
+                    channels_last=channels_last, check=check)
     t0 = time.perf_counter()
     result = certify_dataset(smooth, x[idx], y[idx], n0=plan.n0, n=plan.n, alpha=plan.alpha,
                              batch_size=plan.batch_size, chunk=plan.chunk,

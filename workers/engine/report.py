@@ -62,12 +62,14 @@ class AttackProgress:
     eta_seconds}`` through ``emit`` at most every ``every`` seconds (and at the end)."""
 
     def __init__(self, emit: Callable[[dict[str, Any]], None], attack: str, model: str,
-                 every: float = 2.0):
+                 every: float = 2.0, check: Callable[[], None] | None = None):
         self.emit, self.attack, self.model, self.every = emit, attack, model, every
+        self.check = check or (lambda: None)
         self.t0 = time.perf_counter()
         self.last = -1e9
 
     def __call__(self, done: int, total: int) -> None:
+        self.check()  # after every batch: a cancel request stops the attack here
         now = time.perf_counter()
         if done < total and now - self.last < self.every:
             return
@@ -80,11 +82,12 @@ class AttackProgress:
 def final_evaluation(model: nn.Module, x: Tensor, y: Tensor, plan, *, eps: float, norm: str,
                      num_classes: int, seed: int, model_name: str = "last",
                      on_phase: Callable[[str, int], None] | None = None,
-                     on_progress: Callable[[dict[str, Any]], None] | None = None
-                     ) -> dict[str, Any]:
+                     on_progress: Callable[[dict[str, Any]], None] | None = None,
+                     check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Clean accuracy plus the plan's attacks (FGSM, PGD-k-r, AutoAttack) on (x, y).
 
-    ``on_phase(attack, n)`` before each attack; ``on_progress`` with the attack's progress."""
+    ``on_phase(attack, n)`` before each attack; ``on_progress`` with the attack's progress;
+    ``check()`` after every batch (it raises to stop the evaluation)."""
     phase = on_phase or (lambda name, n: None)
     report = on_progress or (lambda p: None)
     model.eval()
@@ -94,7 +97,7 @@ def final_evaluation(model: nn.Module, x: Tensor, y: Tensor, plan, *, eps: float
 
     def run(name: str, fn) -> None:
         phase(name, n)
-        r = fn(AttackProgress(report, name, model_name))
+        r = fn(AttackProgress(report, name, model_name, check=check))
         attacks[r.name] = r.to_dict()
 
     if plan.fgsm:

@@ -307,7 +307,7 @@ class Training:
                 "seconds": time.perf_counter() - t_epoch, "train_seconds": train_seconds}
 
     # ---------------------------------------------------------------------- evaluation
-    def evaluate(self, emit: Event) -> dict[str, dict[str, Any]]:
+    def evaluate(self, emit: Event, check: Callable[[], None]) -> dict[str, dict[str, Any]]:
         """The final suite for each of ``evaluation.final.models`` that exists."""
         ev, sched, data = self.spec.evaluation, self.spec.schedule, self.data
         test_x, test_y = data.test_x, data.test_y
@@ -335,10 +335,10 @@ class Training:
                     on_phase=lambda p, n, m=name: emit("phase", {"phase": "final_evaluation",
                                                                  "attack": p, "model": m,
                                                                  "n": n}),
-                    on_progress=lambda p: emit("evaluation", p))
+                    on_progress=lambda p: emit("evaluation", p), check=check)
         return finals
 
-    def certify(self, emit: Event) -> dict[str, Any] | None:
+    def certify(self, emit: Event, check: Callable[[], None]) -> dict[str, Any] | None:
         plan = self.spec.evaluation.certification
         if plan is None:
             return None
@@ -350,7 +350,8 @@ class Training:
                 self.model, self.data.test_x.to(self.dev).float().div_(255),
                 self.data.test_y.to(self.dev), plan, num_classes=self.data.num_classes,
                 out=self.out, precision=self.spec.compute.precision,
-                channels_last=self.channels_last, seed=self.spec.schedule.seed, emit=emit)
+                channels_last=self.channels_last, seed=self.spec.schedule.seed, emit=emit,
+                check=check)
 
     # ---------------------------------------------------------------------- report
     def selection(self) -> dict[str, Any] | None:
@@ -405,7 +406,8 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     uploaded npz dataset (the report keeps the spec's ``datasets/<id>``). With ``mode: evaluate`` no
     training happens: the weights are evaluated (and certified) as they are.
 
-    Raises ``Cancelled`` if ``should_stop()`` turns true (checked between steps); the
+    Raises ``Cancelled`` if ``should_stop()`` turns true — checked between training steps,
+    after every evaluation batch, every certification chunk and between phases; the
     checkpoint of the last finished epoch remains and ``resume=True`` continues from it.
     """
     out = Path(out_dir)
@@ -413,13 +415,21 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     emit = on_event or (lambda kind, data: None)
     timing = Timing()
     t_start = time.perf_counter()
+    def check() -> None:  # every phase checks the cancel flag at a fine grain
+        if should_stop is not None and should_stop():
+            raise Cancelled("stopped on request")
+
     job = Training(spec, out, resolve_device(device), timing, weights, data_path)
+    check()
     if resume and job.restore():
         emit("resumed", {"epoch": job.start_epoch})
     job.fit(emit, should_stop, progress)
+    check()
     emit("phase", {"phase": "final_evaluation"})
-    finals = job.evaluate(emit)
-    certification = job.certify(emit)
+    finals = job.evaluate(emit, check)
+    check()
+    certification = job.certify(emit, check)
+    check()
     report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
     report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.db import FAILED, QUEUED
+from service.db import CANCELLED, FAILED, QUEUED
 from service.events import Events
 from service.queue import TASK_NAME, send
 from service.settings import get_settings
@@ -108,8 +108,12 @@ def run_job(self, job_id: str) -> str:
         return "failed"
     if code in (EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED):
         return {EXIT_OK: "succeeded", EXIT_BAD_INPUT: "failed", EXIT_CANCELLED: "cancelled"}[code]
-    # The trainer crashed or was killed: retry from its last checkpoint while attempts remain.
     job = store().get_job(None, job_id)
+    if job.cancel_requested:  # killed after the grace period, or crashed while stopping
+        if store().finish(job_id, owner, CANCELLED, error="cancelled by request"):
+            events().publish(job_id, "cancelled", {"exit_code": code})
+        return "cancelled"
+    # The trainer crashed or was killed: retry from its last checkpoint while attempts remain.
     reason = f"trainer exited with {code} on attempt {claim.attempt}"
     if job.attempt < job.max_attempts and not job.cancel_requested:
         if store().finish(job_id, owner, QUEUED, error=reason):
