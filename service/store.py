@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import and_, create_engine, delete, func, or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import (
@@ -96,7 +97,18 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
+                conn.isolation_level = None  # SQLAlchemy's begin event below opens transactions
+
+            @event.listens_for(self.engine, "begin")
+            def _sqlite_begin(conn):
+                # IMMEDIATE takes the write lock up front: a read-then-write transaction
+                # (the quota check) cannot race another, nor fail to upgrade its WAL snapshot
+                immediate = conn.get_execution_options().get("sqlite_immediate")
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # transactions that read, then write what they read decides (SQLite: BEGIN IMMEDIATE)
+        self._writer_sessions = sessionmaker(
+            self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False)
 
     # ------------------------------------------------------------------ plumbing
     def migrate(self) -> None:
@@ -173,25 +185,53 @@ class Store:
                    max_queued: int, idempotency_key: str | None = None,
                    model_id: str | None = None) -> tuple[Job, bool]:
         """Insert a queued job. Returns (job, created). Same idempotency key + same body
-        returns the existing job (created False); a different body raises Conflict."""
+        returns the existing job (created False); a different body raises Conflict.
+
+        Atomic under concurrency on both databases: the tenant's row is locked first
+        (PostgreSQL: ``FOR UPDATE``; SQLite: the transaction begins IMMEDIATE, holding the
+        write lock), so N racing submissions never leave more than ``max_queued`` queued.
+        Racing requests with one Idempotency-Key: the losers of the unique-constraint race
+        get the winner's job."""
         digest = request_hash({"spec": spec, "model_id": model_id})
-        with self.session() as s:
+        try:
+            return self._create_job(tenant_id, spec, digest, max_attempts=max_attempts,
+                                    max_queued=max_queued, idempotency_key=idempotency_key,
+                                    model_id=model_id)
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            with self.session() as s:  # another request with this key committed first
+                return self._replay(s, tenant_id, idempotency_key, digest), False
+
+    @staticmethod
+    def _replay(s: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+        old = s.scalars(select(Job).where(Job.tenant_id == tenant_id,
+                                          Job.idempotency_key == key)).first()
+        if old is not None:
+            if old.request_hash != digest:
+                raise Conflict("Idempotency-Key was already used with a different body")
+            s.expunge(old)
+        return old
+
+    def _create_job(self, tenant_id: str, spec: dict[str, Any], digest: str, *,
+                    max_attempts: int, max_queued: int, idempotency_key: str | None,
+                    model_id: str | None) -> tuple[Job, bool]:
+        with self._writer_sessions.begin() as s:
+            s.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
             if idempotency_key:
-                old = s.scalars(select(Job).where(Job.tenant_id == tenant_id,
-                                                  Job.idempotency_key == idempotency_key)).first()
+                old = self._replay(s, tenant_id, idempotency_key, digest)
                 if old is not None:
-                    if old.request_hash != digest:
-                        raise Conflict("Idempotency-Key was already used with a different body")
                     return old, False
-            queued = s.scalar(select(func.count()).select_from(Job).where(
-                Job.tenant_id == tenant_id, Job.state == QUEUED))
-            if queued >= max_queued:
-                raise QuotaExceeded(f"tenant has {queued} queued jobs; the limit is {max_queued}")
             job = Job(tenant_id=tenant_id, spec=spec, name=spec.get("name"), state=QUEUED,
                       max_attempts=max_attempts, idempotency_key=idempotency_key,
                       request_hash=digest, model_id=model_id, progress={}, artifacts=[])
             s.add(job)
             s.flush()
+            queued = s.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant_id == tenant_id, Job.state == QUEUED))
+            if queued > max_queued:
+                raise QuotaExceeded(f"tenant has {queued - 1} queued jobs; the limit is "
+                                    f"{max_queued}")
             return job, True
 
     @staticmethod

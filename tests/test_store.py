@@ -127,3 +127,34 @@ def test_tenant_isolation_idempotency_quota_delete(store):
     with pytest.raises(NotFound):
         store.get_job("a", job.id)
     assert store.count_by_state()[QUEUED] == 1
+
+
+def test_quota_and_idempotency_hold_under_concurrent_submissions(store):
+    """40 racing submissions against a limit of 20 leave exactly 20 queued; 20 racing requests
+    with one Idempotency-Key make one job and all get it (no error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store.create_api_key("race")
+
+    def submit(i):
+        try:
+            return store.create_job("race", {"name": f"j{i}"}, max_attempts=1,
+                                    max_queued=20)[0].id
+        except QuotaExceeded:
+            return "quota"
+
+    with ThreadPoolExecutor(40) as pool:
+        out = list(pool.map(submit, range(40)))
+    assert out.count("quota") == 20 and len(set(out) - {"quota"}) == 20
+    assert store.list_jobs("race", state=QUEUED, limit=100)[1] == 20
+
+    store.create_api_key("idem")
+
+    def same_key(_):
+        job, _created = store.create_job("idem", {"name": "one"}, max_attempts=1,
+                                         max_queued=100, idempotency_key="k-1")
+        return job.id
+
+    with ThreadPoolExecutor(20) as pool:
+        ids = list(pool.map(same_key, range(20)))
+    assert len(set(ids)) == 1 and store.list_jobs("idem")[1] == 1
