@@ -7,6 +7,7 @@ a private Redis that ``bulwark serve`` starts (``redis_url`` empty). Production 
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,7 +43,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         self.home.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{(self.home / 'bulwark.db').resolve()}"
+        db = self.home / "bulwark.db"
+        if not db.exists():  # keys' digests and every tenant's jobs: owner-only (SQLite's
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # -wal/-shm follow it)
+        return f"sqlite:///{db.resolve()}"
 
     def resolved_artifact_root(self) -> Path:
         root = self.artifact_root or (self.home / "artifacts")

@@ -154,8 +154,20 @@ class Store:
                 s.expunge(r)
             return rows
 
-    def revoke_api_key(self, prefix: str) -> ApiKey:
-        """Revoke the one key whose printed prefix (or full key) starts with ``prefix``."""
+    def rotate_api_key(self, prefix: str) -> tuple[ApiKey, str]:
+        """A new key for the tenant of the key ``prefix`` names, and that key revoked (in one
+        transaction): returns (the revoked row, the new key)."""
+        old = self._find_key(prefix)
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.session() as s:
+            row = s.get(ApiKey, old.id)
+            row.revoked = True
+            s.add(ApiKey(tenant_id=row.tenant_id, key_hash=hash_key(key), prefix=key[:10]))
+            s.flush()
+            s.expunge(row)
+        return row, key
+
+    def _find_key(self, prefix: str) -> ApiKey:
         probe = prefix[:10]
         with self.session() as s:
             rows = [r for r in s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(
@@ -166,10 +178,18 @@ class Store:
                 raise NotFound(f"no API key starts with {prefix!r}")
             if len(rows) > 1:
                 raise Conflict(f"{len(rows)} keys start with {prefix!r}; give more of the key")
-            rows[0].revoked = True
-            s.flush()
             s.expunge(rows[0])
             return rows[0]
+
+    def revoke_api_key(self, prefix: str) -> ApiKey:
+        """Revoke the one key whose printed prefix (or full key) starts with ``prefix``."""
+        found = self._find_key(prefix)
+        with self.session() as s:
+            row = s.get(ApiKey, found.id)
+            row.revoked = True
+            s.flush()
+            s.expunge(row)
+            return row
 
     def authenticate(self, key: str) -> str | None:
         """The tenant of ``key``, or None."""

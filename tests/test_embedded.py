@@ -56,6 +56,8 @@ def test_serve_prints_url_and_key_and_keeps_state_in_home(served):
     assert any(line.startswith("Bulwark is up: http://127.0.0.1:") for line in lines)
     assert (home / "bulwark.db").exists() and (home / "api_key").exists()
     assert oct((home / "api_key").stat().st_mode & 0o777) == "0o600"
+    assert oct((home / "bulwark.db").stat().st_mode & 0o777) == "0o600", "owner-only"
+    assert oct((home / "redis" / "password").stat().st_mode & 0o777) == "0o600"
     assert (home / "redis" / "appendonlydir").exists() or list((home / "redis").glob("*.aof*"))
 
 
@@ -116,9 +118,15 @@ def test_cli_version_help_keys_and_cancel_of_a_finished_job(served, tmp_path):
     assert made[:10] in listing and "dave" in listing
     dave = {**env, "BULWARK_API_KEY": made}
     assert _cli(dave, "jobs").returncode == 0
-    assert _cli(keys_env, "keys", "revoke", made[:10]).returncode == 0
-    assert "revoked" in _cli(keys_env, "keys", "list").stdout
+    rotated = _cli(keys_env, "keys", "rotate", made[:10])
+    new_key = rotated.stdout.strip()
+    assert rotated.returncode == 0 and new_key.startswith("bwk_") and new_key != made
     out = _cli(dave, "jobs")
+    assert out.returncode == 1 and "HTTP 401" in out.stderr, "the rotated-out key is refused"
+    assert _cli({**env, "BULWARK_API_KEY": new_key}, "jobs").returncode == 0, "same tenant"
+    assert _cli(keys_env, "keys", "revoke", new_key[:10]).returncode == 0
+    assert "revoked" in _cli(keys_env, "keys", "list").stdout
+    out = _cli({**env, "BULWARK_API_KEY": new_key}, "jobs")
     assert out.returncode == 1 and "HTTP 401" in out.stderr, "a revoked key is refused"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(tiny_spec(epochs=1)))

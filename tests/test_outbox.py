@@ -133,3 +133,15 @@ def test_cancel_in_any_phase_ends_cancelled_promptly(stack, alice, phase, evalua
     (last,) = [d for _, k, d in Events(stack.env["BULWARK_REDIS_URL"]).read(job["id"])
                if k == "cancelled"]
     assert "exit_code" not in last, "the trainer stopped itself; it was not killed"
+
+
+def test_the_private_redis_wants_its_password(stack):
+    from urllib.parse import urlsplit
+
+    import redis as redis_lib
+
+    url = urlsplit(stack.env["BULWARK_REDIS_URL"])
+    assert url.password, "the stack's URL carries the password"
+    bare = redis_lib.Redis(host="127.0.0.1", port=url.port)
+    with pytest.raises(redis_lib.exceptions.AuthenticationError):
+        bare.ping()

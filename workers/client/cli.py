@@ -10,7 +10,7 @@ Service:
     bulwark serve                 embedded: private Redis + API + one worker, SQLite
     bulwark worker [--device D]   a Celery worker for one device (production)
     bulwark reaper                re-queue jobs whose worker stopped heartbeating
-    bulwark keys create [--tenant T] | list | revoke PREFIX
+    bulwark keys create [--tenant T] | list | revoke PREFIX | rotate PREFIX
 Client (BULWARK_URL, BULWARK_API_KEY; embedded mode's key is read from bulwark-data/api_key):
     bulwark submit SPEC [--wait]  bulwark jobs   bulwark status ID   bulwark report ID
     bulwark cancel ID             bulwark download ID NAME [-o PATH]   bulwark delete ID
@@ -224,6 +224,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"{k.prefix}…  tenant {k.tenant_id:<16} created "
                   f"{k.created_at:%Y-%m-%d %H:%M}  {'revoked' if k.revoked else 'active'}")
         print(f"{len(keys)} keys")
+    elif args.keys_command == "rotate":
+        try:
+            old, key = store.rotate_api_key(args.prefix)
+        except StoreError as e:
+            return _fail(str(e))
+        print(key)
+        print(f"(tenant {old.tenant_id}; {old.prefix}… is revoked)", file=sys.stderr)
     else:
         try:
             k = store.revoke_api_key(args.prefix)
@@ -376,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--tenant", default=None)
     kr = ksub.add_parser("revoke", help="revoke a key by its prefix (as `keys list` shows)")
     kr.add_argument("prefix")
+    kt = ksub.add_parser("rotate", help="a new key for the same tenant; the old one revoked")
+    kt.add_argument("prefix")
     k.set_defaults(func=cmd_keys)
 
     def client_parser(name: str, help: str, func, job: bool = True,

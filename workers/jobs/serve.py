@@ -9,6 +9,7 @@ external services instead. Torch is never imported in this process.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -41,16 +42,33 @@ def redis_server_binary() -> str:
     return found
 
 
-def start_redis(home: Path, port: int) -> subprocess.Popen:
-    """A private Redis with append-only persistence and no eviction (SERVICE.md §1)."""
+def redis_password(home: Path) -> str:
+    """The private Redis's password, made once and kept (mode 0600) in ``home/password``."""
     home.mkdir(parents=True, exist_ok=True)
+    path = home / "password"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def start_redis(home: Path, port: int) -> subprocess.Popen:
+    """A private Redis with append-only persistence, no eviction (SERVICE.md §1), bound to
+    loopback and protected by a password all the same."""
+    password = redis_password(home)
     proc = subprocess.Popen(
         [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
          "--dir", str(home.resolve()), "--appendonly", "yes", "--appendfsync", "everysec",
-         "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes"],
+         "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes",
+         "--requirepass", password],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_port(port, proc, "redis-server")
     return proc
+
+
+def redis_url(home: Path, port: int) -> str:
+    return f"redis://:{redis_password(home)}@127.0.0.1:{port}/0"
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None, what: str,
@@ -98,7 +116,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
     if not os.environ.get("BULWARK_REDIS_URL"):
         redis_port = free_port()
         children.append(start_redis(home_path / "redis", redis_port))
-        os.environ["BULWARK_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        os.environ["BULWARK_REDIS_URL"] = redis_url(home_path / "redis", redis_port)
     from service.settings import get_settings
 
     get_settings.cache_clear()
@@ -157,7 +175,7 @@ class LocalStack:
         redis_port, api_port = free_port(), free_port()
         self.procs["redis"] = start_redis(self.home / "redis", redis_port)
         self.env = {**os.environ, **self.extra, "BULWARK_HOME": str(self.home),
-                    "BULWARK_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+                    "BULWARK_REDIS_URL": redis_url(self.home / "redis", redis_port)}
         self.procs["api"] = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
              "--port", str(api_port), "--log-level", "warning", "--no-access-log"],
@@ -176,7 +194,9 @@ class LocalStack:
 
     def start_redis(self) -> None:
         """Start Redis again on the same port and data folder (its AOF brings the queue back)."""
-        port = int(self.env["BULWARK_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+        from urllib.parse import urlsplit
+
+        port = urlsplit(self.env["BULWARK_REDIS_URL"]).port
         self.procs["redis"] = start_redis(self.home / "redis", port)
 
     def start_worker(self, name: str) -> subprocess.Popen:
