@@ -88,6 +88,9 @@ class DatasetOut(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    """``ok`` | ``degraded`` (no live worker) | ``down`` (database or Redis unreachable)."""
+
+    status: Literal["ok", "degraded", "down"]
     database: bool
     redis: bool
+    workers: int = 0

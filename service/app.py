@@ -49,7 +49,7 @@ from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit
 from service.metrics import JobCollector
 from service.models import UploadRejected, store_dataset, store_upload
-from service.queue import revoke, send
+from service.queue import live_workers, revoke, send
 from service.schemas import dataset_out, errors, job_out, model_out
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
@@ -359,11 +359,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ operations
     @app.get("/healthz", tags=["operations"], response_model=Health)
     def healthz(response: Response) -> Health:
+        """``ok``: database, Redis and at least one live worker; ``degraded``: no worker
+        serves the queue (jobs wait; 200, the API itself is fine); ``down``: the database or
+        Redis is unreachable (503)."""
         db = _ok(store.ping)
         rd = _ok(events.ping)
+        workers: list[str] = []
+        if rd:
+            try:
+                workers = live_workers(events.redis)
+            except Exception:
+                rd = False
         if not (db and rd):
             response.status_code = 503
-        return Health(status="ok" if db and rd else "degraded", database=db, redis=rd)
+        status = "down" if not (db and rd) else "ok" if workers else "degraded"
+        return Health(status=status, database=db, redis=rd, workers=len(workers))
 
     @app.get("/metrics", tags=["operations"])
     def metrics() -> Response:

@@ -90,3 +90,20 @@ def send(store, job_id: str, attempt: int = 0) -> bool:
         return False
     store.mark_enqueued(job_id)
     return True
+
+
+# Worker liveness: every worker's main process refreshes ``bulwark:worker:<name>`` (a TTL key)
+# while it runs; /healthz counts them.
+WORKER_KEY = "bulwark:worker:"
+WORKER_TTL_SECONDS = 30
+
+
+def announce_worker(client, name: str, info: dict[str, Any]) -> None:
+    import json
+
+    client.set(WORKER_KEY + name, json.dumps(info), ex=WORKER_TTL_SECONDS)
+
+
+def live_workers(client) -> list[str]:
+    """The names of the workers that announced themselves within the last TTL."""
+    return sorted(k.removeprefix(WORKER_KEY) for k in client.scan_iter(WORKER_KEY + "*"))

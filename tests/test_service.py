@@ -222,6 +222,7 @@ def test_killed_worker_child_resumes_and_succeeds(stack, alice):
 def test_health_metrics_and_listing(stack, alice):
     h = httpx.get(f"{stack.url}/healthz")
     assert h.status_code == 200 and h.json() == {"status": "ok", "database": True,
+                                                 "workers": 1,
                                                  "redis": True}
     m = httpx.get(f"{stack.url}/metrics").text
     assert 'bulwark_jobs{state="succeeded"}' in m

@@ -167,8 +167,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from workers.jobs.serve import serve
 
-    return serve(host=args.host, port=args.port, home=args.home, workers=args.workers,
-                 device=args.device)
+    try:
+        return serve(host=args.host, port=args.port, home=args.home, workers=args.workers,
+                     device=args.device)
+    except RuntimeError as e:  # another serve holds the folder; a child would not start
+        return _fail(str(e))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

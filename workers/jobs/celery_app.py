@@ -7,6 +7,45 @@ with ``bulwark worker`` (prefork, concurrency 1, a fresh child per job).
 
 from __future__ import annotations
 
-from service.queue import make_celery
+import os
+import threading
+import time
+
+from celery.signals import worker_ready, worker_shutdown
+
+from service.queue import WORKER_KEY, WORKER_TTL_SECONDS, announce_worker, make_celery
 
 app = make_celery(include=["workers.jobs.tasks"])
+_stop = threading.Event()
+
+
+@worker_ready.connect
+def _announce(sender=None, **_kwargs) -> None:
+    """From the worker's main process: refresh this worker's liveness key every TTL/3 while it
+    runs, so /healthz can say how many workers serve the queue."""
+    import redis
+
+    from service.settings import get_settings
+
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    client = redis.Redis.from_url(get_settings().redis_url)
+    info = {"pid": os.getpid(), "since": time.time()}
+
+    def beat() -> None:
+        while not _stop.is_set():
+            try:
+                announce_worker(client, name, info)
+            except redis.exceptions.RedisError:
+                pass  # Redis is away: the key lapses, /healthz reports no worker
+            _stop.wait(WORKER_TTL_SECONDS / 3)
+        try:
+            client.delete(WORKER_KEY + name)
+        except redis.exceptions.RedisError:
+            pass
+
+    threading.Thread(target=beat, daemon=True, name="bulwark-liveness").start()
+
+
+@worker_shutdown.connect
+def _retire(**_kwargs) -> None:
+    _stop.set()

@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 KEY_FILE = "api_key"
@@ -106,48 +108,127 @@ def ensure_api_key(home: Path, tenant: str = "default") -> str:
     return key
 
 
+class Supervisor:
+    """Keeps ``serve``'s children running: one that exits unasked is started again, after a
+    backoff that doubles per quick failure (1 s … 30 s). ``stop()`` ends them all (SIGTERM,
+    then SIGKILL after a grace period), in reverse start order."""
+
+    def __init__(self) -> None:
+        self.starters: dict[str, Callable[[], subprocess.Popen]] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, name: str, start: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+        self.starters[name], self.procs[name] = start, start()
+        return self.procs[name]
+
+    def watch(self, every: float = 1.0) -> None:
+        def loop() -> None:
+            backoff = dict.fromkeys(self.starters, 1.0)
+            while not self._stopping.wait(every):
+                for name, proc in list(self.procs.items()):
+                    if proc.poll() is None or self._stopping.is_set():
+                        continue
+                    print(f"bulwark serve: {name} exited with {proc.returncode}; restarting "
+                          f"in {backoff[name]:.0f} s", file=sys.stderr, flush=True)
+                    if self._stopping.wait(backoff[name]):
+                        return
+                    started = time.monotonic()
+                    try:
+                        self.procs[name] = self.starters[name]()
+                    except Exception as e:  # e.g. the port is not free yet: try again later
+                        print(f"bulwark serve: {name} did not start: {e}", file=sys.stderr,
+                              flush=True)
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    quick = time.monotonic() - started < 10
+                    backoff[name] = min(backoff[name] * 2, 30.0) if quick else 1.0
+
+        self._thread = threading.Thread(target=loop, daemon=True, name="bulwark-supervisor")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for proc in reversed(list(self.procs.values())):
+            _stop(proc)
+
+
+class _Terminated(Exception):
+    """SIGTERM: stop like Ctrl-C (uvicorn shuts down, then every child is stopped)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def lock_home(home: Path):
+    """An exclusive lock on ``home/serve.lock`` for as long as the returned file stays open:
+    a second ``serve`` on the same folder (its SQLite, its Redis AOF) stops at once."""
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    f = open(home / "serve.lock", "a+")  # noqa: SIM115 - held for the process's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RuntimeError(f"another `bulwark serve` uses {home} (pid {f.read().strip() or '?'}"
+                           "); stop it, or pass another --home") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-data",
           workers: int = 1, device: str | None = None) -> int:
     home_path = Path(home)
+    lock = lock_home(home_path)  # noqa: F841 - kept open: the lock lives as long as serve
     os.environ.setdefault("BULWARK_HOME", str(home_path))
     if device:
         os.environ["BULWARK_DEVICE"] = device
-    children: list[subprocess.Popen] = []
-    if not os.environ.get("BULWARK_REDIS_URL"):
-        redis_port = free_port()
-        children.append(start_redis(home_path / "redis", redis_port))
-        os.environ["BULWARK_REDIS_URL"] = redis_url(home_path / "redis", redis_port)
-    from service.settings import get_settings
-
-    get_settings.cache_clear()
-    settings = get_settings()
-    from service.store import Store
-
-    Store(settings.resolved_database_url()).migrate()
-    key = ensure_api_key(home_path)
-    worker_env = dict(os.environ)
-    if workers > 1 and "OMP_NUM_THREADS" not in worker_env:
-        # CPU workers share the cores instead of each taking all of them
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
-        worker_env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    for i in range(workers):
-        children.append(subprocess.Popen(
-            worker_command(queue=settings.queue, name=f"embedded{i}@%h"),
-            env=worker_env, start_new_session=True))
-
-    import uvicorn
-
-    from service.app import create_app
-
-    url = f"http://{host}:{port}"
-    print(f"Bulwark is up: {url}  (API docs: {url}/docs)", flush=True)
-    print(f"API key: {key}", flush=True)
-    print(f"  export BULWARK_URL={url} BULWARK_API_KEY={key}", flush=True)
+    sup = Supervisor()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if not os.environ.get("BULWARK_REDIS_URL"):
+            redis_port = free_port()
+            sup.add("redis", lambda: start_redis(home_path / "redis", redis_port))
+            os.environ["BULWARK_REDIS_URL"] = redis_url(home_path / "redis", redis_port)
+        from service.settings import get_settings
+
+        get_settings.cache_clear()
+        settings = get_settings()
+        from service.store import Store
+
+        Store(settings.resolved_database_url()).migrate()
+        key = ensure_api_key(home_path)
+        worker_env = dict(os.environ)
+        if workers > 1 and "OMP_NUM_THREADS" not in worker_env:
+            # CPU workers share the cores instead of each taking all of them
+            threads = str(max(1, (os.cpu_count() or 1) // workers))
+            worker_env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        for i in range(workers):
+            cmd = worker_command(queue=settings.queue, name=f"embedded{i}@%h")
+            sup.add(f"worker{i}", lambda cmd=cmd: subprocess.Popen(
+                cmd, env=worker_env, start_new_session=True))
+        sup.watch()
+
+        import uvicorn
+
+        from service.app import create_app
+
+        url = f"http://{host}:{port}"
+        print(f"Bulwark is up: {url}  (API docs: {url}/docs)", flush=True)
+        print(f"API key: {key}", flush=True)
+        print(f"  export BULWARK_URL={url} BULWARK_API_KEY={key}", flush=True)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    except _Terminated:
+        pass
     finally:
-        for child in reversed(children):
-            _stop(child)
+        sup.stop()
     return 0
 
 
