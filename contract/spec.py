@@ -50,8 +50,10 @@ class DatasetSpec(_Strict):
     )
     path: str | None = Field(None, description="the .npz file (name = 'npz' only)")
     val_size: int = Field(1024, ge=0, le=100_000, description="held-out training images")
-    train_limit: int | None = Field(None, ge=1, description="use only this many train images")
-    test_limit: int | None = Field(None, ge=1, description="use only this many test images")
+    train_limit: int | None = Field(None, ge=1, le=100_000_000,
+                                    description="use only this many train images")
+    test_limit: int | None = Field(None, ge=1, le=100_000_000,
+                                   description="use only this many test images")
     crop_padding: int | None = Field(
         None, ge=0, le=16, description="random-crop padding; None = dataset default"
     )
@@ -380,7 +382,8 @@ class AutoAttackEval(_Strict):
 
 
 class FinalEval(_Strict):
-    n: int | None = Field(None, ge=1, description="test points; None = the whole test set")
+    n: int | None = Field(None, ge=1, le=10_000_000,
+                          description="test points; None = the whole test set")
     models: list[Literal["last", "best", "wa"]] = Field(
         default_factory=lambda: ["last", "wa"], min_length=1,
         description="which weights to evaluate: last epoch, best monitor PGD epoch, weight "

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from contract.api import DatasetOut, Health, JobList, JobOut, JobState, ModelOut
 from contract.artifacts import REPORT
+from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
 from contract.spec import JobSpec
 from service.artifacts import job_dir
@@ -199,6 +200,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        "input": spec.model.arch}])
         return row.id
 
+    def check_cost(spec: JobSpec, tenant_id: str, dataset_id: str | None) -> None:
+        """422 when the job's estimated work passes the tenant's limits (nothing stored)."""
+        shape = None
+        if dataset_id is not None:
+            m = store.get_dataset(tenant_id, dataset_id).meta
+            c, h, _w = m["shape"]
+            shape = (m["train"], m["test"], c, h)
+        cost = estimate(spec, shape)
+        limits = {"max_job_tflop": s.max_job_tflop, "max_dataset_bytes": s.max_dataset_bytes,
+                  **s.tenant_limits.get(tenant_id, {})}
+        problem = check_limits(cost, limits)
+        if problem is not None:
+            raise HTTPException(422, [{"loc": ["body"], "type": "value_error", "msg": problem,
+                                       "input": None}])
+
     def uploaded_dataset_id(spec: JobSpec, tenant_id: str) -> str | None:
         """Through the API a job names a dataset the server has, or one the tenant uploaded:
         never a server path, never a download (both are `bulwark run` features)."""
@@ -222,7 +238,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
         model_id = uploaded_model_id(spec, tenant_id)
-        uploaded_dataset_id(spec, tenant_id)
+        check_cost(spec, tenant_id, uploaded_dataset_id(spec, tenant_id))
         job, created = store.create_job(tenant_id, spec.model_dump(mode="json"),
                                         max_attempts=s.max_attempts,
                                         max_queued=s.max_queued_per_tenant,

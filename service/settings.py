@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = Field(2.0, gt=0)
     max_run_seconds: int = Field(6 * 3600, ge=60, description="Celery soft time limit")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_job_tflop: float = Field(
+        2e7, gt=0, description="estimated compute per job (contract/cost.py); 2e7 TFLOP fits "
+                               "WRN-34-10 TRADES-AWP for 200 CIFAR epochs plus AutoAttack")
+    max_dataset_bytes: int = Field(16 * 2**30, ge=1, description="a job's dataset on the device")
+    tenant_limits: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description='per-tenant overrides, JSON: {"alice": '
+                                          '{"max_job_tflop": 1e5}}')
     events_maxlen: int = Field(1000, ge=10)
     events_ttl_seconds: int = Field(7 * 86400, ge=60, description="after the terminal event")
 

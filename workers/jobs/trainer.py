@@ -125,7 +125,16 @@ def main(argv: list[str] | None = None) -> int:
                     "upload your data as .npz with POST /v1/datasets", EXIT_BAD_INPUT)
     except (DataError, ValueError) as e:
         return fail(str(e), EXIT_BAD_INPUT)
-    except Exception:  # a bug or a resource error: the task decides whether to retry
+    except MemoryError:
+        return fail("out of host memory: the job does not fit this worker (a smaller dataset, "
+                    "batch_size or evaluation batch)", EXIT_BAD_INPUT)
+    except Exception as e:  # a bug or a resource error: the task decides whether to retry
+        first = (str(e).splitlines() or [""])[0]
+        if type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e):
+            # torch's, on the accelerator or the host (DefaultCPUAllocator): not retried
+            return fail(f"out of memory: {first} — lower schedule.batch_size or the "
+                        "evaluation batch sizes, use bf16, or a smaller dataset",
+                        EXIT_BAD_INPUT)
         traceback.print_exc()
         return EXIT_ERROR
     artifacts = describe_artifacts(out)
