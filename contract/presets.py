@@ -167,6 +167,8 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(recipe, dict) or not recipe.get("preset"):
         return data
     name = recipe["preset"]
+    if not isinstance(name, str):
+        return data  # RecipeSpec reports "recipe.preset: Input should be a valid string"
     if name not in PRESETS:
         raise ValueError(f"recipe.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     threat = data.get("threat") or {}

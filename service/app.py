@@ -234,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", tags=["jobs"], response_model=JobOut, status_code=201,
               responses={200: {"model": JobOut, "description": "idempotent replay"},
-                         **errors(401, 409, 413, 422, 429, 503)})
+                         **errors(400, 401, 409, 413, 422, 429, 503)})
     def submit(spec: JobSpec, tenant_id: Tenant, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
         model_id = uploaded_model_id(spec, tenant_id)
@@ -344,7 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ models
     @app.post("/v1/models", tags=["models"], response_model=ModelOut, status_code=201,
-              responses=errors(401, 413, 422))
+              responses=errors(400, 401, 413, 422))
     async def upload_model(tenant_id: Tenant, file: Annotated[UploadFile, File()],
                            arch: Annotated[str, Form()],
                            num_classes: Annotated[int, Form(ge=2, le=1000)],
@@ -360,7 +360,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return model_out(row)
 
     @app.post("/v1/datasets", tags=["datasets"], response_model=DatasetOut, status_code=201,
-              responses=errors(401, 413, 422))
+              responses=errors(400, 401, 413, 422))
     async def upload_dataset(tenant_id: Tenant,
                              file: Annotated[UploadFile, File()]) -> DatasetOut:
         """An ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (images uint8 or

@@ -8,7 +8,8 @@ from contract.api import ArtifactOut, DatasetOut, ErrorOut, JobOut, ModelOut
 from service.db import TERMINAL, Job, UploadedDataset, UploadedModel
 
 _ERRORS = {
-    400: "a malformed header (the message says which)",
+    400: "a malformed request: a body that is not JSON (or not multipart, for uploads), or a "
+         "bad header; the message says which",
     401: "missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key')",
     404: "no such job, artifact, model or dataset for this tenant",
     409: "conflict: the job's state does not allow it, or an Idempotency-Key was reused "

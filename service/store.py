@@ -106,7 +106,7 @@ class Store:
                 immediate = conn.get_execution_options().get("sqlite_immediate")
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # transactions that read, then write what they read decides (SQLite: BEGIN IMMEDIATE)
+        # transactions that may write (SQLite: BEGIN IMMEDIATE; see session())
         self._writer_sessions = sessionmaker(
             self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False)
 
@@ -124,6 +124,14 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """A transaction that may write (SQLite: BEGIN IMMEDIATE, so it waits for the write
+        lock up front instead of failing to upgrade a stale read snapshot)."""
+        with self._writer_sessions.begin() as s:
+            yield s
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction (SQLite: a plain deferred BEGIN; readers never wait)."""
         with self._sessions.begin() as s:
             yield s
 
@@ -145,7 +153,7 @@ class Store:
 
     def list_api_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
         """Every key (or one tenant's), newest first: prefix, tenant, created, revoked."""
-        with self.session() as s:
+        with self.reading() as s:
             q = select(ApiKey).order_by(ApiKey.created_at.desc())
             if tenant_id is not None:
                 q = q.where(ApiKey.tenant_id == tenant_id)
@@ -169,7 +177,7 @@ class Store:
 
     def _find_key(self, prefix: str) -> ApiKey:
         probe = prefix[:10]
-        with self.session() as s:
+        with self.reading() as s:
             rows = [r for r in s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(
                 probe, autoescape=True))).all() if r.prefix.startswith(probe)]
             if len(prefix) > 10:  # a whole key: match its digest
@@ -194,7 +202,7 @@ class Store:
     def authenticate(self, key: str) -> str | None:
         """The tenant of ``key``, or None."""
         digest = hash_key(key)
-        with self.session() as s:
+        with self.reading() as s:
             row = s.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
             if row is None or row.revoked or not secrets.compare_digest(row.key_hash, digest):
                 return None
@@ -220,7 +228,7 @@ class Store:
         except IntegrityError:
             if not idempotency_key:
                 raise
-            with self.session() as s:  # another request with this key committed first
+            with self.reading() as s:  # another request with this key committed first
                 return self._replay(s, tenant_id, idempotency_key, digest), False
 
     @staticmethod
@@ -236,7 +244,7 @@ class Store:
     def _create_job(self, tenant_id: str, spec: dict[str, Any], digest: str, *,
                     max_attempts: int, max_queued: int, idempotency_key: str | None,
                     model_id: str | None) -> tuple[Job, bool]:
-        with self._writer_sessions.begin() as s:
+        with self.session() as s:
             s.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
             if idempotency_key:
                 old = self._replay(s, tenant_id, idempotency_key, digest)
@@ -266,7 +274,7 @@ class Store:
         return row
 
     def get_job(self, tenant_id: str | None, job_id: str) -> Job:
-        with self.session() as s:
+        with self.reading() as s:
             job = self._owned(s, Job, tenant_id, job_id)
             s.expunge(job)
             return job
@@ -274,7 +282,7 @@ class Store:
     def list_jobs(self, tenant_id: str, *, state: str | None = None,
                   id_prefix: str | None = None, limit: int = 50,
                   offset: int = 0) -> tuple[list[Job], int]:
-        with self.session() as s:
+        with self.reading() as s:
             q = select(Job).where(Job.tenant_id == tenant_id)
             if state:
                 q = q.where(Job.state == state)
@@ -320,7 +328,7 @@ class Store:
         process died between commit and send), unchanged for ``older_than`` seconds: (id,
         attempt) to send again. A duplicate message is harmless (the lease decides)."""
         cutoff = utcnow() - dt.timedelta(seconds=older_than)
-        with self.session() as s:
+        with self.reading() as s:
             return [(r.id, r.attempt) for r in s.execute(
                 select(Job.id, Job.attempt).where(Job.state == QUEUED,
                                                   Job.enqueued_at.is_(None),
@@ -335,7 +343,7 @@ class Store:
                       .execution_options(synchronize_session=False))
 
     def count_by_state(self) -> dict[str, int]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         out = dict.fromkeys(STATES, 0)
         out.update({state: int(n) for state, n in rows})
@@ -363,13 +371,13 @@ class Store:
             return row
 
     def get_dataset(self, tenant_id: str | None, dataset_id: str) -> UploadedDataset:
-        with self.session() as s:
+        with self.reading() as s:
             row = self._owned(s, UploadedDataset, tenant_id, dataset_id)
             s.expunge(row)
             return row
 
     def get_model(self, tenant_id: str | None, model_id: str) -> UploadedModel:
-        with self.session() as s:
+        with self.reading() as s:
             row = self._owned(s, UploadedModel, tenant_id, model_id)
             s.expunge(row)
             return row
@@ -461,7 +469,7 @@ class Store:
         return out
 
     def attempts(self, job_id: str) -> list[Attempt]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(Attempt).where(Attempt.job_id == job_id)
                              .order_by(Attempt.id)).all()
             for r in rows:
