@@ -47,7 +47,7 @@ from contract.spec import JobSpec
 from service.artifacts import job_dir
 from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job
 from service.events import TERMINAL_EVENTS, Events, stream_key
-from service.limits import BodySizeLimit
+from service.limits import BodySizeLimit, Slot, StreamSlots
 from service.metrics import JobCollector
 from service.models import UploadRejected, store_dataset, store_upload
 from service.queue import live_workers, revoke, send
@@ -97,6 +97,18 @@ def owned_job(job_id: str, request: Request, tenant_id: Tenant) -> Job:
     return request.app.state.store.get_job(tenant_id, job_id)
 
 
+def stream_slot(request: Request, tenant_id: Tenant, job: Annotated[Job, Depends(owned_job)],
+                _resume: Annotated[str | None, Depends(resume_from)]) -> Slot:
+    """One of the tenant's event-stream slots, taken once the job and ``Last-Event-ID`` are
+    known good and before the stream starts: 429 over the tenant's limit, 503 over the
+    server's. The stream gives it back when it ends (or the client goes)."""
+    slot = request.app.state.stream_slots.acquire(tenant_id)
+    if isinstance(slot, str):
+        status = 429 if slot.startswith("this tenant") else 503
+        raise HTTPException(status, slot, headers={"Retry-After": "5"})
+    return slot
+
+
 def reap_once(store: Store, settings: Settings, events: Events) -> list[str]:
     """One reaper pass; returns the re-enqueued job ids. Terminal outcomes are published so
     that event streams end."""
@@ -144,13 +156,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threading.Thread(target=_reaper_loop, args=(store, s, events, stop), daemon=True,
                              name="bulwark-reaper").start()
         # the socket timeout must outlast the XREAD block, or an idle stream errors out
-        app.state.aredis = aioredis.Redis.from_url(
-            s.redis_url, decode_responses=True, socket_timeout=KEEPALIVE_SECONDS + 30)
+        # streams only, one connection each (StreamSlots keeps them within the pool)
+        app.state.aredis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool
+                                          .from_url(s.redis_url, max_connections=s.max_streams,
+                                                    timeout=10, decode_responses=True,
+                                                    socket_timeout=KEEPALIVE_SECONDS + 30))
         try:
             yield
         finally:
             stop.set()
             await app.state.aredis.aclose()
+            await app.state.aredis.connection_pool.disconnect()
 
     # FastAPIOffline serves Swagger UI from the assets its package ships: /docs works with no
     # internet. (ReDoc is off: its bundle still fetches a logo from a CDN.)
@@ -161,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "(the Authorize button takes it).",
         swagger_ui_parameters={"persistAuthorization": True})
     app.state.store, app.state.events, app.state.settings = store, events, s
+    app.state.stream_slots = StreamSlots(s.max_streams_per_tenant, s.max_streams)
     app.add_middleware(BodySizeLimit, limit_for=lambda path: (
         s.max_upload_bytes if path.startswith(("/v1/models", "/v1/datasets"))
         else SPEC_MAX_BYTES))
@@ -312,35 +329,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             headers={"X-Checksum-SHA256": listed[name]["sha256"]})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse,
-             responses=errors(400, 401, 404))
+             responses=errors(400, 401, 404, 429, 503))
     async def job_events(job: Annotated[Job, Depends(owned_job)], request: Request,
+                         slot: Annotated[Slot, Depends(stream_slot)],
                          last_event_id: Annotated[str | None, Depends(resume_from)] = None):
         """Server-sent events: a ``snapshot`` of the job (unless resuming with
         ``Last-Event-ID``), then every event from the job's Redis stream, until the terminal
-        event (``succeeded``, ``failed`` or ``cancelled``). Keep-alive comments while idle."""
-        if last_event_id is None:
-            yield ServerSentEvent(event="snapshot", data=job_out(job).model_dump(mode="json"))
-        after = last_event_id or "0"
-        key = stream_key(job.id)
-        r = request.app.state.aredis
-        while not await request.is_disconnected():
-            res = await r.xread({key: after}, count=100, block=int(KEEPALIVE_SECONDS * 1000))
-            if not res:
-                try:
-                    current = await asyncio.to_thread(store.get_job, None, job.id)
-                except StoreError:  # deleted meanwhile
-                    return
-                if current.state in TERMINAL:  # finished, and nothing more arrived: done
-                    return
-                continue  # FastAPI sends the keep-alive comments
-            for event_id, fields in res[0][1]:
-                after = event_id
-                data = json.loads(fields.get("data", "{}"))
-                if "at" in fields:
-                    data["at"] = fields["at"]
-                yield ServerSentEvent(event=fields["type"], data=data, id=event_id)
-                if fields["type"] in TERMINAL_EVENTS:
-                    return
+        event (``succeeded``, ``failed`` or ``cancelled``). Keep-alive comments while idle.
+        A tenant may follow ``MAX_STREAMS_PER_TENANT`` streams at once (429 beyond)."""
+        try:
+            if last_event_id is None:
+                yield ServerSentEvent(event="snapshot", data=job_out(job).model_dump(mode="json"))
+            after = last_event_id or "0"
+            key = stream_key(job.id)
+            r = request.app.state.aredis
+            while not await request.is_disconnected():
+                res = await r.xread({key: after}, count=100, block=int(KEEPALIVE_SECONDS * 1000))
+                if not res:
+                    try:
+                        current = await asyncio.to_thread(store.get_job, None, job.id)
+                    except StoreError:  # deleted meanwhile
+                        return
+                    if current.state in TERMINAL:  # finished, and nothing more arrived: done
+                        return
+                    continue  # FastAPI sends the keep-alive comments
+                for event_id, fields in res[0][1]:
+                    after = event_id
+                    data = json.loads(fields.get("data", "{}"))
+                    if "at" in fields:
+                        data["at"] = fields["at"]
+                    yield ServerSentEvent(event=fields["type"], data=data, id=event_id)
+                    if fields["type"] in TERMINAL_EVENTS:
+                        return
+        finally:
+            slot.release()
 
     # ------------------------------------------------------------------ models
     @app.post("/v1/models", tags=["models"], response_model=ModelOut, status_code=201,

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
 
     max_attempts: int = Field(3, ge=1, le=20)
     max_queued_per_tenant: int = Field(20, ge=1)
+    max_running_per_tenant: int = Field(
+        4, ge=0, description="jobs one tenant may run at once across all workers (0: no cap); "
+                             'per tenant: TENANT_LIMITS {"alice": {"max_running": 1}}')
+    defer_seconds: float = Field(
+        5.0, gt=0, description="a worker whose message finds only capped tenants' jobs waits "
+                               "this long, then puts the message back")
     heartbeat_seconds: float = Field(30.0, gt=0)
     stale_after_seconds: float = Field(300.0, gt=0, description="heartbeat age before reaping")
     reaper_interval_seconds: float = Field(60.0, gt=0)
@@ -43,8 +49,15 @@ class Settings(BaseSettings):
     tenant_limits: dict[str, dict[str, float]] = Field(
         default_factory=dict, description='per-tenant overrides, JSON: {"alice": '
                                           '{"max_job_tflop": 1e5}}')
+    max_streams_per_tenant: int = Field(8, ge=1, description="open /events streams per tenant")
+    max_streams: int = Field(256, ge=1, description="open /events streams per API process")
     events_maxlen: int = Field(1000, ge=10)
     events_ttl_seconds: int = Field(7 * 86400, ge=60, description="after the terminal event")
+
+    def max_running(self, tenant_id: str) -> int:
+        """The running-jobs cap of ``tenant_id`` (0: none)."""
+        return int(self.tenant_limits.get(tenant_id, {}).get("max_running",
+                                                             self.max_running_per_tenant))
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -11,13 +11,13 @@ import datetime as dt
 import hashlib
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, create_engine, delete, func, or_, select, update
+from sqlalchemy import create_engine, delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -279,6 +279,14 @@ class Store:
             s.expunge(job)
             return job
 
+    def get_job_or_none(self, job_id: str) -> Job | None:
+        """Any tenant's job, for workers; None once deleted."""
+        with self.reading() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                s.expunge(job)
+            return job
+
     def list_jobs(self, tenant_id: str, *, state: str | None = None,
                   id_prefix: str | None = None, limit: int = 50,
                   offset: int = 0) -> tuple[list[Job], int]:
@@ -383,31 +391,101 @@ class Store:
             return row
 
     # ------------------------------------------------------------------ worker side
-    def claim(self, job_id: str, owner: str, *, stale_after: float) -> Claim | None:
-        """Compare-and-set lease: queued, or running with a heartbeat older than
-        ``stale_after`` seconds, and attempts left. None when another owner holds it."""
-        now = utcnow()
-        stale = now - dt.timedelta(seconds=stale_after)
+    def claim(self, job_id: str, owner: str, *, stale_after: float,
+              max_running: Callable[[str], int] | None = None) -> Claim | None:
+        """The lease for the job this delivery runs, or None when there is nothing to run.
+
+        A broker message is a token, the database decides what it runs: ``job_id`` itself
+        when it is running with a heartbeat older than ``stale_after`` seconds (a redelivery
+        after a lost worker takes it over), else the fairest queued job (``pick``) among the
+        tenants under their running cap ``max_running(tenant)`` (0: no cap). Compare-and-set:
+        a duplicate delivery finds the job taken; on PostgreSQL the chosen tenant's row is
+        locked, so racing workers never pass its cap."""
+        taken = self._take(job_id, owner, stale_after=stale_after)
+        if taken is not None:
+            return taken
+        excluded: set[str] = set()
+        for _ in range(8):  # each try is its own short transaction (no lock is held across)
+            with self.session() as s:
+                tenant = self._fairest_tenant(s, max_running, excluded)
+                if tenant is None:
+                    return None
+                s.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())
+                cap = max_running(tenant) if max_running else 0
+                if cap and self._running(s, tenant) >= cap:  # another worker got there first
+                    excluded.add(tenant)
+                    continue
+                candidate = s.scalar(select(Job.id).where(*self._claimable(), Job.state == QUEUED,
+                                                          Job.tenant_id == tenant)
+                                     .order_by(Job.created_at, Job.id).limit(1))
+                claim = None if candidate is None else self._lease(s, candidate, owner, QUEUED)
+                if claim is not None:
+                    s.execute(update(Tenant).where(Tenant.id == tenant)
+                              .values(last_claimed_at=utcnow())
+                              .execution_options(synchronize_session=False))
+                    return claim
+        return None
+
+    @staticmethod
+    def _claimable():
+        return (Job.attempt < Job.max_attempts, Job.cancel_requested.is_(False))
+
+    @staticmethod
+    def _running(s: Session, tenant: str) -> int:
+        return int(s.scalar(select(func.count()).select_from(Job).where(
+            Job.tenant_id == tenant, Job.state == RUNNING)) or 0)
+
+    def _fairest_tenant(self, s: Session, max_running: Callable[[str], int] | None,
+                        excluded: set[str]) -> str | None:
+        """Fair share: of the tenants with claimable queued jobs and a free slot under their
+        cap, the one running the fewest jobs; ties go to the one served longest ago (never
+        served first), then to the oldest waiting job. Within a tenant, first in first out."""
+        waiting = s.execute(select(Job.tenant_id, func.min(Job.created_at))
+                            .where(*self._claimable(), Job.state == QUEUED)
+                            .group_by(Job.tenant_id)).all()
+        if not waiting:
+            return None
+        tenants = [t for t, _ in waiting if t not in excluded]
+        running = dict(s.execute(select(Job.tenant_id, func.count()).where(
+            Job.state == RUNNING, Job.tenant_id.in_(tenants)).group_by(Job.tenant_id)).all())
+        served = dict(s.execute(select(Tenant.id, Tenant.last_claimed_at)
+                                .where(Tenant.id.in_(tenants))).all())
+        oldest = dict(waiting)
+        never = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+        def aware(t: dt.datetime | None) -> dt.datetime:  # SQLite returns naive UTC times
+            return never if t is None else t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+        free = [t for t in tenants
+                if not (max_running and 0 < max_running(t) <= running.get(t, 0))]
+        if not free:
+            return None
+        return min(free, key=lambda t: (running.get(t, 0), aware(served.get(t)),
+                                        aware(oldest[t]), t))
+
+    def _take(self, job_id: str, owner: str, *, stale_after: float) -> Claim | None:
+        """Take over ``job_id`` when it is running on a stale lease (a lost worker)."""
+        stale = utcnow() - dt.timedelta(seconds=stale_after)
         with self.session() as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.attempt < Job.max_attempts,
-                       Job.cancel_requested.is_(False),
-                       or_(Job.state == QUEUED,
-                           and_(Job.state == RUNNING, Job.heartbeat_at < stale)))
-                .values(state=RUNNING, lease_owner=owner, heartbeat_at=now,
-                        attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now))
-                .execution_options(synchronize_session=False))
-            if res.rowcount != 1:
-                return None
-            job = s.get(Job, job_id)
-            # taking over a stale lease: the attempt that held it is lost, as the reaper says
-            s.execute(update(Attempt).where(Attempt.job_id == job_id,
-                                            Attempt.ended_at.is_(None))
-                      .values(ended_at=now, outcome="lost")
-                      .execution_options(synchronize_session=False))
-            s.add(Attempt(job_id=job_id, attempt=job.attempt, owner=owner, started_at=now))
-            return Claim(job.id, job.attempt, owner, dict(job.spec), job.tenant_id, job.model_id)
+            return self._lease(s, job_id, owner, RUNNING, Job.heartbeat_at < stale)
+
+    def _lease(self, s: Session, job_id: str, owner: str, state: str, *extra) -> Claim | None:
+        now = utcnow()
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, *self._claimable(), Job.state == state, *extra)
+            .values(state=RUNNING, lease_owner=owner, heartbeat_at=now,
+                    attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now))
+            .execution_options(synchronize_session=False))
+        if res.rowcount != 1:
+            return None
+        job = s.get(Job, job_id)
+        # taking over a stale lease: the attempt that held it is lost, as the reaper says
+        s.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.ended_at.is_(None))
+                  .values(ended_at=now, outcome="lost")
+                  .execution_options(synchronize_session=False))
+        s.add(Attempt(job_id=job_id, attempt=job.attempt, owner=owner, started_at=now))
+        return Claim(job.id, job.attempt, owner, dict(job.spec), job.tenant_id, job.model_id)
 
     def heartbeat(self, job_id: str, owner: str, progress: dict[str, Any] | None = None
                   ) -> tuple[bool, bool]:

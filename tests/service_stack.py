@@ -27,6 +27,7 @@ FAST = {
 
 PG_URL = os.environ.get("BULWARK_TEST_POSTGRES_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+_PRIVATE: list[str] = []
 
 
 def postgres_available() -> bool:
@@ -40,12 +41,48 @@ def postgres_available() -> bool:
         return False
 
 
-def reset_postgres() -> None:
+def _private_database() -> str:
+    """This test run's own database on the server of ``PG_URL`` (created once, dropped at
+    exit), so that two runs on one machine never drop each other's tables."""
+    if not _PRIVATE:
+        import atexit
+        import secrets
+
+        import sqlalchemy
+
+        name = f"bulwark_test_{os.getpid()}_{secrets.token_hex(3)}"
+        admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = sqlalchemy.engine.make_url(PG_URL).set(database=name)
+        _PRIVATE.append(url.render_as_string(hide_password=False))
+
+        def drop() -> None:
+            with admin.connect() as c:
+                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+        atexit.register(drop)
+    return _PRIVATE[0]
+
+
+def postgres_url() -> str:
+    """An empty PostgreSQL database of this run's own (its tables dropped), or a skip."""
+    import pytest
     import sqlalchemy
 
-    with sqlalchemy.create_engine(PG_URL).begin() as c:
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
+    url = _private_database()
+    with sqlalchemy.create_engine(url).begin() as c:
         c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, datasets, jobs, api_keys, "
                           "tenants, alembic_version CASCADE")
+    return url
+
+
+def database_url(kind: str, home: Path) -> str:
+    """The database a parametrized stack runs on: ``sqlite`` (a file under ``home``) or
+    ``postgresql`` (``postgres_url()``)."""
+    return postgres_url() if kind == "postgresql" else f"sqlite:///{home / 'bulwark.db'}"
 
 
 def tiny_spec(epochs: int = 2, **over) -> dict:

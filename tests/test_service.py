@@ -16,10 +16,8 @@ from safetensors.numpy import save as st_save
 from service.queue import TASK_NAME
 from service.store import Store
 from tests.service_stack import (
-    PG_URL,
     Stack,
-    postgres_available,
-    reset_postgres,
+    database_url,
     tiny_spec,
     wait_state,
 )
@@ -28,14 +26,7 @@ from tests.service_stack import (
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stack(request, tmp_path_factory):
     home = tmp_path_factory.mktemp(f"bulwark-{request.param}")
-    if request.param == "postgresql":
-        if not postgres_available():
-            pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
-        reset_postgres()
-        url = PG_URL
-    else:
-        url = f"sqlite:///{home / 'bulwark.db'}"
-    s = Stack(home, url).start()
+    s = Stack(home, database_url(request.param, home)).start()
     yield s
     s.stop()
 

@@ -8,18 +8,12 @@ import pytest
 
 from service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from service.store import Conflict, NotFound, QuotaExceeded, Store
-from tests.service_stack import PG_URL, postgres_available, reset_postgres
+from tests.service_stack import database_url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
-    if request.param == "postgresql":
-        if not postgres_available():
-            pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
-        reset_postgres()
-        s = Store(PG_URL)
-    else:
-        s = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    s = Store(database_url(request.param, tmp_path))
     s.migrate()
     return s
 
@@ -158,3 +152,60 @@ def test_quota_and_idempotency_hold_under_concurrent_submissions(store):
     with ThreadPoolExecutor(20) as pool:
         ids = list(pool.map(same_key, range(20)))
     assert len(set(ids)) == 1 and store.list_jobs("idem")[1] == 1
+
+
+def _submit(store: Store, tenant: str, name: str) -> str:
+    store.create_api_key(tenant)
+    time.sleep(0.002)  # distinct creation times: FIFO within a tenant is by created_at
+    return store.create_job(tenant, {"name": name}, max_attempts=2, max_queued=100)[0].id
+
+
+def test_fair_share_serves_tenants_in_turn_not_first_come(store):
+    """One tenant's backlog does not hold a late tenant back: with one worker, the claims
+    alternate between tenants (never served first), each tenant first in first out."""
+    names = {}
+    for i in range(4):
+        names[_submit(store, "heavy", f"h{i}")] = f"h{i}"
+    for i in range(2):
+        names[_submit(store, "light", f"l{i}")] = f"l{i}"
+    order = []
+    for _ in range(6):
+        any_message = next(iter(names))  # the message's own job does not decide
+        claim = store.claim(any_message, "w", stale_after=60)
+        order.append(names[claim.job_id])
+        assert store.finish(claim.job_id, "w", SUCCEEDED)
+    assert order == ["h0", "l0", "h1", "l1", "h2", "h3"]
+    assert store.claim(any_message, "w", stale_after=60) is None, "nothing left"
+
+
+def test_fewest_running_goes_first_and_the_cap_holds(store):
+    a = [_submit(store, "a", f"a{i}") for i in range(3)]
+    b = [_submit(store, "b", f"b{i}") for i in range(2)]
+    cap = {"a": 1, "b": 0}.__getitem__  # a may run one job at a time; b has no cap
+    first = store.claim(a[0], "w1", stale_after=60, max_running=cap)
+    assert first.job_id == a[0]
+    second = store.claim(a[1], "w2", stale_after=60, max_running=cap)
+    assert second.job_id == b[0], "a is at its cap: b's job runs"
+    third = store.claim(a[1], "w3", stale_after=60, max_running=cap)
+    assert third.job_id == b[1], "b has no cap"
+    assert store.claim(a[2], "w4", stale_after=60, max_running=cap) is None, "only a waits"
+    assert store.get_job(None, a[1]).state == QUEUED
+    store.finish(a[0], "w1", SUCCEEDED)
+    assert store.claim(a[2], "w4", stale_after=60, max_running=cap).job_id == a[1]
+
+
+def test_racing_claims_never_pass_a_tenant_cap(store):
+    """Eight workers claim at once for a tenant capped at two: exactly two win."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [_submit(store, "capped", f"c{i}") for i in range(8)]
+
+    def claim(i):
+        c = store.claim(jobs[i], f"w{i}", stale_after=60, max_running=lambda _t: 2)
+        return None if c is None else c.job_id
+
+    with ThreadPoolExecutor(8) as pool:
+        won = [j for j in pool.map(claim, range(8)) if j]
+    assert len(won) == 2 == len(set(won))
+    assert store.list_jobs("capped", state=RUNNING)[1] == 2
+    assert sorted(won) == sorted(jobs[:2]), "first in first out"

@@ -15,10 +15,8 @@ from service.queue import make_celery
 from service.settings import Settings
 from service.store import Store
 from tests.service_stack import (
-    PG_URL,
     Stack,
-    postgres_available,
-    reset_postgres,
+    database_url,
     tiny_spec,
     wait_state,
 )
@@ -30,14 +28,7 @@ ABS_PATH = re.compile(r"(?<![:\w/.~-])/(?!v1/)[A-Za-z0-9_.-]+/")  # a server pat
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stack(request, tmp_path_factory):
     home = tmp_path_factory.mktemp(f"files-{request.param}")
-    if request.param == "postgresql":
-        if not postgres_available():
-            pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
-        reset_postgres()
-        url = PG_URL
-    else:
-        url = f"sqlite:///{home / 'bulwark.db'}"
-    s = Stack(home, url).start()
+    s = Stack(home, database_url(request.param, home)).start()
     yield s
     s.stop()
 

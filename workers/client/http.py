@@ -226,7 +226,8 @@ class Client:
     def events(self, job_id: str, last_event_id: str | None = None, *,
                retries: int = 5) -> Iterator[JobEvent]:
         """A job's server-sent events until its terminal event; reconnects (resuming from the
-        last event id, so nothing is missed or repeated) when the connection drops."""
+        last event id, so nothing is missed or repeated) when the connection drops, and waits
+        its turn (Retry-After) while the tenant already holds its limit of streams."""
         failures = 0
         while True:
             try:
@@ -234,6 +235,13 @@ class Client:
                 with connect_sse(self.http, "GET", f"/v1/jobs/{job_id}/events",
                                  headers=headers,
                                  timeout=httpx.Timeout(30.0, read=None)) as source:
+                    if source.response.status_code in (429, 503):  # too many streams open
+                        wait = float(source.response.headers.get("Retry-After") or 5)
+                        source.response.read()
+                        if self.request("GET", f"/v1/jobs/{job_id}")["state"] in TERMINAL_STATES:
+                            return
+                        time.sleep(min(wait, 30.0))
+                        continue
                     if source.response.status_code >= 400:
                         source.response.read()
                         self._json(source.response)

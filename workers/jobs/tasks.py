@@ -86,14 +86,27 @@ def supervise(proc: subprocess.Popen, job_id: str, owner: str) -> int:
 
 
 @app.task(name=TASK_NAME, bind=True)
-def run_job(self, job_id: str) -> str:
+def run_job(self, message_job_id: str) -> str:
     s = get_settings()
     owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
-    claim = store().claim(job_id, owner, stale_after=s.stale_after_seconds)
+    # the message is a token: the store picks the job it runs (its own, or a fairer one)
+    claim = store().claim(message_job_id, owner, stale_after=s.stale_after_seconds,
+                          max_running=s.max_running)
+    waiting = store().get_job_or_none(message_job_id)
+    if waiting is not None and waiting.state == QUEUED and (claim is None
+                                                            or claim.job_id != message_job_id):
+        # its job still waits (its tenant is at its cap, or another tenant's job went
+        # first): put the message back so that no queued job is left without one
+        if claim is None:
+            time.sleep(s.defer_seconds)
+        send(store(), message_job_id, waiting.attempt)
     if claim is None:
-        log.info("job %s: not claimable (taken, finished or cancelled); skipping", job_id)
-        return "skipped"
-    log.info("job %s: attempt %d by %s", job_id, claim.attempt, owner)
+        log.info("job %s: nothing claimable now (taken, finished, cancelled or capped)",
+                 message_job_id)
+        return "deferred" if waiting is not None and waiting.state == QUEUED else "skipped"
+    job_id = claim.job_id
+    log.info("job %s: attempt %d by %s (message for %s)", job_id, claim.attempt, owner,
+             message_job_id)
     events().publish(job_id, "running", {"attempt": claim.attempt, "worker": owner})
     proc = subprocess.Popen([sys.executable, "-m", "workers.jobs.trainer", job_id, owner],
                             preexec_fn=_die_with_parent, env=dict(os.environ))
