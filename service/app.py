@@ -50,7 +50,7 @@ from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit, Slot, StreamSlots
 from service.metrics import JobCollector
 from service.models import UploadRejected, store_dataset, store_upload
-from service.queue import live_workers, revoke, send
+from service.queue import broker_job_ids, live_workers, revoke, send
 from service.schemas import dataset_out, errors, job_out, model_out
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
@@ -127,6 +127,13 @@ def reap_once(store: Store, settings: Settings, events: Events) -> list[str]:
         if send(store, job_id, attempt):  # its message never reached the broker
             sent.append(job_id)
             log.warning("reaper: job %s was queued without a broker message; sent", job_id)
+    marked = store.sent_before(older_than=settings.unsent_after_seconds)
+    if marked:  # the broker took their messages: does it still hold them?
+        held = broker_job_ids(events.redis, settings.queue)
+        for job_id, attempt in marked:
+            if job_id not in held and send(store, job_id, attempt):
+                sent.append(job_id)
+                log.warning("reaper: the broker lost job %s's message; sent again", job_id)
     return reaped[QUEUED] + sent
 
 

@@ -35,7 +35,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # REMAP_SIGTERM=SIGQUIT + this: a stopping worker cold-stops in time and its
         # unacknowledged message is restored to the queue (compose stop_grace_period > 60 s)
-        worker_soft_shutdown_timeout=60,
+        worker_soft_shutdown_timeout=s.worker_soft_shutdown_seconds,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -90,6 +90,31 @@ def send(store, job_id: str, attempt: int = 0) -> bool:
         return False
     store.mark_enqueued(job_id)
     return True
+
+
+def broker_job_ids(client, queue: str) -> set[str]:
+    """The job ids that some message in the broker names: waiting in ``queue`` (kombu's Redis
+    list, and its priority lists) or delivered and not yet acknowledged (kombu's ``unacked``
+    hash, which also holds messages a worker has reserved). Read by the reaper to find queued
+    jobs whose message Redis lost (a restart that lost the last second of its AOF)."""
+    import json
+
+    def job_of(raw: str | bytes, *, unacked: bool) -> str | None:
+        try:
+            message = json.loads(raw)
+            if unacked:
+                message = message[0]
+            return str(message["headers"]["id"]).split(".", 1)[0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    ids = set()
+    lists = [queue, *client.scan_iter(match=f"{queue}\x06\x16*")]
+    for name in lists:
+        ids.update(job_of(m, unacked=False) for m in client.lrange(name, 0, -1))
+    ids.update(job_of(m, unacked=True) for m in client.hvals("unacked"))
+    ids.discard(None)
+    return ids
 
 
 # Worker liveness: every worker's main process refreshes ``bulwark:worker:<name>`` (a TTL key)

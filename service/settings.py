@@ -41,6 +41,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a queued job with no accepted broker message is re-sent")
     cancel_poll_seconds: float = Field(2.0, gt=0)
     max_run_seconds: int = Field(6 * 3600, ge=60, description="Celery soft time limit")
+    worker_soft_shutdown_seconds: float = Field(
+        60.0, ge=0, description="a stopping worker lets its job run this long, then requeues it")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_job_tflop: float = Field(
         2e7, gt=0, description="estimated compute per job (contract/cost.py); 2e7 TFLOP fits "

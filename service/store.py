@@ -342,6 +342,15 @@ class Store:
                                                   Job.enqueued_at.is_(None),
                                                   Job.updated_at < cutoff))]
 
+    def sent_before(self, *, older_than: float) -> list[tuple[str, int]]:
+        """Queued jobs whose message the broker accepted more than ``older_than`` seconds ago:
+        (id, attempt), for the reaper to check against the broker's own list."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        with self.reading() as s:
+            return [(r.id, r.attempt) for r in s.execute(
+                select(Job.id, Job.attempt).where(Job.state == QUEUED,
+                                                  Job.enqueued_at < cutoff))]
+
     def discard_unsent(self, tenant_id: str, job_id: str) -> None:
         """Remove a just-created job whose message could not be sent (the submit fails)."""
         with self.session() as s:
@@ -474,7 +483,7 @@ class Store:
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, *self._claimable(), Job.state == state, *extra)
-            .values(state=RUNNING, lease_owner=owner, heartbeat_at=now,
+            .values(state=RUNNING, lease_owner=owner, heartbeat_at=now, error=None,
                     attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now))
             .execution_options(synchronize_session=False))
         if res.rowcount != 1:
@@ -520,6 +529,33 @@ class Store:
                       .values(ended_at=utcnow(), outcome=state)
                       .execution_options(synchronize_session=False))
             return res.rowcount == 1
+
+    def release_worker(self, worker: str, reason: str) -> list[tuple[str, int]]:
+        """A stopping worker's running jobs back to ``queued`` (lease owners ``worker/...``):
+        the attempt is ``interrupted`` and not counted (the job did nothing wrong). Returns
+        (id, attempt) of each, to be sent again."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.scalars(select(Job).where(
+                Job.state == RUNNING,
+                Job.lease_owner.startswith(worker + "/", autoescape=True))
+                .with_for_update()).all()
+            out = []
+            for job in rows:
+                job.state, job.lease_owner, job.enqueued_at = QUEUED, None, None
+                job.attempt, job.error = job.attempt - 1, reason
+                s.execute(update(Attempt).where(Attempt.job_id == job.id,
+                                                Attempt.ended_at.is_(None))
+                          .values(ended_at=now, outcome="interrupted")
+                          .execution_options(synchronize_session=False))
+                out.append((job.id, job.attempt))
+            return out
+
+    def note_error(self, job_id: str, owner: str, error: str) -> None:
+        """The lease owner's account of a crash (kept in ``error`` for the retry decision)."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                      .values(error=error[:2000]).execution_options(synchronize_session=False))
 
     def reap(self, *, stale_after: float) -> dict[str, list[str]]:
         """Running jobs whose heartbeat went stale: back to ``queued`` while attempts remain

@@ -36,8 +36,36 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+class _Recording:
+    """A file that remembers the OSError its ``write`` raised: torch.save turns that into an
+    opaque RuntimeError ("unexpected pos ..."), and a full disk must say so."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def _torch_save(state: dict[str, Any], f) -> None:
+    recording = _Recording(f)
+    try:
+        torch.save(state, recording)
+    except RuntimeError as e:
+        if recording.error is not None:  # the real cause: ENOSPC, EDQUOT, EROFS, EIO ...
+            raise recording.error from e
+        raise
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    _atomic_write(Path(path), lambda f: _torch_save(state, f))
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:

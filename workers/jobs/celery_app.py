@@ -7,6 +7,8 @@ with ``bulwark worker`` (prefork, concurrency 1, a fresh child per job).
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import threading
 import time
@@ -28,6 +30,7 @@ def _announce(sender=None, **_kwargs) -> None:
     from service.settings import get_settings
 
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    atexit.register(_release_jobs, name, os.getpid())
     client = redis.Redis.from_url(get_settings().redis_url)
     info = {"pid": os.getpid(), "since": time.time()}
 
@@ -49,3 +52,26 @@ def _announce(sender=None, **_kwargs) -> None:
 @worker_shutdown.connect
 def _retire(**_kwargs) -> None:
     _stop.set()
+
+
+def _release_jobs(name: str, main_pid: int) -> None:
+    """At the exit of the worker's main process, once its pool has stopped (warm or cold
+    shutdown, e.g. SIGTERM under REMAP_SIGTERM=SIGQUIT; a cold shutdown skips the
+    ``worker_shutdown`` signal, not atexit): the jobs its children held go back to the queue
+    at once, uncounted, and resume from their checkpoints on the next worker — not after the
+    reaper's stale-heartbeat timeout."""
+    if os.getpid() != main_pid:  # a pool child inherits the handler: only the main releases
+        return
+    from service.events import Events
+    from service.queue import send
+    from service.settings import get_settings
+    from service.store import Store
+
+    s = get_settings()
+    store = Store(s.resolved_database_url())
+    events = Events.from_settings(s)
+    reason = f"the worker {name} stopped; resumed on the next worker"
+    for job_id, attempt in store.release_worker(name, reason):
+        logging.getLogger("bulwark.worker").warning("job %s: %s", job_id, reason)
+        send(store, job_id, attempt)  # should Redis be away, the reaper sends it later
+        events.publish(job_id, "retrying", {"error": reason, "attempt": attempt})

@@ -257,21 +257,35 @@ class LocalStack:
         self.procs["redis"] = start_redis(self.home / "redis", redis_port)
         self.env = {**os.environ, **self.extra, "BULWARK_HOME": str(self.home),
                     "BULWARK_REDIS_URL": redis_url(self.home / "redis", redis_port)}
-        self.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-             "--port", str(api_port), "--log-level", "warning", "--no-access-log"],
-            env=self.env, cwd=self.cwd, start_new_session=True)
-        wait_for_port(api_port, self.procs["api"], "the API", timeout=60)
         self.url = f"http://127.0.0.1:{api_port}"
+        self.start_api()
         for i in range(workers):
             self.start_worker(f"w{i}")
         return self
 
+    def start_api(self) -> None:
+        """Start the API (again, after ``kill("api")``) on the stack's port."""
+        from urllib.parse import urlsplit
+
+        port = urlsplit(self.url).port
+        self.procs["api"] = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+             "--port", str(port), "--log-level", "warning", "--no-access-log"],
+            env=self.env, cwd=self.cwd, start_new_session=True)
+        wait_for_port(port, self.procs["api"], "the API", timeout=60)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one of the stack's processes (its whole group) and reap it."""
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
     def stop_redis(self) -> None:
         """Kill the stack's Redis (SIGKILL: what a crash or an OOM kill does)."""
-        proc = self.procs["redis"]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        self.kill("redis")
 
     def start_redis(self) -> None:
         """Start Redis again on the same port and data folder (its AOF brings the queue back)."""
@@ -280,9 +294,10 @@ class LocalStack:
         port = urlsplit(self.env["BULWARK_REDIS_URL"]).port
         self.procs["redis"] = start_redis(self.home / "redis", port)
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         queue = self.env.get("BULWARK_QUEUE", "bulwark")
-        proc = subprocess.Popen(worker_command(queue=queue, name=f"{name}@%h"), env=self.env,
+        proc = subprocess.Popen(worker_command(queue=queue, name=f"{name}@%h"),
+                                env={**self.env, **(env or {})},
                                 cwd=self.cwd, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs[name] = proc

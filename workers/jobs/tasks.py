@@ -85,6 +85,15 @@ def supervise(proc: subprocess.Popen, job_id: str, owner: str) -> int:
             _kill_group(proc, signal.SIGKILL)
 
 
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with {code}"
+
+
 @app.task(name=TASK_NAME, bind=True)
 def run_job(self, message_job_id: str) -> str:
     s = get_settings()
@@ -127,7 +136,9 @@ def run_job(self, message_job_id: str) -> str:
             events().publish(job_id, "cancelled", {"exit_code": code})
         return "cancelled"
     # The trainer crashed or was killed: retry from its last checkpoint while attempts remain.
-    reason = f"trainer exited with {code} on attempt {claim.attempt}"
+    reason = f"trainer {_exit_text(code)} on attempt {claim.attempt}"
+    if job.error:  # what the trainer said of it (an exception's summary)
+        reason += f": {job.error}"
     if job.attempt < job.max_attempts and not job.cancel_requested:
         if store().finish(job_id, owner, QUEUED, error=reason):
             # send first: should Redis be down now, the reaper sends the unmarked row later

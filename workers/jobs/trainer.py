@@ -9,6 +9,7 @@ flag between steps, and writes the terminal state itself. Exit codes: 0 succeede
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 import time
@@ -135,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"out of memory: {first} — lower schedule.batch_size or the "
                         "evaluation batch sizes, use bf16, or a smaller dataset",
                         EXIT_BAD_INPUT)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            # the same storage fails a retry the same way: a clear failure, not three
+            return fail(f"the artifact storage refused a write ({e.strerror}): the job's last "
+                        "checkpoint is intact; the operator frees space on the workers' "
+                        "artifact volume, then submit the job again", EXIT_BAD_INPUT)
         traceback.print_exc()
+        # the task retries; its reason shows this line (paths scrubbed: tenants read it)
+        store.note_error(job_id, owner, scrub_paths(f"{type(e).__name__}: {first}"))
         return EXIT_ERROR
     artifacts = describe_artifacts(out)
     if store.finish(job_id, owner, SUCCEEDED, artifacts=artifacts):
