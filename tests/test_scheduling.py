@@ -99,9 +99,9 @@ def test_a_late_tenant_is_served_in_turn_not_after_the_backlog(stack):
 def test_a_capped_tenant_never_runs_two_jobs_at_once(stack):
     stack.start_worker("w1")  # two workers now
     capped, free = stack.client(stack.key("capped")), stack.client(stack.key("free"))
-    mine = [capped.post("/v1/jobs", json=tiny_spec(2, name=f"c{i}")).json()["id"]
+    mine = [capped.post("/v1/jobs", json=tiny_spec(1, name=f"c{i}")).json()["id"]
             for i in range(3)]
-    theirs = [free.post("/v1/jobs", json=tiny_spec(2, name=f"f{i}")).json()["id"]
+    theirs = [free.post("/v1/jobs", json=tiny_spec(1, name=f"f{i}")).json()["id"]
               for i in range(2)]
     for job_id in mine:
         assert wait_state(capped, job_id, ("succeeded", "failed"), 240)["state"] == "succeeded"
