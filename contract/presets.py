@@ -197,6 +197,15 @@ def _params(part: dict[str, Any], skip: tuple[str, ...] = ("kind",)) -> str:
     return f"{part['kind']}({', '.join(vals)})" if vals else part["kind"]
 
 
+def describe_recipe(recipe: Any) -> str:
+    """A recipe in one line: adversary, loss and regularizers with their parameters."""
+    r = recipe.model_dump(mode="json") if hasattr(recipe, "model_dump") else recipe
+    parts = [_params(r["adversary"]), _params(r["loss"])]
+    parts += [_params(g, ("kind", "gradient", "official_double_step"))
+              for g in r.get("regularizers", [])]
+    return " + ".join(parts)
+
+
 def describe_presets(epsilon: Any = "8/255", norm: str = "linf") -> list[dict[str, str]]:
     """One row per preset with every part resolved at ``epsilon``: adversary, loss,
     regularizers with their λ, AWP γ, labels (ADR), weight averaging, epochs, optimizer, lr."""

@@ -136,6 +136,7 @@ class Report(_Open):
     final_models: dict[str, FinalResult] = {}
     selection: dict[str, Any] | None = None
     stopped_early: dict[str, Any] | None = None
+    remediations: list[dict[str, Any]] = []
     certification: Certification | None = None
     timing: dict[str, float] = {}
     artifacts: list[str] = []
@@ -181,4 +182,8 @@ class Report(_Open):
         if self.stopped_early:
             lines.append(f"stopped early after epoch {self.stopped_early.get('epoch')} "
                          f"({self.stopped_early.get('reason')})")
+        for r in self.remediations:
+            lines.append(f"remediated: CO at epoch {r.get('epoch')}; rolled back to epoch "
+                         f"{r.get('rolled_back_to')} and went on with {r.get('remedy')} "
+                         f"({r.get('recipe')})")
         return "\n".join(lines)

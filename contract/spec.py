@@ -353,6 +353,9 @@ class ScheduleSpec(_Strict):
 
 
 # ---------------------------------------------------------------------------------- evaluation
+SINGLE_STEP = ("fgsm", "fgsm_rs", "n_fgsm")  # adversaries the watchdog's remedies apply to
+
+
 class MonitorSpec(_Strict):
     """Per-epoch checks on the held-out validation slice (model in eval mode)."""
 
@@ -367,8 +370,21 @@ class MonitorSpec(_Strict):
     )
     co_gap: float = Field(0.2, gt=0, le=1, description="... while FGSM acc exceeds PGD acc by this")
     stop_on_co: bool = Field(
-        False, description="stop training at the first catastrophic-overfitting event and go "
-                           "to the final evaluation (sweeps over ε use it)")
+        False, description="the same as on_catastrophic_overfitting: stop (kept for old specs)")
+    on_catastrophic_overfitting: Literal["record", "stop", "remediate"] = Field(
+        "record", description="record: note the event and train on; stop: end training and go "
+                              "to the final evaluation (sweeps over ε use it); remediate: roll "
+                              "back to the last healthy epoch and go on with the next remedy")
+    remedies: list[Literal["elle_a", "n_fgsm_noise", "halve_step"]] = Field(
+        default_factory=lambda: ["elle_a"], min_length=1, max_length=3,
+        description="with remediate, one per CO event, in order: elle_a (switch on ELLE-A at "
+                    "the preset's λ), n_fgsm_noise (N-FGSM's noise, k = 2), halve_step (α/2)")
+
+    @model_validator(mode="after")
+    def _stop_alias(self) -> MonitorSpec:
+        if self.stop_on_co and self.on_catastrophic_overfitting == "record":
+            self.on_catastrophic_overfitting = "stop"
+        return self
 
 
 class PGDEval(_Strict):
@@ -448,6 +464,11 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
+        if (self.evaluation.monitor.on_catastrophic_overfitting == "remediate"
+                and self.recipe.adversary.kind not in SINGLE_STEP):
+            raise ValueError("evaluation.monitor.on_catastrophic_overfitting: remediate applies "
+                             "to single-step recipes (fgsm, fgsm_rs, n_fgsm adversaries), not "
+                             f"to {self.recipe.adversary.kind!r}")
         double = any(getattr(r, "official_double_step", False) for r in self.recipe.regularizers)
         if double and self.compute.precision == "fp16":
             raise ValueError("official_double_step cannot be combined with compute.precision "
@@ -525,8 +546,39 @@ def load_spec_file(path: str) -> JobSpec:
 
 def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Equal job specs (as dumped), whatever their names: a name changes nothing a run
-    computes, so a run may resume or be reused under another name."""
-    return {**a, "name": None} == {**b, "name": None}
+    computes, so a run may resume or be reused under another name. Both are read again
+    first, so a spec dumped before a field with a default existed still equals its reading."""
+    def norm(d: dict[str, Any]) -> Any:
+        try:
+            return {**JobSpec.model_validate(d).model_dump(mode="json"), "name": None}
+        except ValueError:
+            return {**d, "name": None}
+    return norm(a) == norm(b)
+
+
+def remedied(recipe: RecipeSpec, remedy: str) -> RecipeSpec | None:
+    """The recipe with ``remedy`` applied (the watchdog's remediation), or None when it does not
+    apply to it: elle_a when the recipe has no ELLE yet, n_fgsm_noise to FGSM / FGSM-RS,
+    halve_step to any single-step adversary."""
+    from contract.presets import ELLE_A
+
+    data = recipe.model_dump(mode="json")
+    adv = data["adversary"]
+    if remedy == "elle_a":
+        if any(r["kind"] in ("elle", "elle_a") for r in data["regularizers"]):
+            return None
+        data["regularizers"].append(dict(ELLE_A))
+    elif remedy == "n_fgsm_noise":
+        if adv["kind"] not in ("fgsm", "fgsm_rs"):
+            return None
+        data["adversary"] = {"kind": "n_fgsm", "k": 2.0, "alpha": adv.get("alpha", 1.0)}
+    elif remedy == "halve_step":
+        if adv["kind"] not in SINGLE_STEP:
+            return None
+        adv["alpha"] = adv.get("alpha", 1.0) / 2
+    else:
+        raise ValueError(f"unknown remedy {remedy!r}")
+    return RecipeSpec.model_validate(data)
 
 
 def as_spec(spec: Any) -> JobSpec:

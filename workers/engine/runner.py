@@ -30,8 +30,9 @@ from contract.artifacts import (
     WA,
     WEIGHTS,
 )
+from contract.presets import describe_recipe
 from contract.report import Report
-from contract.spec import JobSpec, as_spec, same_spec
+from contract.spec import JobSpec, RecipeSpec, as_spec, remedied, same_spec
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
 from workers.engine.checkpoint import (
@@ -173,13 +174,14 @@ class Training:
         self.optimizer = build_optimizer(model.parameters(), sched)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
-        self.recipe = Recipe(spec.recipe, eps=spec.threat.epsilon, norm=spec.threat.norm)
-        self.recipe.bind(model, self.steps_per_epoch * sched.epochs)
+        self.use_recipe(spec.recipe)
         self.watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # the epoch with the best monitor PGD acc
         self.start_epoch = 0
         self.stopped_early: dict[str, Any] | None = None
+        self.remediations: list[dict[str, Any]] = []  # the watchdog's actions (remediate)
+        self.healthy: dict[str, Any] | None = None  # the state after the last CO-free epoch
         # what load_model needs to rebuild the network (safetensors metadata is str -> str)
         self.meta = {"arch": spec.model.arch, "num_classes": str(data.num_classes),
                      "in_channels": str(data.channels), "image_size": str(data.image_size),
@@ -197,6 +199,8 @@ class Training:
                 "watchdog": self.watchdog.state_dict(), "history": self.history,
                 "best": self.best, "timing": dict(self.timing.seconds),
                 "stopped_early": self.stopped_early,
+                "recipe_spec": self.recipe_spec.model_dump_json(),
+                "remediations": self.remediations,
                 "rng": {"torch": torch.get_rng_state(), "seed": self.spec.schedule.seed},
             })
 
@@ -213,6 +217,9 @@ class Training:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        self.remediations = list(state.get("remediations") or [])
+        if state.get("recipe_spec"):  # a remediated run goes on with the recipe it switched to
+            self.use_recipe(RecipeSpec.model_validate_json(state["recipe_spec"]))
         self.recipe.load_state_dict(state["recipe"])
         self.watchdog.load_state_dict(state["watchdog"])
         self.history, self.best = list(state["history"]), state["best"]
@@ -221,6 +228,49 @@ class Training:
         for k, v in state["timing"].items():
             self.timing.seconds[k] = float(v)
         return True
+
+    def use_recipe(self, recipe: RecipeSpec) -> None:
+        """Train with ``recipe`` from now on (a fresh ``Recipe``: its running state starts
+        over)."""
+        self.recipe_spec = recipe
+        self.recipe = Recipe(recipe, eps=self.spec.threat.epsilon, norm=self.spec.threat.norm)
+        self.recipe.bind(self.model, self.steps_per_epoch * self.spec.schedule.epochs)
+
+    # ---------------------------------------------------------------------- remediation
+    def snapshot(self, epoch: int) -> dict[str, Any]:
+        """The training state after ``epoch`` epochs, copied (on the device it lives on)."""
+        return copy.deepcopy({
+            "epoch": epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "watchdog": self.watchdog.state_dict(), "history": self.history,
+            "best": self.best})
+
+    def remediate(self, epoch: int, row: dict[str, Any],
+                  onsets: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """CO began in ``epoch``: roll back to the last healthy state and go on with the next
+        remedy of ``evaluation.monitor.remedies`` that applies. None when none is left (the
+        event is then only recorded)."""
+        tried = {r["remedy"] for r in self.remediations}
+        for remedy in self.spec.evaluation.monitor.remedies:
+            if remedy in tried:
+                continue
+            recipe = remedied(self.recipe_spec, remedy)
+            if recipe is None:
+                continue
+            back = self.healthy
+            self.model.load_state_dict(back["model"])
+            self.optimizer.load_state_dict(back["optimizer"])
+            self.scaler.load_state_dict(back["scaler"])
+            self.watchdog.load_state_dict(back["watchdog"])
+            self.watchdog.events.extend(onsets)  # the record keeps what was seen
+            self.history, self.best = copy.deepcopy(back["history"]), copy.deepcopy(back["best"])
+            self.use_recipe(recipe)
+            action = {"epoch": epoch, "remedy": remedy, "rolled_back_to": back["epoch"],
+                      "recipe": describe_recipe(recipe), "discarded": row}
+            self.remediations.append(action)
+            self.checkpoint(back["epoch"])  # a resume goes on with the new recipe
+            return action
+        return None
 
     # ---------------------------------------------------------------------- training
     def fit(self, emit: Event, should_stop: Callable[[], bool] | None, progress: bool) -> None:
@@ -235,22 +285,40 @@ class Training:
         emit("started", {"epochs": sched.epochs, "start_epoch": self.start_epoch,
                          "device": str(self.dev)})
         last_epoch = sched.epochs if self.spec.mode == "train" and not self.stopped_early else 0
+        policy = self.spec.evaluation.monitor.on_catastrophic_overfitting
+        epoch = self.start_epoch
+        if policy == "remediate":
+            self.healthy = self.snapshot(epoch)
         try:
-            for epoch in range(self.start_epoch, last_epoch):
+            while epoch < last_epoch:
                 seen = len(self.watchdog.events)
                 row = self.epoch(epoch, should_stop, bar)
-                self.history.append(row)
                 new = self.watchdog.events[seen:]  # onsets this epoch: CO, accuracy collapse
                 co = any(e["type"] == "catastrophic_overfitting" for e in new)
-                if co and self.spec.evaluation.monitor.stop_on_co:
+                if co and policy == "remediate":
+                    action = self.remediate(epoch + 1, row, new)
+                    if action is not None:
+                        for event in new:
+                            emit(event["type"], event)
+                        emit("remediated", {k: v for k, v in action.items() if k != "discarded"})
+                        epoch = action["rolled_back_to"]
+                        if bar is not None:
+                            bar.n = epoch * self.steps_per_epoch
+                            bar.refresh()
+                        continue
+                self.history.append(row)
+                if co and policy == "stop":
                     self.stopped_early = {"epoch": epoch + 1, "reason": "catastrophic_overfitting"}
                 self.checkpoint(epoch + 1)
+                if policy == "remediate" and not co:
+                    self.healthy = self.snapshot(epoch + 1)
                 emit("epoch", row)
                 for event in new:
                     emit(event["type"], event)
                 if self.stopped_early:
                     emit("stopped_early", self.stopped_early)
                     break
+                epoch += 1
         finally:
             if bar is not None:
                 bar.close()
@@ -387,6 +455,7 @@ class Training:
             "final_models": finals,
             "selection": self.selection(),
             "stopped_early": self.stopped_early,
+            "remediations": self.remediations,
             "certification": certification,
             "timing": {},
             "artifacts": [n for n in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
