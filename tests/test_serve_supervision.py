@@ -4,6 +4,7 @@ folder refuses to start. Real processes throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,9 +62,17 @@ def serve_proc(tmp_path):
                           headers={"Authorization": f"Bearer {key}"})
     _wait(lambda: client.get("/healthz").json().get("workers") == 1, what="a live worker")
     yield proc, client, home, env
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:  # SIGTERM: serve stops its children (SIGKILL would orphan them)
+        kids = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            for pid in kids.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def test_dead_children_come_back_and_jobs_still_run(serve_proc):
