@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from contract.presets import apply_preset
+from contract.presets import ELLE_A, apply_preset
 from contract.units import parse_epsilon
 
 SPEC_VERSION = 1
@@ -560,8 +560,6 @@ def remedied(recipe: RecipeSpec, remedy: str) -> RecipeSpec | None:
     """The recipe with ``remedy`` applied (the watchdog's remediation), or None when it does not
     apply to it: elle_a when the recipe has no ELLE yet, n_fgsm_noise to FGSM / FGSM-RS,
     halve_step to any single-step adversary."""
-    from contract.presets import ELLE_A
-
     data = recipe.model_dump(mode="json")
     adv = data["adversary"]
     if remedy == "elle_a":

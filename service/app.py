@@ -231,10 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             m = store.get_dataset(tenant_id, dataset_id).meta
             c, h, _w = m["shape"]
             shape = (m["train"], m["test"], c, h)
-        cost = estimate(spec, shape)
-        limits = {"max_job_tflop": s.max_job_tflop, "max_dataset_bytes": s.max_dataset_bytes,
-                  **s.tenant_limits.get(tenant_id, {})}
-        problem = check_limits(cost, limits)
+        problem = check_limits(estimate(spec, shape), s.limits(tenant_id))
         if problem is not None:
             raise HTTPException(422, [{"loc": ["body"], "type": "value_error", "msg": problem,
                                        "input": None}])

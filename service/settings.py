@@ -56,10 +56,15 @@ class Settings(BaseSettings):
     events_maxlen: int = Field(1000, ge=10)
     events_ttl_seconds: int = Field(7 * 86400, ge=60, description="after the terminal event")
 
+    def limits(self, tenant_id: str) -> dict[str, float]:
+        """``tenant_id``'s limits: the operator's defaults, overridden by TENANT_LIMITS."""
+        return {"max_job_tflop": self.max_job_tflop, "max_dataset_bytes": self.max_dataset_bytes,
+                "max_running": self.max_running_per_tenant,
+                **self.tenant_limits.get(tenant_id, {})}
+
     def max_running(self, tenant_id: str) -> int:
         """The running-jobs cap of ``tenant_id`` (0: none)."""
-        return int(self.tenant_limits.get(tenant_id, {}).get("max_running",
-                                                             self.max_running_per_tenant))
+        return int(self.limits(tenant_id)["max_running"])
 
     def resolved_database_url(self) -> str:
         if self.database_url:

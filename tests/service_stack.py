@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -103,6 +105,36 @@ def tiny_spec(epochs: int = 2, **over) -> dict:
     }
     spec.update(over)
     return spec
+
+
+@contextmanager
+def app_in_thread(app) -> Iterator[str]:
+    """``app`` under uvicorn in a thread of this process on a free port; yields its URL once
+    /openapi.json answers, and stops the server on exit."""
+    import threading
+
+    import uvicorn
+
+    from workers.jobs.serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{url}/openapi.json", timeout=1)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 class Stack(LocalStack):

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from service.app import create_app
 from service.settings import Settings
-from workers.jobs.serve import free_port
+from tests.service_stack import app_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,22 +27,8 @@ def api(tmp_path_factory):
     home = tmp_path_factory.mktemp("docs")
     app = create_app(Settings(home=home, redis_url="redis://127.0.0.1:1/0",
                               reaper_enabled=False))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{url}/openapi.json", timeout=1)
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_in_thread(app) as url:
+        yield url
 
 
 def test_openapi_declares_auth_and_error_responses(api):

@@ -5,14 +5,11 @@ just wait (and the tenant's queued quota answers 429 once it is full)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
-import httpx
 import pytest
 
 from service.app import create_app
 from service.settings import Settings
+from tests.service_stack import app_in_thread
 from workers.jobs.serve import free_port, redis_url, start_redis
 
 
@@ -25,29 +22,10 @@ def live_api(tmp_path_factory):
                               reaper_enabled=False, max_upload_bytes=256 * 1024,
                               max_queued_per_tenant=5))
     key = app.state.store.create_api_key("fuzzer")
-    api_port = free_port()
-    server = uvicorn_server(app, api_port)
-    url = f"http://127.0.0.1:{api_port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{url}/openapi.json", timeout=1)
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-    yield url, key
-    server.should_exit = True
+    with app_in_thread(app) as url:
+        yield url, key
     redis_proc.kill()
     redis_proc.wait()
-
-
-def uvicorn_server(app, port):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    return server
 
 
 def test_no_input_makes_a_server_error(live_api, tmp_path):

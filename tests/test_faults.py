@@ -206,24 +206,20 @@ def test_api_killed_during_a_burst_of_submissions(workers):
                           timeout=10) as c:
             assert c.get(f"/v1/jobs/{job_id}").status_code == 200, "an acknowledged job exists"
     queued = [j.id for key in keys for j in store.list_jobs(
-        key_tenant(store, key), state="queued", limit=500)[0]]
+        store.authenticate(key), state="queued", limit=500)[0]]
     assert set(j for _, j in acknowledged) <= set(queued)
     deadline = time.monotonic() + 30
     while missing := set(queued) - broker_job_ids(r, "bulwark"):
         assert time.monotonic() < deadline, f"{len(missing)} queued jobs have no message"
         time.sleep(0.5)
     for key in keys:  # leave the system quiet: cancel what waits (a terminal state)
-        tenant = key_tenant(store, key)
+        tenant = store.authenticate(key)
         with httpx.Client(base_url=workers.url, headers={"Authorization": f"Bearer {key}"},
                           timeout=10) as c:
             ids = [j.id for j in store.list_jobs(tenant, limit=500)[0]]
             for job_id in ids:
                 c.post(f"/v1/jobs/{job_id}/cancel")
             assert_quiet(workers, c, ids)
-
-
-def key_tenant(store: Store, key: str) -> str:
-    return store.authenticate(key)
 
 
 def test_a_poison_job_fails_after_max_attempts_and_the_worker_keeps_serving(workers, alice):

@@ -101,18 +101,18 @@ def run_job(self, message_job_id: str) -> str:
     # the message is a token: the store picks the job it runs (its own, or a fairer one)
     claim = store().claim(message_job_id, owner, stale_after=s.stale_after_seconds,
                           max_running=s.max_running)
-    waiting = store().get_job_or_none(message_job_id)
-    if waiting is not None and waiting.state == QUEUED and (claim is None
-                                                            or claim.job_id != message_job_id):
+    own = store().get_job_or_none(message_job_id)
+    waiting = own is not None and own.state == QUEUED
+    if waiting and (claim is None or claim.job_id != message_job_id):
         # its job still waits (its tenant is at its cap, or another tenant's job went
         # first): put the message back so that no queued job is left without one
         if claim is None:
             time.sleep(s.defer_seconds)
-        send(store(), message_job_id, waiting.attempt)
+        send(store(), message_job_id, own.attempt)
     if claim is None:
         log.info("job %s: nothing claimable now (taken, finished, cancelled or capped)",
                  message_job_id)
-        return "deferred" if waiting is not None and waiting.state == QUEUED else "skipped"
+        return "deferred" if waiting else "skipped"
     job_id = claim.job_id
     log.info("job %s: attempt %d by %s (message for %s)", job_id, claim.attempt, owner,
              message_job_id)
