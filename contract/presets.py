@@ -1,13 +1,18 @@
 """Named presets: each paper's method as one setting of the recipe parts (torch-free).
 
-A preset supplies a recipe and a schedule with the papers' per-epsilon defaults
-(ALGORITHMS.md); whatever the user writes overrides it field by field. Regularizers and the
-adversary are matched by ``kind``: ``{"kind": "elle", "lam": 2000}`` changes ELLE's λ and keeps
-the rest; naming another adversary kind replaces the adversary.
+A preset supplies a recipe, a schedule and (for some datasets) a training-ε warm-up, with the
+values that produced each paper's numbers (ALGORITHMS.md); whatever the user writes overrides
+them field by field. Regularizers and the adversary are matched by ``kind``:
+``{"kind": "elle", "lam": 2000}`` changes ELLE's λ and keeps the rest; naming another
+adversary kind replaces the adversary.
 
-The per-ε tables were tuned for ℓ∞ on CIFAR-10 with ε in /255 units. For an ε between table
-entries, GradAlign's λ is interpolated log-linearly (the table grows geometrically) and AAER
-takes the nearest tabulated ε. For ℓ2 threats the 8/255 entries are used.
+Values resolve per **dataset family** (``family_of``): ``cifar`` (CIFAR-10/100, and datasets
+with no evidence of their own: uploads, synthetic), ``svhn`` and ``mnist`` (MNIST,
+Fashion-MNIST). Each value comes with its source (``resolve(...).sources``): a paper's
+official script, or this project's own sweep under experiments/. The per-ε regularizer tables
+were tuned for ℓ∞ on CIFAR-10 with ε in /255 units: for an ε between table entries,
+GradAlign's λ is interpolated log-linearly (the table grows geometrically) and AAER takes the
+nearest tabulated ε. For ℓ2 threats the 8/255 entries are used.
 """
 
 from __future__ import annotations
@@ -16,20 +21,80 @@ import bisect
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from contract.units import parse_epsilon
 
+# ----------------------------------------------------------------------- dataset families
+FAMILIES = ("cifar", "svhn", "mnist")
+_FAMILY_OF = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn", "mnist": "mnist",
+              "fashion_mnist": "mnist"}
+
+
+def family_of(dataset: str | None) -> str:
+    """The family whose preset values a dataset takes; ``cifar`` where it has none of its own
+    (uploaded arrays, the synthetic set, and scikit-learn's 8×8 digits, whose 1 797 images
+    are too few for the MNIST recipe's 5 epochs: the papers' CIFAR-10 values)."""
+    return _FAMILY_OF.get(str(dataset or "").strip().lower(), "cifar")
+
+
+# ------------------------------------------------------------------- schedules and sources
 # Fast single-step AT recipe (ELLE, N-FGSM, AAER scripts): 30 epochs, cyclic lr 0 -> 0.2 -> 0.
 FAST_SCHEDULE: dict[str, Any] = {
-    "epochs": 30, "batch_size": 128, "momentum": 0.9, "weight_decay": 5e-4,
+    "epochs": 30, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
     "lr": {"kind": "cyclic", "lr_max": 0.2, "peak": 0.5},
 }
-# Multi-step AT recipe (AWP, ADR): 200 epochs, lr 0.1, x0.1 at 50% and 75% (epochs 100, 150).
+# Multi-step AT recipe (Rice et al., AWP, ADR): 200 epochs, lr 0.1, ×0.1 at epochs 100, 150.
 LONG_SCHEDULE: dict[str, Any] = {
-    "epochs": 200, "batch_size": 128, "momentum": 0.9, "weight_decay": 5e-4,
+    "epochs": 200, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
     "lr": {"kind": "piecewise", "lr_max": 0.1, "milestones": [0.5, 0.75], "gamma": 0.1},
 }
+# TRADES' own CIFAR-10 recipe (train_trades_cifar10.py, README: --epochs 76): SGD 0.1, wd 2e-4,
+# lr ×0.1 from epoch 75 (1-based `epoch >= 75`, so 74 of 76 epochs at 0.1).
+TRADES_SCHEDULE: dict[str, Any] = {
+    "epochs": 76, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 2e-4,
+    "lr": {"kind": "piecewise", "lr_max": 0.1, "milestones": [74 / 76], "gamma": 0.1},
+}
+# SVHN single-step (N-FGSM train.py): lr_max 0.05, cyclic peak at 2/5, ε ramped over 5 epochs.
+SVHN_FAST_SCHEDULE = {**FAST_SCHEDULE, "lr": {"kind": "cyclic", "lr_max": 0.05, "peak": 0.4}}
+# MNIST single-step: Wong et al.'s fast-AT MNIST recipe (Adam, cyclic, peak at 2/5, no wd)
+# at the lr, length and ε warm-up this project's MNIST studies found to hold.
+MNIST_FAST_SCHEDULE: dict[str, Any] = {
+    "epochs": 5, "batch_size": 128, "optimizer": "adam", "momentum": 0.9, "weight_decay": 0.0,
+    "lr": {"kind": "cyclic", "lr_max": 0.002, "peak": 0.4},
+}
+# MNIST PGD-AT (Madry et al.'s mnist_challenge): Adam 1e-4, 100 000 steps of 50 = 83 epochs.
+MADRY_MNIST_SCHEDULE: dict[str, Any] = {
+    "epochs": 83, "batch_size": 50, "optimizer": "adam", "momentum": 0.9, "weight_decay": 0.0,
+    "lr": {"kind": "constant", "lr_max": 1e-4},
+}
+# MNIST TRADES (train_trades_mnist.py): SGD 0.01, no wd, 100 epochs; lr ×0.1 from epoch 55
+# (its ×0.01 and ×0.001 branches follow in an elif chain and never run).
+TRADES_MNIST_SCHEDULE: dict[str, Any] = {
+    "epochs": 100, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
+    "lr": {"kind": "piecewise", "lr_max": 0.01, "milestones": [0.54], "gamma": 0.1},
+}
+
+SRC_FAST = ("ELLE, N-FGSM and AAER CIFAR-10 scripts: 30 epochs, SGD momentum 0.9, wd 5e-4, "
+            "cyclic lr 0 → 0.2 → 0 peaking mid-run")
+SRC_LONG = ("Rice et al. 2020 / AWP / ADR CIFAR-10 scripts: 200 epochs, SGD 0.1 momentum 0.9, "
+            "wd 5e-4, ×0.1 at epochs 100 and 150")
+SRC_TRADES = ("TRADES train_trades_cifar10.py and README (--epochs 76, β 6): SGD 0.1 momentum "
+              "0.9, wd 2e-4, ×0.1 from epoch 75")
+SRC_SVHN = ("N-FGSM train.py for SVHN: lr_max 0.05, cyclic peak at 2/5 of the run; other "
+            "values as CIFAR-10")
+SRC_SVHN_WARMUP = "N-FGSM train.py for SVHN: ε (and the step) ramp 0 → ε over the first 5 epochs"
+SRC_MNIST_FAST = ("Wong et al. 2020, MNIST/train_mnist.py: Adam, cyclic lr peaking at 2/5 of the "
+                  "run, no weight decay; lr_max 2e-3 (their 5e-3 let N-FGSM overfit on 2 of 3 "
+                  "seeds) and 5 epochs from this project's experiments/quickstart")
+SRC_MNIST_WARMUP = ("this project's experiments/mnist-co (short/): without a warm-up N-FGSM "
+                    "stayed at chance on 1 of 3 seeds at ε = 0.3")
+SRC_MADRY = ("Madry et al. 2018, MadryLab/mnist_challenge (config.json, train.py): PGD-40, step "
+             "0.01, random start; Adam 1e-4, 100 000 steps of batch 50 (83 epochs)")
+SRC_TRADES_MNIST = ("TRADES train_trades_mnist.py: SGD 0.01 momentum 0.9, no wd, 100 epochs, "
+                    "batch 128, ×0.1 from epoch 55; attack 40 steps of 0.01; β 1")
+SRC_NOT_TUNED = "{what}: no {family} value published; the CIFAR-10 value"
 
 # ADR (config/cifar10/*.gin): τ 2.5 → 2.0 and λ 0.7 → 0.95 with SGD; 1.5 / 0.85 with AWP.
 ADR_SGD = {"kind": "adr", "decay": 0.995, "tau_high": 2.5, "tau_low": 2.0, "lam_low": 0.7,
@@ -40,9 +105,10 @@ ADR_SCHEDULE = {**LONG_SCHEDULE, "nesterov": True}
 # GradAlign λ by ε (in /255), from the ELLE repo's tuned baselines; 2.0 for ε >= 16.
 _GRADALIGN = [(2, 0.036), (4, 0.063), (6, 0.112), (8, 0.2), (10, 0.356), (12, 0.632),
               (14, 1.124), (16, 2.0)]
-# AAER (λ2, λ3) by ε (in /255), from the AAER README.
-_AAER_RS = {8: (2.5, 1.5), 12: (5.0, 2.5), 16: (7.0, 3.25), 32: (6.0, 1.5)}
-_AAER_N = {8: (1.5, 0.15), 12: (5.0, 0.55), 16: (8.5, 1.5), 32: (3.5, 0.7)}
+# AAER (λ2, λ3) by ε (in /255), from the AAER README as it stands now (its first commit had
+# RS 12: λ3 2.5; RS 32: λ2 6.0; N 32: (3.5, 0.7)).
+_AAER_RS = {8: (2.5, 1.5), 12: (5.0, 2.75), 16: (7.0, 3.25), 32: (5.75, 1.5)}
+_AAER_N = {8: (1.5, 0.15), 12: (5.0, 0.55), 16: (8.5, 1.5), 32: (2.75, 0.75)}
 
 
 def eps255(epsilon: float, norm: str) -> float:
@@ -80,45 +146,151 @@ def aaer(e: float, table: dict[int, tuple[float, float]]) -> dict:
     return {"kind": "aaer", "lam1": 1.0, "lam2": lam2, "lam3": lam3}
 
 
-def _single(adversary: dict, *regs: dict) -> Callable[[float], dict]:
-    def build(e: float) -> dict:
-        return {
-            "recipe": {"adversary": adversary, "loss": {"kind": "ce"},
-                       "regularizers": [r(e) if callable(r) else r for r in regs]},
-            "schedule": FAST_SCHEDULE,
-        }
+# ------------------------------------------------------------------------------ the presets
+@dataclass
+class Resolved:
+    """A preset at one ε for one dataset family: the spec parts it supplies and, per dotted
+    field, where the value comes from."""
+
+    recipe: dict[str, Any]
+    schedule: dict[str, Any]
+    threat: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def parts(self) -> dict[str, Any]:
+        return copy.deepcopy({"recipe": self.recipe, "schedule": self.schedule,
+                              **({"threat": self.threat} if self.threat else {})})
+
+
+Build = Callable[[float, str], Resolved]
+FGSM = {"kind": "fgsm", "alpha": 1.0}
+FGSM_RS = {"kind": "fgsm_rs", "alpha": 1.25}
+N_FGSM = {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0}
+# ELLE-A's constants (λ_max 4000 at every ε, s 2, γ 0.99); the remediation remedy uses them
+# with one optimizer step, the presets as the official code (two steps per batch).
+ELLE_A = {"kind": "elle_a", "lam_max": 4000.0, "sensitivity": 2.0, "decay": 0.99}
+SRC_ADVERSARY = {
+    "fgsm": "Goodfellow et al. 2015: zero start, step α = ε",
+    "fgsm_rs": "Wong et al. 2020: U[−ε, ε] start, step α = 1.25ε, projected",
+    "n_fgsm": "de Jorge et al. 2022 (N-FGSM experiments.sh): U[−2ε, 2ε] noise, step ε, no "
+              "projection",
+    "none": "standard training",
+}
+SRC_DOUBLE_STEP = ("ELLE train.py calls optimizer.step() twice per batch (≈ 2× lr and weight "
+                   "decay); the presets follow it (official_double_step: false for one step)")
+
+
+def _single_schedule(family: str) -> tuple[dict, dict, dict[str, str]]:
+    if family == "mnist":
+        return (MNIST_FAST_SCHEDULE, {"epsilon_warmup": 1.0},
+                {"schedule": SRC_MNIST_FAST, "threat.epsilon_warmup": SRC_MNIST_WARMUP})
+    if family == "svhn":
+        return (SVHN_FAST_SCHEDULE, {"epsilon_warmup": 5.0},
+                {"schedule": SRC_SVHN, "threat.epsilon_warmup": SRC_SVHN_WARMUP})
+    return FAST_SCHEDULE, {}, {"schedule": SRC_FAST}
+
+
+def _single(adversary: dict, *regs: tuple[Callable[[float], dict] | dict, str]) -> Build:
+    """A single-step preset: an adversary and (regularizer, source) pairs."""
+    def build(e: float, family: str) -> Resolved:
+        schedule, threat, sources = _single_schedule(family)
+        sources["recipe.adversary"] = SRC_ADVERSARY[adversary["kind"]]
+        built = []
+        for r, src in regs:
+            part = r(e) if callable(r) else copy.deepcopy(r)
+            built.append(part)
+            note = src if family == "cifar" else (
+                src + "; " + SRC_NOT_TUNED.format(what="λ", family=family.upper())
+                + " (see experiments/mnist-lambda)" * (family == "mnist"))
+            sources[f"recipe.regularizers.{part['kind']}"] = note
+            if part.get("official_double_step"):
+                sources[f"recipe.regularizers.{part['kind']}.official_double_step"] = \
+                    SRC_DOUBLE_STEP
+        return Resolved({"adversary": copy.deepcopy(adversary), "loss": {"kind": "ce"},
+                         "regularizers": built}, copy.deepcopy(schedule), threat, sources)
     return build
 
 
 def _multi(loss: dict, *, awp: dict | None = None, labels: dict | None = None,
-           weight_average: dict | None = None, schedule: dict | None = None
-           ) -> Callable[[float], dict]:
-    def build(e: float) -> dict:
-        recipe = {"adversary": {"kind": "pgd", "steps": 10, "alpha": 0.25, "restarts": 1},
-                  "loss": loss, "regularizers": [], "weight_perturbation": awp,
-                  "labels": labels or {"kind": "hard"}, "weight_average": weight_average}
-        return {"recipe": recipe, "schedule": schedule or LONG_SCHEDULE}
+           weight_average: dict | None = None, schedule: dict | None = None,
+           source: str = SRC_LONG) -> Build:
+    """A multi-step preset (PGD-10, step ε/4, on CIFAR); on MNIST the attack, schedule and β of
+    Madry et al. (CE) or TRADES' MNIST script (TRADES), with the add-ons' CIFAR-10 values."""
+    def build(e: float, family: str) -> Resolved:
+        adversary = {"kind": "pgd", "steps": 10, "alpha": 0.25, "restarts": 1}
+        the_loss, sch, src = copy.deepcopy(loss), schedule or LONG_SCHEDULE, source
+        sources = {"recipe.adversary": (
+            "TRADES train_trades_cifar10.py: 10 steps of 0.007 at ε 0.031 (0.226ε), from "
+            "x + 0.001·N(0, I)" if sch is TRADES_SCHEDULE
+            else "PGD-10, step ε/4 (2/255 at 8/255), random start: " + src.split(":")[0])}
+        if family == "mnist":
+            if loss["kind"] == "trades":
+                adversary.update(steps=40, alpha=round(0.01 / 0.3, 6))
+                the_loss["beta"] = 1.0
+                sch, src = TRADES_MNIST_SCHEDULE, SRC_TRADES_MNIST
+            else:
+                adversary.update(steps=40, alpha=round(0.01 / 0.3, 6))
+                sch, src = MADRY_MNIST_SCHEDULE, SRC_MADRY
+            sources["recipe.adversary"] = src + " (the step is 0.01/0.3 of ε)"
+            sources["recipe.loss"] = src
+        elif sch is TRADES_SCHEDULE:
+            adversary["alpha"] = round(0.007 / 0.031, 6)
+        recipe = {"adversary": adversary, "loss": the_loss, "regularizers": [],
+                  "weight_perturbation": copy.deepcopy(awp),
+                  "labels": copy.deepcopy(labels) or {"kind": "hard"},
+                  "weight_average": copy.deepcopy(weight_average)}
+        sources["schedule"] = src
+        if family == "svhn":
+            sources["schedule"] = SRC_NOT_TUNED.format(what="schedule", family="SVHN") \
+                + ": " + src
+        for key, part, what in (("recipe.weight_perturbation", awp, "AWP γ"),
+                                ("recipe.labels", labels, "ADR τ, λ")):
+            if part is not None:
+                sources[key] = ("the paper's official CIFAR-10 configuration" if family == "cifar"
+                                else SRC_NOT_TUNED.format(what=what, family=family.upper()))
+        return Resolved(recipe, copy.deepcopy(sch), {}, sources)
     return build
 
 
-FGSM = {"kind": "fgsm", "alpha": 1.0}
-FGSM_RS = {"kind": "fgsm_rs", "alpha": 1.25}
-N_FGSM = {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0}
-ELLE_A = {"kind": "elle_a", "lam_max": 4000.0, "sensitivity": 2.0, "decay": 0.99}
+def _smoothing(e: float, family: str) -> Resolved:
+    """Cohen et al.: Gaussian noise, 90 epochs, lr 0.1 ×0.1 every 30, wd 1e-4, certify at σ."""
+    src = "Cohen et al. 2019 (locuslab/smoothing train.py, CIFAR-10): σ 0.25, 90 epochs, " \
+          "batch 256, SGD 0.1 ×0.1 every 30 epochs, wd 1e-4"
+    if family != "cifar":
+        src = SRC_NOT_TUNED.format(what="schedule", family=family.upper()) + ": " + src
+    return Resolved(
+        {"adversary": {"kind": "gaussian", "sigma": 0.25}, "loss": {"kind": "ce"},
+         "regularizers": []},
+        {"epochs": 90, "batch_size": 256, "optimizer": "sgd", "momentum": 0.9,
+         "weight_decay": 1e-4, "lr": {"kind": "piecewise", "lr_max": 0.1,
+                                      "milestones": [1 / 3, 2 / 3], "gamma": 0.1}},
+        {}, {"recipe.adversary": src, "schedule": src})
 
-PRESETS: dict[str, Callable[[float], dict]] = {
+
+_ELLE_SRC = "ELLE run_elle_cifar10.sh: λ 1000 (ε ≤ 8/255), 5000 (10–20/255), 10000 (≥ 22/255)"
+_ELLE_A_SRC = "ELLE run_elle-a scripts: λ_max 4000 at every ε, s 2, γ 0.99 (lambda_schedule onoff)"
+_AAER_SRC = "AAER README (current table; nearest tabulated ε)"
+_GA_SRC = "GradAlign λ per ε from the ELLE repo's tuned baselines (log-linear between points)"
+ELLE_A_OFFICIAL = {**ELLE_A, "official_double_step": True}
+
+PRESETS: dict[str, Build] = {
     "standard": _single({"kind": "none"}),
     "fgsm": _single(FGSM),
     "fgsm-rs": _single(FGSM_RS),
     "n-fgsm": _single(N_FGSM),
-    "fgsm-elle": _single(FGSM, lambda e: {"kind": "elle", "lam": elle_lambda(e)}),
-    "fgsm-elle-a": _single(FGSM, ELLE_A),
-    "n-fgsm-elle-a": _single(N_FGSM, ELLE_A),
-    "rs-aaer": _single(FGSM_RS, lambda e: aaer(e, _AAER_RS)),
-    "n-aaer": _single(N_FGSM, lambda e: aaer(e, _AAER_N)),
-    "fgsm-gradalign": _single(FGSM, lambda e: {"kind": "gradalign", "lam": gradalign_lambda(e)}),
+    "fgsm-elle": _single(FGSM, (lambda e: {"kind": "elle", "lam": elle_lambda(e),
+                                           "official_double_step": True}, _ELLE_SRC)),
+    "fgsm-elle-a": _single(FGSM, (ELLE_A_OFFICIAL, _ELLE_A_SRC)),
+    "n-fgsm-elle-a": _single(N_FGSM, (ELLE_A_OFFICIAL, _ELLE_A_SRC)),
+    "rs-aaer": _single(FGSM_RS, (lambda e: aaer(e, _AAER_RS), _AAER_SRC)),
+    "n-aaer": _single(N_FGSM, (lambda e: aaer(e, _AAER_N), _AAER_SRC)),
+    "fgsm-gradalign": _single(FGSM, (lambda e: {"kind": "gradalign",
+                                                "lam": gradalign_lambda(e)}, _GA_SRC)),
     "pgd-at": _multi({"kind": "ce"}),
-    "trades": _multi({"kind": "trades", "beta": 6.0}),
+    # TRADES' own recipe; trades-200 is the AWP/ADR papers' TRADES baseline schedule.
+    "trades": _multi({"kind": "trades", "beta": 6.0}, schedule=TRADES_SCHEDULE,
+                     source=SRC_TRADES),
+    "trades-200": _multi({"kind": "trades", "beta": 6.0}),
     # AWP official settings: AT γ 0.01 from epoch 1; TRADES γ 0.005 from epoch 10.
     "pgd-awp": _multi({"kind": "ce"}, awp={"kind": "awp", "gamma": 0.01, "warmup": 0}),
     "trades-awp": _multi({"kind": "trades", "beta": 6.0},
@@ -128,17 +300,19 @@ PRESETS: dict[str, Callable[[float], dict]] = {
                       schedule=ADR_SCHEDULE),
     "trades-adr": _multi({"kind": "trades", "beta": 6.0}, labels=ADR_SGD,
                          weight_average={"decay": 0.995}, schedule=ADR_SCHEDULE),
-    # Cohen et al.: Gaussian noise, 90 epochs, lr 0.1 ×0.1 every 30, wd 1e-4, certify at σ.
-    "gaussian-smoothing": lambda e: {
-        "recipe": {"adversary": {"kind": "gaussian", "sigma": 0.25}, "loss": {"kind": "ce"},
-                   "regularizers": []},
-        "schedule": {"epochs": 90, "batch_size": 256, "momentum": 0.9, "weight_decay": 1e-4,
-                     "lr": {"kind": "piecewise", "lr_max": 0.1, "milestones": [1 / 3, 2 / 3],
-                            "gamma": 0.1}}},
+    "gaussian-smoothing": _smoothing,
     # ADR + AWP: ADR's AWP settings (τ_low 1.5, λ_high 0.85, ρ = γ = 0.005), official AWP rule.
     "pgd-adr-awp": _multi({"kind": "ce"}, awp={"kind": "awp", "gamma": 0.005, "warmup": 0},
                           labels=ADR_AWP, weight_average={"decay": 0.995}, schedule=LONG_SCHEDULE),
 }
+
+
+def resolve(name: str, epsilon: Any = "8/255", norm: str = "linf",
+            dataset: str | None = "cifar10") -> Resolved:
+    """Preset ``name`` at ``epsilon`` for ``dataset``'s family, with its sources."""
+    if name not in PRESETS:
+        raise ValueError(f"recipe.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](eps255(parse_epsilon(epsilon), norm), family_of(dataset))
 
 
 def merge(base: Any, override: Any, *, by_kind: bool = True) -> Any:
@@ -159,8 +333,16 @@ def merge(base: Any, override: Any, *, by_kind: bool = True) -> Any:
     return copy.deepcopy(override)
 
 
+def dataset_name(data: dict[str, Any]) -> str:
+    """The dataset a raw spec mapping names (the spec's default, MNIST, when it names none)."""
+    d = data.get("dataset")
+    name = d.get("name") if isinstance(d, dict) else d if isinstance(d, str) else None
+    return name if isinstance(name, str) else "mnist"
+
+
 def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
-    """Resolve ``recipe`` given as a preset name (or ``{"preset": name, ...overrides}``)."""
+    """Resolve ``recipe`` given as a preset name (or ``{"preset": name, ...overrides}``) at
+    the spec's ε for its dataset's family; the user's fields win, field by field."""
     recipe = data.get("recipe")
     if isinstance(recipe, str):
         recipe = {"preset": recipe}
@@ -169,8 +351,6 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     name = recipe["preset"]
     if not isinstance(name, str):
         return data  # RecipeSpec reports "recipe.preset: Input should be a valid string"
-    if name not in PRESETS:
-        raise ValueError(f"recipe.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     threat = data.get("threat") or {}
     if not isinstance(threat, dict):
         return data
@@ -178,15 +358,21 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
         eps = parse_epsilon(threat.get("epsilon", 8 / 255))
     except ValueError:
         return data  # ThreatSpec validation reports the bad epsilon with its field name
-    base = PRESETS[name](eps255(eps, str(threat.get("norm", "linf")).strip().lower()))
+    base = resolve(name, eps, str(threat.get("norm", "linf")).strip().lower(), dataset_name(data))
     out = dict(data)
-    out["recipe"] = merge(base["recipe"], recipe)
+    out["recipe"] = merge(base.recipe, recipe)
     user_schedule = data.get("schedule")
     # Schedules merge field by field: {"lr": {"kind": "cosine"}} keeps the preset's lr_max.
-    out["schedule"] = (merge(base["schedule"], user_schedule, by_kind=False)
+    out["schedule"] = (merge(base.schedule, user_schedule, by_kind=False)
                        if isinstance(user_schedule, dict)
                        else user_schedule if user_schedule is not None
-                       else copy.deepcopy(base["schedule"]))
+                       else copy.deepcopy(base.schedule))
+    if base.threat:
+        merged = {**base.threat, **threat}
+        epochs = out["schedule"].get("epochs") if isinstance(out["schedule"], dict) else None
+        if "epsilon_warmup" not in threat and isinstance(epochs, int | float):
+            merged["epsilon_warmup"] = min(merged["epsilon_warmup"], epochs)  # a short run
+        out["threat"] = merged
     return out
 
 
@@ -206,14 +392,15 @@ def describe_recipe(recipe: Any) -> str:
     return " + ".join(parts)
 
 
-def describe_presets(epsilon: Any = "8/255", norm: str = "linf") -> list[dict[str, str]]:
-    """One row per preset with every part resolved at ``epsilon``: adversary, loss,
-    regularizers with their λ, AWP γ, labels (ADR), weight averaging, epochs, optimizer, lr."""
-    e = eps255(parse_epsilon(epsilon), norm)
+def describe_presets(epsilon: Any = "8/255", norm: str = "linf",
+                     dataset: str | None = "cifar10") -> list[dict[str, str]]:
+    """One row per preset with every part resolved at ``epsilon`` for ``dataset``'s family:
+    adversary, loss, regularizers with their λ, AWP γ, labels (ADR), weight averaging,
+    epochs, optimizer, lr, ε warm-up."""
     rows = []
-    for name, build in PRESETS.items():
-        p = build(e)
-        r, sch = p["recipe"], p["schedule"]
+    for name in PRESETS:
+        p = resolve(name, epsilon, norm, dataset)
+        r, sch = p.recipe, p.schedule
         lr = sch["lr"]
         wp = r.get("weight_perturbation")
         labels = r.get("labels") or {"kind": "hard"}
@@ -222,7 +409,7 @@ def describe_presets(epsilon: Any = "8/255", norm: str = "linf") -> list[dict[st
             "preset": name,
             "adversary": _params(r["adversary"]),
             "loss": _params(r["loss"]),
-            "regularizers": ", ".join(_params(g, ("kind", "gradient", "official_double_step"))
+            "regularizers": ", ".join(_params(g, ("kind", "gradient"))
                                       for g in r.get("regularizers", [])) or "-",
             "awp": _params(wp, ("kind",)) if wp else "-",
             "labels": (f"adr(τ {labels['tau_high']:g}→{labels['tau_low']:g}, "
@@ -233,11 +420,81 @@ def describe_presets(epsilon: Any = "8/255", norm: str = "linf") -> list[dict[st
             "optimizer": sch.get("optimizer", "sgd")
             + (" nesterov" if sch.get("nesterov") else ""),
             "lr": f"{lr['kind']} {lr['lr_max']:g}",
+            "warmup": f"{p.threat['epsilon_warmup']:g}" if p.threat else "-",
         })
     return rows
 
 
-def presets(epsilon: Any = "8/255", norm: str = "linf") -> dict[str, dict[str, Any]]:
-    """Every preset's composition (recipe and schedule) as it resolves at ``epsilon``."""
-    e = eps255(parse_epsilon(epsilon), norm)
-    return {name: copy.deepcopy(build(e)) for name, build in PRESETS.items()}
+def presets(epsilon: Any = "8/255", norm: str = "linf",
+            dataset: str | None = "cifar10") -> dict[str, dict[str, Any]]:
+    """Every preset's composition (recipe, schedule, threat defaults and the source of each
+    value) as it resolves at ``epsilon`` for ``dataset``'s family."""
+    return {name: {**(r := resolve(name, epsilon, norm, dataset)).parts(),
+                   "sources": dict(r.sources)} for name in PRESETS}
+
+
+def preset_sources(spec: Any) -> list[tuple[str, str, str]]:
+    """(field, value, source) for each value a spec's preset supplied and the spec did not
+    override — what `bulwark validate` prints under the spec."""
+    name = spec.recipe.preset
+    if not name or name not in PRESETS:
+        return []
+    r = resolve(name, spec.threat.epsilon, spec.threat.norm, spec.dataset.name)
+    dumped = spec.model_dump(mode="json")
+    rows = []
+    for dotted, source in r.sources.items():
+        supplied, actual = _at(r.parts(), dotted), _at(dumped, dotted)
+        if supplied is _MISSING:
+            continue
+        same = _matches(supplied, actual)
+        if same:
+            rows.append((dotted, _show(supplied), source))
+        elif isinstance(supplied, dict) and isinstance(actual, dict) and \
+                supplied.get("kind", actual.get("kind")) == actual.get("kind"):
+            changed = [k for k, v in supplied.items() if not _matches(v, actual.get(k))]
+            shown = {k: actual.get(k) for k in supplied}
+            rows.append((dotted, _show(shown), source + "; your spec changed " + ", ".join(
+                f"{k} (the preset's: {_show(supplied[k])})" for k in changed)))
+        else:
+            rows.append((dotted, _show(actual), f"your spec (the preset's: {_show(supplied)})"))
+    return rows
+
+
+_MISSING = object()
+
+
+def _at(data: Any, dotted: str) -> Any:
+    node = data
+    for key in dotted.split("."):
+        if isinstance(node, list):  # regularizers by kind
+            node = next((x for x in node if isinstance(x, dict) and x.get("kind") == key),
+                        _MISSING)
+        elif isinstance(node, dict):
+            node = node.get(key, _MISSING)
+        else:
+            return _MISSING
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def _matches(supplied: Any, actual: Any) -> bool:
+    """Every field the preset supplied has its value in the spec (the spec may add defaults)."""
+    if isinstance(supplied, dict) and isinstance(actual, dict):
+        return all(k in actual and _matches(v, actual[k]) for k, v in supplied.items())
+    if isinstance(supplied, list) and isinstance(actual, list):
+        return len(supplied) == len(actual) and all(map(_matches, supplied, actual))
+    if isinstance(supplied, float | int) and isinstance(actual, float | int) \
+            and not isinstance(supplied, bool):
+        return math.isclose(supplied, actual, rel_tol=1e-9, abs_tol=1e-12)
+    return supplied == actual
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, dict):
+        if "kind" in v:
+            return _params(v)
+        return ", ".join(f"{k} {_show(x)}" for k, x in v.items() if x is not None)
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)

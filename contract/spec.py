@@ -375,6 +375,11 @@ class MonitorSpec(_Strict):
         "record", description="record: note the event and train on; stop: end training and go "
                               "to the final evaluation (sweeps over ε use it); remediate: roll "
                               "back to the last healthy epoch and go on with the next remedy")
+    max_nonfinite_steps: int = Field(
+        0, ge=0, le=1_000_000,
+        description="steps with a non-finite loss, loss term or gradient are skipped (nothing "
+                    "updated) and counted; one more in an epoch and the run has diverged: a "
+                    "'diverged' event, then failure (record, stop) or a rollback (remediate)")
     remedies: list[Literal["elle_a", "n_fgsm_noise", "halve_step"]] = Field(
         default_factory=lambda: ["elle_a"], min_length=1, max_length=3,
         description="with remediate, one per CO event, in order: elle_a (switch on ELLE-A at "
@@ -472,7 +477,9 @@ class JobSpec(_Strict):
         double = any(getattr(r, "official_double_step", False) for r in self.recipe.regularizers)
         if double and self.compute.precision == "fp16":
             raise ValueError("official_double_step cannot be combined with compute.precision "
-                             "fp16 (the loss scaler steps once per batch); use fp32 or bf16")
+                             "fp16 (the loss scaler steps once per batch); use fp32 or bf16, or "
+                             "set official_double_step: false on the regularizer (the ELLE "
+                             "presets turn it on, as the official code steps twice)")
         if self.threat.epsilon_warmup > self.schedule.epochs:
             raise ValueError(f"threat.epsilon_warmup must be in [0, schedule.epochs = "
                              f"{self.schedule.epochs}], got {self.threat.epsilon_warmup:g}")

@@ -37,6 +37,9 @@ class Regularizer:
     def after_step(self) -> None:
         pass
 
+    def abandon_step(self) -> None:
+        """The step was skipped (a non-finite loss or gradient): forget what it computed."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -147,6 +147,9 @@ class ELLEA(Regularizer):
             self.controller.update(self._last)
             self._last = None
 
+    def abandon_step(self) -> None:
+        self._last = None  # a non-finite E_lin never enters the history H
+
     def state_dict(self) -> dict:
         return self.controller.state_dict()
 

@@ -112,6 +112,16 @@ class Recipe:
         if self._perturbed:
             self.weight_perturbation.before_step(model)
 
+    def abandon_step(self, model: nn.Module) -> None:
+        """The runner skipped this step's optimizer update (a non-finite loss or gradient):
+        undo the weight perturbation and drop per-step state, updating nothing."""
+        if self._perturbed:
+            self.weight_perturbation.before_step(model)  # SAM-AWP restores w here,
+            self.weight_perturbation.after_step(model)   # AWP here; each no-ops the other
+            self._perturbed = False
+        for reg in self.regularizers.values():
+            reg.abandon_step()
+
     def after_step(self, model: nn.Module) -> None:
         if self._perturbed:
             self.weight_perturbation.after_step(model)

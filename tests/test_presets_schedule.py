@@ -19,11 +19,12 @@ from workers.engine.schedule import lr_at
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a", "n-fgsm-elle-a",
         "rs-aaer", "n-aaer", "fgsm-gradalign"}
-LONG = {"pgd-at", "trades", "pgd-awp", "trades-awp", "pgd-adr", "trades-adr", "pgd-adr-awp"}
+LONG = {"pgd-at", "trades-200", "pgd-awp", "trades-awp", "pgd-adr", "trades-adr", "pgd-adr-awp"}
+CIFAR = {"dataset": {"name": "cifar10"}}  # the papers' tables are CIFAR-10's
 
 
 def job(recipe, epsilon: object = "8/255", norm: str = "linf", **extra) -> JobSpec:
-    return JobSpec.model_validate({"recipe": recipe,
+    return JobSpec.model_validate({**CIFAR, "recipe": recipe,
                                    "threat": {"epsilon": epsilon, "norm": norm}, **extra})
 
 
@@ -34,7 +35,7 @@ def reg(spec: JobSpec, kind: str):
 
 # ---------------------------------------------------------------------------------- presets
 def test_preset_names_are_the_documented_set():
-    assert set(PRESETS) == FAST | LONG | {"gaussian-smoothing"}
+    assert set(PRESETS) == FAST | LONG | {"trades", "gaussian-smoothing"}
 
 
 def test_gaussian_smoothing_preset_follows_cohen():
@@ -78,9 +79,11 @@ def test_gradalign_lambda_midpoint_is_log_linear():
 
 
 @pytest.mark.parametrize("preset,e,lams", [
-    ("rs-aaer", 8, (2.5, 1.5)), ("rs-aaer", 12, (5.0, 2.5)), ("rs-aaer", 16, (7.0, 3.25)),
-    ("rs-aaer", 32, (6.0, 1.5)), ("n-aaer", 8, (1.5, 0.15)), ("n-aaer", 12, (5.0, 0.55)),
-    ("n-aaer", 16, (8.5, 1.5)), ("n-aaer", 32, (3.5, 0.7)),
+    # the AAER README's current table (its first commit had RS 12: λ3 2.5; RS 32: λ2 6.0;
+    # N 32: (3.5, 0.7))
+    ("rs-aaer", 8, (2.5, 1.5)), ("rs-aaer", 12, (5.0, 2.75)), ("rs-aaer", 16, (7.0, 3.25)),
+    ("rs-aaer", 32, (5.75, 1.5)), ("n-aaer", 8, (1.5, 0.15)), ("n-aaer", 12, (5.0, 0.55)),
+    ("n-aaer", 16, (8.5, 1.5)), ("n-aaer", 32, (2.75, 0.75)),
 ])
 def test_aaer_lambdas_per_epsilon(preset, e, lams):
     spec = job(preset, f"{e}/255")
@@ -89,9 +92,11 @@ def test_aaer_lambdas_per_epsilon(preset, e, lams):
     assert r.gradient == "official"
 
 
-@pytest.mark.parametrize("e,rs,n", [(4, (2.5, 1.5), (1.5, 0.15)), (13, (5.0, 2.5), (5.0, 0.55)),
+@pytest.mark.parametrize("e,rs,n", [(4, (2.5, 1.5), (1.5, 0.15)),
+                                    (13, (5.0, 2.75), (5.0, 0.55)),
                                     (14.5, (7.0, 3.25), (8.5, 1.5)), (22, (7.0, 3.25), (8.5, 1.5)),
-                                    (26, (6.0, 1.5), (3.5, 0.7)), (40, (6.0, 1.5), (3.5, 0.7))])
+                                    (26, (5.75, 1.5), (2.75, 0.75)),
+                                    (40, (5.75, 1.5), (2.75, 0.75))])
 def test_aaer_lambdas_between_table_points_take_the_nearest_entry(e, rs, n):
     r = reg(job("rs-aaer", e / 255), "aaer")
     assert (r.lam2, r.lam3) == rs
@@ -121,7 +126,7 @@ def test_elle_a_presets(name):
     spec = job(name, "16/255")
     r = reg(spec, "elle_a")
     assert (r.lam_max, r.sensitivity, r.decay) == (4000.0, 2.0, 0.99)  # λ_max 4000 at every ε
-    assert not r.official_double_step
+    assert r.official_double_step  # as the official code: optimizer.step() twice a batch
     expected = "fgsm" if name == "fgsm-elle-a" else "n_fgsm"
     assert spec.recipe.adversary.kind == expected
 
@@ -160,6 +165,95 @@ def test_multi_step_presets(name):
     assert s.nesterov == (name in ("pgd-adr", "trades-adr"))  # ADR's SGD configs
 
 
+def test_trades_is_trades_own_recipe_and_trades_200_the_awp_adr_baseline():
+    spec = job("trades", 0.031)
+    s, adv = spec.schedule, spec.recipe.adversary
+    assert (s.epochs, s.weight_decay, s.lr.kind, s.lr.lr_max) == (76, 2e-4, "piecewise", 0.1)
+    # lr ×0.1 from epoch 75 (1-based) of 76: the official `if epoch >= 75`
+    assert s.lr.milestones[0] * 76 == pytest.approx(74)
+    assert (adv.kind, adv.steps) == ("pgd", 10)
+    assert adv.alpha * 0.031 == pytest.approx(0.007, rel=1e-5)  # step 0.007 at ε 0.031
+    assert spec.recipe.loss.beta == 6.0
+    assert lr_at(s.lr, 73.99, 76) == pytest.approx(0.1)
+    assert lr_at(s.lr, 74.01, 76) == pytest.approx(0.01)
+    base = job("trades-200").schedule
+    assert (base.epochs, base.weight_decay, base.lr.milestones) == (200, 5e-4, [0.5, 0.75])
+
+
+# ---------------------------------------------------------------------------------- families
+def mnist(recipe, **extra) -> JobSpec:
+    return JobSpec.model_validate({"dataset": {"name": "mnist"}, "recipe": recipe,
+                                   "threat": {"epsilon": 0.3}, **extra})
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_mnist_single_step_presets_use_the_mnist_recipe(name):
+    spec = mnist(name)
+    s = spec.schedule
+    assert (s.optimizer, s.weight_decay, s.epochs, s.batch_size) == ("adam", 0.0, 5, 128)
+    assert (s.lr.kind, s.lr.lr_max, s.lr.peak) == ("cyclic", 0.002, 0.4)
+    assert spec.threat.epsilon_warmup == 1.0
+    # the adversary and regularizer kinds are the method's, whatever the dataset
+    assert spec.recipe.adversary == job(name, 0.3).recipe.adversary
+
+
+def test_mnist_multi_step_presets_follow_madry_and_trades_mnist_scripts():
+    pgd = mnist("pgd-at")
+    assert (pgd.recipe.adversary.steps, pgd.schedule.optimizer, pgd.schedule.lr.kind,
+            pgd.schedule.lr.lr_max, pgd.schedule.batch_size) == (40, "adam", "constant", 1e-4, 50)
+    assert pgd.recipe.adversary.alpha * 0.3 == pytest.approx(0.01, rel=1e-4)
+    assert pgd.schedule.epochs * 60_000 // 50 == pytest.approx(100_000, rel=0.005)
+    trades = mnist("trades")
+    assert trades.recipe.loss.beta == 1.0 and trades.recipe.adversary.steps == 40
+    s = trades.schedule
+    assert (s.optimizer, s.lr.lr_max, s.weight_decay, s.epochs) == ("sgd", 0.01, 0.0, 100)
+    assert lr_at(s.lr, 53.9, 100) == pytest.approx(0.01)
+    assert lr_at(s.lr, 99, 100) == pytest.approx(0.001)
+    # the add-ons keep their (CIFAR-10) values on MNIST's base recipe
+    awp = mnist("pgd-awp")
+    assert awp.recipe.weight_perturbation.gamma == 0.01 and awp.schedule.optimizer == "adam"
+
+
+def test_svhn_single_step_presets_follow_n_fgsm_svhn_settings():
+    spec = JobSpec.model_validate({"dataset": {"name": "svhn"}, "recipe": "n-fgsm",
+                                   "threat": {"epsilon": "8/255"}})
+    assert (spec.schedule.lr.lr_max, spec.schedule.lr.peak) == (0.05, 0.4)
+    assert spec.threat.epsilon_warmup == 5.0 and spec.schedule.epochs == 30
+
+
+def test_family_values_yield_to_the_users_fields():
+    spec = mnist("n-aaer", threat={"epsilon": 0.3, "epsilon_warmup": 0},
+                 schedule={"epochs": 2, "lr": {"lr_max": 0.01}})
+    assert spec.threat.epsilon_warmup == 0 and spec.schedule.epochs == 2
+    assert (spec.schedule.optimizer, spec.schedule.lr.lr_max) == ("adam", 0.01)
+    # a run shorter than the preset's warm-up ramps over the whole run, not an error
+    short = JobSpec.model_validate({"dataset": {"name": "svhn"}, "recipe": "fgsm",
+                                    "schedule": {"epochs": 2}})
+    assert short.threat.epsilon_warmup == 2
+    # datasets with no values of their own take CIFAR-10's
+    for name in ("synthetic", "npz"):
+        data = {"name": name, **({"path": "x.npz"} if name == "npz" else {})}
+        spec = JobSpec.model_validate({"dataset": data, "recipe": "fgsm"})
+        assert (spec.schedule.optimizer, spec.schedule.lr.lr_max) == ("sgd", 0.2)
+
+
+def test_preset_sources_name_every_supplied_value_and_the_users_overrides():
+    from contract.presets import preset_sources
+
+    rows = {f: (v, src) for f, v, src in preset_sources(mnist("fgsm-elle-a"))}
+    assert "Wong et al. 2020" in rows["schedule"][1]
+    assert "experiments/mnist-co" in rows["threat.epsilon_warmup"][1]
+    assert "twice" in rows["recipe.regularizers.elle_a.official_double_step"][1]
+    assert "lam_max=4000" in rows["recipe.regularizers.elle_a"][0]
+    rows = {f: (v, src) for f, v, src in preset_sources(
+        mnist({"preset": "fgsm-elle-a",
+               "regularizers": [{"kind": "elle_a", "lam_max": 9e4}]}))}
+    value, src = rows["recipe.regularizers.elle_a"]
+    assert "lam_max=90000" in value and "your spec changed lam_max (the preset's: 4000)" in src
+    assert preset_sources(JobSpec.model_validate({"recipe": {"adversary": {"kind": "fgsm"}}})) \
+        == []
+
+
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_fast_presets_schedule(name):
     s = job(name).schedule
@@ -182,7 +276,7 @@ def test_preset_recorded_in_the_recipe():
 
 # ---------------------------------------------------------------------------------- overrides
 def test_user_overrides_win_field_by_field():
-    spec = JobSpec.model_validate({
+    spec = JobSpec.model_validate({**CIFAR, 
         "recipe": {"preset": "fgsm-elle", "regularizers": [{"kind": "elle", "lam": 123}]},
         "schedule": {"epochs": 2},
     })
@@ -194,10 +288,10 @@ def test_user_overrides_win_field_by_field():
 
 
 def test_nested_override_keeps_the_rest_of_the_block():
-    spec = JobSpec.model_validate({"recipe": "pgd-at", "schedule": {"lr": {"lr_max": 0.05}}})
+    spec = JobSpec.model_validate({**CIFAR, "recipe": "pgd-at", "schedule": {"lr": {"lr_max": 0.05}}})
     assert spec.schedule.lr.kind == "piecewise" and spec.schedule.lr.lr_max == 0.05
     assert spec.schedule.lr.milestones == [0.5, 0.75] and spec.schedule.epochs == 200
-    spec = JobSpec.model_validate({
+    spec = JobSpec.model_validate({**CIFAR, 
         "recipe": {"preset": "rs-aaer", "regularizers": [{"kind": "aaer", "lam3": 9.0}]},
         "threat": {"epsilon": "16/255"}})
     r = reg(spec, "aaer")
@@ -205,22 +299,22 @@ def test_nested_override_keeps_the_rest_of_the_block():
 
 
 def test_same_kind_adversary_override_merges_and_other_kind_replaces():
-    spec = JobSpec.model_validate({"recipe": {"preset": "n-fgsm",
+    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "n-fgsm",
                                               "adversary": {"kind": "n_fgsm", "k": 3.0}}})
     assert (spec.recipe.adversary.k, spec.recipe.adversary.alpha) == (3.0, 1.0)
-    spec = JobSpec.model_validate({"recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
+    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.0}
     # another kind replaces the whole adversary: N-FGSM's own defaults, not FGSM's fields
-    spec = JobSpec.model_validate({"recipe": {"preset": "fgsm-elle",
+    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "fgsm-elle",
                                               "adversary": {"kind": "n_fgsm"}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0}
     assert reg(spec, "elle").lam == 1000.0
-    spec = JobSpec.model_validate({"recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
+    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
 
 
 def test_schedule_overrides_merge_field_by_field():
-    spec = JobSpec.model_validate({"recipe": "pgd-at", "schedule": {"lr": {"kind": "cosine"}}})
+    spec = JobSpec.model_validate({**CIFAR, "recipe": "pgd-at", "schedule": {"lr": {"kind": "cosine"}}})
     # changing the lr kind keeps the preset's other lr fields (lr_max 0.1, not the default 0.2)
     assert spec.schedule.lr.kind == "cosine"
     assert spec.schedule.lr.lr_max == pytest.approx(0.1)

@@ -254,6 +254,18 @@ def test_cli_validate_says_where_the_data_is(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["threat"]["norm"] == "linf", "norm in any case"
     assert "data: mnist found at" in proc.stderr and str(REPO / "data" / "mnist") in proc.stderr
+    assert "source:" not in proc.stderr, "no preset, no sources"
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset: {name: mnist}\nthreat: {epsilon: 0.3}\nrecipe: n-aaer\n"
+                      "schedule: {epochs: 3}\n")
+    proc = _cli("validate", str(preset), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["schedule"]["optimizer"] == "adam", "MNIST family values"
+    err = proc.stderr
+    assert "preset n-aaer at ε = 0.3 for mnist (mnist family values)" in err
+    assert "recipe.regularizers.aaer = aaer(lam1=1, lam2=2.75, lam3=0.75)" in err
+    assert "AAER README" in err and "Wong et al. 2020" in err
+    assert "schedule = epochs 3" in err and "your spec changed epochs (the preset's: 5)" in err
     missing = tmp_path / "missing.yaml"
     missing.write_text(f"dataset: {{name: cifar10, root: {tmp_path / 'none'}}}\n")
     proc = _cli("validate", str(missing), cwd=tmp_path)
@@ -267,9 +279,10 @@ def test_cli_presets_shows_every_part_aligned():
     lines = proc.stdout.splitlines()
     header = lines[0].split()
     assert header == ["preset", "adversary", "loss", "regularizers", "awp", "labels", "wa",
-                      "epochs", "optimizer", "lr"]
+                      "epochs", "optimizer", "lr", "warmup"]
     rows = {ln.split()[0]: ln for ln in lines[1:-1]}
-    assert "elle(lam=5000)" in rows["fgsm-elle"], "λ resolved at the ε asked"
+    assert "elle(lam=5000, official_double_step=True)" in rows["fgsm-elle"], \
+        "λ resolved at the ε asked"
     assert "awp(gamma=0.005, warmup=10)" in rows["trades-awp"]
     assert "adr(τ 2.5→2, λ 0.7→0.95)" in rows["pgd-adr"] and "ema(0.995)" in rows["pgd-adr"]
     col = lines[0].index("loss")

@@ -130,10 +130,70 @@ def test_stop_on_co_goes_straight_to_the_final_evaluation(tmp_path):
     assert len(r2["history"]) == len(r["history"])
 
 
-def test_a_non_finite_loss_fails_the_run_with_advice(tmp_path):
-    spec = _digits(schedule={"epochs": 2, "optimizer": "sgd",
+def _diverging(**monitor):
+    """Real digits, a real run: SGD at lr 10 with ELLE's λ at 1e6 goes non-finite within its
+    first epoch."""
+    return _digits(schedule={"epochs": 2, "optimizer": "sgd",
                              "lr": {"kind": "constant", "lr_max": 10.0}},
                    recipe={"preset": "fgsm-elle", "regularizers": [{"kind": "elle",
-                                                                    "lam": 1e6}]})
-    with pytest.raises(Diverged, match="diverged in epoch 1.*lr_max"):
-        run_job(spec, tmp_path, progress=False)
+                                                                    "lam": 1e6}]},
+                   evaluation={"monitor": {"size": 128, "pgd_steps": 5, **monitor},
+                               "final": {"n": 64, "pgd": {"steps": 5, "restarts": 1},
+                                         "autoattack": None}})
+
+
+def test_a_diverging_run_names_the_step_and_term_and_fails_with_advice(tmp_path):
+    events = []
+    with pytest.raises(Diverged, match=r"diverged in epoch 1, step \d+: .*non-finite.*lr_max"):
+        run_job(_diverging(), tmp_path, progress=False,
+                on_event=lambda k, d: events.append((k, d)))
+    (info,) = [d for k, d in events if k == "diverged"]
+    assert info["epoch"] == 1 and info["step"] >= 1 and info["skipped_steps"] == 1
+    assert info["terms"] and set(info["terms"]) <= {"loss", "gradient", "elle_e_lin",
+                                                     "elle_lambda"}
+    assert "finished" not in [k for k, _ in events]
+
+
+def test_remediate_rolls_a_diverged_run_back_and_fails_once_no_remedy_is_left(tmp_path):
+    events = []
+    with pytest.raises(Diverged):
+        run_job(_diverging(on_catastrophic_overfitting="remediate",
+                           remedies=["n_fgsm_noise", "halve_step"]),
+                tmp_path, progress=False, on_event=lambda k, d: events.append((k, d)))
+    kinds = [k for k, _ in events if k in ("diverged", "remediated")]
+    # lr 10 diverges whatever the attack: each remedy is tried once, then the run fails
+    assert kinds == ["diverged", "remediated", "diverged", "remediated", "diverged"]
+    remedies = [d["remedy"] for k, d in events if k == "remediated"]
+    assert remedies == ["n_fgsm_noise", "halve_step"]
+    assert all(d["rolled_back_to"] == 0 for k, d in events if k == "remediated")
+
+
+def test_a_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched():
+    from defenses import Recipe
+    from workers.engine.runner import NonFiniteStep, train_step
+
+    spec = _digits()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = build_optimizer(model.parameters(), spec.schedule)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    recipe = Recipe(spec.recipe, eps=0.3, norm="linf")
+    recipe.bind(model, total_steps=10)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    train_step(model, opt, scaler, recipe, x, y, lr=0.01, precision="fp32",
+               channels_last=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [t.clone() for st in opt.state.values() for t in st.values() if t.dim()]
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteStep) as info:
+        train_step(model, opt, scaler, recipe, bad, y, lr=0.01, precision="fp32",
+                   channels_last=False)
+    assert "loss" in info.value.terms
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a skipped step"
+    after = [t for st in opt.state.values() for t in st.values() if t.dim()]
+    assert all(torch.equal(a, b) for a, b in zip(after, moments, strict=True))
+    train_step(model, opt, scaler, recipe, x, y, lr=0.01, precision="fp32",
+               channels_last=False)  # and training goes on from there
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -89,6 +89,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError as e:  # SpecError: the file, the child and the field
         return _fail(str(e))
     out = Path(args.out)
+    for flag in ("parallel", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            return _fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.dry_run:
         for c in children:
             print(c.name)
@@ -104,7 +107,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         rows = run_sweep(children, out, parallel=args.parallel, device=args.device,
-                         on_done=done)
+                         threads=args.threads, on_done=done)
     except KeyboardInterrupt:
         return _fail(f"interrupted; run the same command again to resume: bulwark sweep "
                      f"{args.sweep} --out {out}", 130)
@@ -139,6 +142,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as e:
         return _fail(str(e))
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    from contract.presets import family_of, preset_sources
+
+    sources = preset_sources(spec)
+    if sources:  # to stderr, like the data line: stdout stays the spec, for pipes
+        print(f"preset {spec.recipe.preset} at ε = {spec.threat.epsilon:g} for "
+              f"{spec.dataset.name} ({family_of(spec.dataset.name)} family values):",
+              file=sys.stderr)
+        for dotted, value, source in sources:
+            print(f"  {dotted} = {value}\n      source: {source}", file=sys.stderr)
     from workers.engine.data import DataError, locate_dataset
 
     try:
@@ -153,13 +165,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from contract.presets import describe_presets
 
-    rows = describe_presets(args.epsilon)
+    from contract.presets import family_of
+
+    rows = describe_presets(args.epsilon, dataset=args.dataset)
     cols = list(rows[0])
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
     for r in rows:
         print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
-    print(f"(values at ε = {args.epsilon}; every field can be overridden in the spec)")
+    print(f"(values at ε = {args.epsilon} for {args.dataset}, {family_of(args.dataset)} family; "
+          "every field can be overridden in the spec; `bulwark validate SPEC` names the "
+          "source of each value)")
     return 0
 
 
@@ -350,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="folder for the children and sweep.json")
     sw.add_argument("--parallel", type=int, default=1, help="children run at once")
     sw.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    sw.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per child (default: the CPUs split between the children)")
     sw.add_argument("--dry-run", action="store_true", help="list the children and stop")
     sw.set_defaults(func=cmd_sweep)
     cp = sub.add_parser("compare", help="one table of the finished runs in sweep folders")
@@ -361,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     pr = sub.add_parser("presets", help="the named recipes with every part")
     pr.add_argument("--epsilon", default="8/255", help="ε to resolve per-ε values at (8/255)")
+    pr.add_argument("--dataset", default="cifar10",
+                    help="the dataset whose family's values to show (cifar10; mnist, svhn, ...)")
     pr.set_defaults(func=cmd_presets)
 
     sv = sub.add_parser("serve", help="embedded service: private Redis, API and a worker")

@@ -108,11 +108,12 @@ class _Runner:
 
 
 def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: str = "auto",
-              on_done=None) -> list[dict[str, Any]]:
+              threads: int | None = None, on_done=None) -> list[dict[str, Any]]:
     """Run every child (skipping finished ones); returns and writes the sweep table.
+    ``threads`` per child defaults to the CPUs split evenly between the parallel children.
     KeyboardInterrupt stops the sweep; run it again to resume."""
     out.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(out, device, max(1, (os.cpu_count() or 1) // max(parallel, 1)))
+    runner = _Runner(out, device, threads or max(1, (os.cpu_count() or 1) // max(parallel, 1)))
     rows: dict[str, dict[str, Any]] = {}
 
     table_path = out / SWEEP_FILE

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +57,50 @@ class Cancelled(Exception):
 
 
 class Diverged(ValueError):
-    """The training loss went non-finite: the weights are lost, the job fails (not retried)."""
+    """Training went non-finite and could not go on: the job fails (not retried)."""
+
+
+class NonFiniteStep(ArithmeticError):
+    """A step's loss, a loss term or the gradient was non-finite; the step was skipped (the
+    weights, optimizer and recipe state are as before it)."""
+
+    def __init__(self, terms: list[str]):
+        super().__init__(", ".join(terms))
+        self.terms = terms
+
+
+def nonfinite_terms(out: StepOutput, model: torch.nn.Module, *, grads: bool) -> list[str]:
+    """The names of what went non-finite in a step (loss terms first, then ``loss``,
+    ``gradient``); [] when all is finite. One host synchronization."""
+    names = [*sorted(out.metrics), "loss"]
+    vals = [out.metrics[k].detach().float().sum() for k in names[:-1]]
+    vals.append(out.loss.detach().float())
+    if grads:
+        params = [p.grad for p in model.parameters() if p.grad is not None]
+        if params:
+            names.append("gradient")
+            vals.append(torch.nn.utils.get_total_norm(params).float())
+    finite = torch.isfinite(torch.stack(vals))
+    if bool(finite.all()):
+        return []
+    return [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
+
+
+class StepsDiverged(Exception):
+    """More non-finite steps in an epoch than evaluation.monitor.max_nonfinite_steps."""
+
+    def __init__(self, info: dict[str, Any]):
+        super().__init__(diverged_message(info))
+        self.info = info
+
+
+def diverged_message(info: dict[str, Any]) -> str:
+    return (f"training diverged in epoch {info['epoch']}, step {info['step']}: "
+            f"{' and '.join(info['terms'])} went non-finite (lr {info['lr']:.3g}); that step "
+            f"was skipped ({info['skipped_steps']} skipped in the epoch), so the weights are "
+            "still finite, and the last checkpoint is the previous epoch's. Lower "
+            "schedule.lr.lr_max or the regularizer's λ, add threat.epsilon_warmup, or set "
+            "evaluation.monitor.on_catastrophic_overfitting: remediate to roll back")
 
 
 @dataclass
@@ -89,7 +131,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                *, lr: float, precision: str, channels_last: bool) -> StepOutput:
-    """One optimizer step of ``recipe`` on (x, y) at learning rate ``lr``."""
+    """One optimizer step of ``recipe`` on (x, y) at learning rate ``lr``; NonFiniteStep
+    (nothing updated) when the loss, a term of it or the gradient is not finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if channels_last:
@@ -98,6 +141,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         out = recipe.step(model, x, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out.loss).backward()
+    # fp16's loss scaler skips inf/NaN gradient steps itself (that is how it finds its scale)
+    bad = nonfinite_terms(out, model, grads=precision != "fp16")
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        recipe.abandon_step(model)
+        raise NonFiniteStep(bad)
     recipe.before_optimizer_step(model)
     for _ in range(recipe.optimizer_steps):
         scaler.step(optimizer)
@@ -287,12 +336,29 @@ class Training:
         last_epoch = sched.epochs if self.spec.mode == "train" and not self.stopped_early else 0
         policy = self.spec.evaluation.monitor.on_catastrophic_overfitting
         epoch = self.start_epoch
+
+        def rolled_back(action: dict[str, Any]) -> int:
+            emit("remediated", {k: v for k, v in action.items() if k != "discarded"})
+            if bar is not None:
+                bar.n = action["rolled_back_to"] * self.steps_per_epoch
+                bar.refresh()
+            return action["rolled_back_to"]
+
         if policy == "remediate":
             self.healthy = self.snapshot(epoch)
         try:
             while epoch < last_epoch:
                 seen = len(self.watchdog.events)
-                row = self.epoch(epoch, should_stop, bar)
+                try:
+                    row = self.epoch(epoch, should_stop, bar)
+                except StepsDiverged as d:
+                    emit("diverged", d.info)
+                    action = (self.remediate(epoch + 1, {"diverged": d.info}, [])
+                              if policy == "remediate" else None)
+                    if action is None:
+                        raise Diverged(str(d)) from None
+                    epoch = rolled_back(action)
+                    continue
                 new = self.watchdog.events[seen:]  # onsets this epoch: CO, accuracy collapse
                 co = any(e["type"] == "catastrophic_overfitting" for e in new)
                 if co and policy == "remediate":
@@ -300,11 +366,7 @@ class Training:
                     if action is not None:
                         for event in new:
                             emit(event["type"], event)
-                        emit("remediated", {k: v for k, v in action.items() if k != "discarded"})
-                        epoch = action["rolled_back_to"]
-                        if bar is not None:
-                            bar.n = epoch * self.steps_per_epoch
-                            bar.refresh()
+                        epoch = rolled_back(action)
                         continue
                 self.history.append(row)
                 if co and policy == "stop":
@@ -333,6 +395,7 @@ class Training:
         t_epoch = time.perf_counter()
         stats = EpochStats(self.dev)
         lr = 0.0
+        skipped, first_bad = 0, None
         with self.timing.phase("train"):
             for i, (x, y) in enumerate(self.loader.epoch(gen)):
                 if should_stop is not None and should_stop():
@@ -341,20 +404,20 @@ class Training:
                 lr = lr_at(sched.lr, t, sched.epochs)
                 self.recipe.set_epsilon(epsilon_at(spec.threat.epsilon,
                                                    spec.threat.epsilon_warmup, t))
-                stats.add(train_step(self.model, self.optimizer, self.scaler, self.recipe, x,
-                                     y, lr=lr, precision=spec.compute.precision,
-                                     channels_last=self.channels_last), y)
+                try:
+                    stats.add(train_step(self.model, self.optimizer, self.scaler, self.recipe,
+                                         x, y, lr=lr, precision=spec.compute.precision,
+                                         channels_last=self.channels_last), y)
+                except NonFiniteStep as e:
+                    skipped += 1
+                    first_bad = first_bad or {"epoch": epoch + 1, "step": i + 1,
+                                              "terms": e.terms, "lr": lr}
+                    if skipped > ev.monitor.max_nonfinite_steps:
+                        raise StepsDiverged({**first_bad, "skipped_steps": skipped}) from None
                 if bar is not None:
                     bar.update(1)
         train_seconds = time.perf_counter() - t_epoch
         summary = stats.summary()
-        if not math.isfinite(summary["train_loss"]):
-            bad = sorted(k for k, v in summary["metrics"].items() if not math.isfinite(v))
-            raise Diverged(
-                f"training diverged in epoch {epoch + 1}: the loss is {summary['train_loss']}"
-                + (f" ({', '.join(bad)} too)" if bad else "") + "; the last finite weights are "
-                "the previous epoch's checkpoint. Lower schedule.lr.lr_max or the "
-                "regularizer's λ, or add threat.epsilon_warmup")
         mon = None
         if self.n_mon:
             with self.timing.phase("monitor"):
@@ -371,7 +434,8 @@ class Training:
                             pgd=f"{mon['pgd_acc']:.3f}")
         return {"epoch": epoch + 1, "lr": lr,  # lr and training ε at the epoch's last step
                 "train_epsilon": self.recipe.eps,
-                **summary, "monitor": mon, "catastrophic_overfitting": co,
+                **summary, **({"skipped_steps": skipped, "first_nonfinite": first_bad}
+                              if skipped else {}), "monitor": mon, "catastrophic_overfitting": co,
                 "seconds": time.perf_counter() - t_epoch, "train_seconds": train_seconds}
 
     # ---------------------------------------------------------------------- evaluation
