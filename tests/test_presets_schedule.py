@@ -23,8 +23,12 @@ LONG = {"pgd-at", "trades-200", "pgd-awp", "trades-awp", "pgd-adr", "trades-adr"
 CIFAR = {"dataset": {"name": "cifar10"}}  # the papers' tables are CIFAR-10's
 
 
+def cifar(data: dict) -> JobSpec:
+    return JobSpec.model_validate({**CIFAR, **data})
+
+
 def job(recipe, epsilon: object = "8/255", norm: str = "linf", **extra) -> JobSpec:
-    return JobSpec.model_validate({**CIFAR, "recipe": recipe,
+    return cifar({"recipe": recipe,
                                    "threat": {"epsilon": epsilon, "norm": norm}, **extra})
 
 
@@ -276,7 +280,7 @@ def test_preset_recorded_in_the_recipe():
 
 # ---------------------------------------------------------------------------------- overrides
 def test_user_overrides_win_field_by_field():
-    spec = JobSpec.model_validate({**CIFAR, 
+    spec = JobSpec.model_validate({**CIFAR,
         "recipe": {"preset": "fgsm-elle", "regularizers": [{"kind": "elle", "lam": 123}]},
         "schedule": {"epochs": 2},
     })
@@ -288,10 +292,10 @@ def test_user_overrides_win_field_by_field():
 
 
 def test_nested_override_keeps_the_rest_of_the_block():
-    spec = JobSpec.model_validate({**CIFAR, "recipe": "pgd-at", "schedule": {"lr": {"lr_max": 0.05}}})
+    spec = cifar({"recipe": "pgd-at", "schedule": {"lr": {"lr_max": 0.05}}})
     assert spec.schedule.lr.kind == "piecewise" and spec.schedule.lr.lr_max == 0.05
     assert spec.schedule.lr.milestones == [0.5, 0.75] and spec.schedule.epochs == 200
-    spec = JobSpec.model_validate({**CIFAR, 
+    spec = JobSpec.model_validate({**CIFAR,
         "recipe": {"preset": "rs-aaer", "regularizers": [{"kind": "aaer", "lam3": 9.0}]},
         "threat": {"epsilon": "16/255"}})
     r = reg(spec, "aaer")
@@ -299,22 +303,22 @@ def test_nested_override_keeps_the_rest_of_the_block():
 
 
 def test_same_kind_adversary_override_merges_and_other_kind_replaces():
-    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "n-fgsm",
+    spec = cifar({"recipe": {"preset": "n-fgsm",
                                               "adversary": {"kind": "n_fgsm", "k": 3.0}}})
     assert (spec.recipe.adversary.k, spec.recipe.adversary.alpha) == (3.0, 1.0)
-    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
+    spec = cifar({"recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.0}
     # another kind replaces the whole adversary: N-FGSM's own defaults, not FGSM's fields
-    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "fgsm-elle",
+    spec = cifar({"recipe": {"preset": "fgsm-elle",
                                               "adversary": {"kind": "n_fgsm"}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0}
     assert reg(spec, "elle").lam == 1000.0
-    spec = JobSpec.model_validate({**CIFAR, "recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
+    spec = cifar({"recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
 
 
 def test_schedule_overrides_merge_field_by_field():
-    spec = JobSpec.model_validate({**CIFAR, "recipe": "pgd-at", "schedule": {"lr": {"kind": "cosine"}}})
+    spec = cifar({"recipe": "pgd-at", "schedule": {"lr": {"kind": "cosine"}}})
     # changing the lr kind keeps the preset's other lr fields (lr_max 0.1, not the default 0.2)
     assert spec.schedule.lr.kind == "cosine"
     assert spec.schedule.lr.lr_max == pytest.approx(0.1)

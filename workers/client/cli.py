@@ -163,9 +163,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from contract.presets import describe_presets
-
-    from contract.presets import family_of
+    from contract.presets import describe_presets, family_of
 
     rows = describe_presets(args.epsilon, dataset=args.dataset)
     cols = list(rows[0])
