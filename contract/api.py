@@ -68,6 +68,43 @@ class JobList(BaseModel):
     offset: int
 
 
+class SweepChildOut(BaseModel):
+    """One child of a sweep: its name and grid values, its job, and — once it succeeded —
+    the headline figures of its report (clean, FGSM, PGD and AutoAttack accuracy, CO epochs,
+    seconds per epoch)."""
+
+    name: str
+    overrides: dict[str, Any]
+    job_id: str
+    state: JobState
+    error: str | None = None
+    figures: dict[str, Any] | None = None
+
+
+class SweepOut(BaseModel):
+    """A sweep: ``state`` is queued (none started), running, or — once every child is
+    terminal — succeeded (all), failed (any failed) or cancelled; ``counts`` per state."""
+
+    id: str
+    name: str | None
+    state: JobState
+    counts: dict[str, int]
+    children: list[SweepChildOut]
+    created_at: UTCDateTime
+    spec: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class SweepList(BaseModel):
+    items: list[SweepOut]
+    total: int
+    limit: int
+    offset: int
+
+
 class ModelOut(BaseModel):
     id: str
     arch: str

@@ -138,3 +138,42 @@ def expand(sweep: SweepSpec) -> list[Child]:
     if len(set(names)) != len(names):
         raise SpecError("two sweep children share a name; give the variants distinct names")
     return children
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures a sweep table shows for one finished child."""
+    final = report["final"]
+    attacks = final.get("attacks", {})
+    pgd = next((v["acc"] for k, v in attacks.items() if k.startswith("pgd")), None)
+    history = report.get("history") or []
+    spec = report.get("spec") or {}
+    return {
+        "preset": (spec.get("recipe") or {}).get("preset"),
+        "epsilon": (spec.get("threat") or {}).get("epsilon"),
+        "seed": (spec.get("schedule") or {}).get("seed"),
+        "clean_acc": final.get("clean_acc"), "fgsm_acc": attacks.get("fgsm", {}).get("acc"),
+        "pgd_acc": pgd, "autoattack_acc": next(
+            (v["acc"] for k, v in attacks.items() if k.startswith("autoattack")), None),
+        "n": final.get("n"),
+        "co_epochs": [e["epoch"] for e in report.get("events", [])
+                      if e.get("type") == "catastrophic_overfitting"],
+        "epochs_run": len(history),
+        "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
+                        for h in history],
+        "seconds": report.get("timing", {}).get("total"),
+        "seconds_per_epoch": (sum(h["train_seconds"] for h in history) / len(history)
+                              if history else None),
+    }
+
+
+def sweep_state(states: list[str]) -> str:
+    """A sweep's state from its children's: queued (none started), running (some not yet
+    finished), then, once every child is terminal: succeeded (all), failed (any failed),
+    cancelled."""
+    if not states or all(s == "queued" for s in states):
+        return "queued"
+    if any(s not in ("succeeded", "failed", "cancelled") for s in states):
+        return "running"
+    if all(s == "succeeded" for s in states):
+        return "succeeded"
+    return "failed" if "failed" in states else "cancelled"

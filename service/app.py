@@ -39,19 +39,29 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 
-from contract.api import DatasetOut, Health, JobList, JobOut, JobState, ModelOut
+from contract.api import (
+    DatasetOut,
+    Health,
+    JobList,
+    JobOut,
+    JobState,
+    ModelOut,
+    SweepList,
+    SweepOut,
+)
 from contract.artifacts import REPORT
 from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
-from contract.spec import JobSpec
+from contract.spec import JobSpec, SpecError
+from contract.sweep import SweepSpec, expand, headline
 from service.artifacts import job_dir
-from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job
+from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit, Slot, StreamSlots
 from service.metrics import JobCollector
 from service.models import UploadRejected, store_dataset, store_upload
 from service.queue import broker_job_ids, live_workers, revoke, send
-from service.schemas import dataset_out, errors, job_out, model_out
+from service.schemas import dataset_out, errors, job_out, model_out, sweep_out
 from service.settings import Settings, get_settings
 from service.store import Store, StoreError
 
@@ -97,16 +107,31 @@ def owned_job(job_id: str, request: Request, tenant_id: Tenant) -> Job:
     return request.app.state.store.get_job(tenant_id, job_id)
 
 
-def stream_slot(request: Request, tenant_id: Tenant, job: Annotated[Job, Depends(owned_job)],
-                _resume: Annotated[str | None, Depends(resume_from)]) -> Slot:
-    """One of the tenant's event-stream slots, taken once the job and ``Last-Event-ID`` are
-    known good and before the stream starts: 429 over the tenant's limit, 503 over the
+def take_slot(request: Request, tenant_id: str) -> Slot:
+    """One of the tenant's event-stream slots: 429 over the tenant's limit, 503 over the
     server's. The stream gives it back when it ends (or the client goes)."""
     slot = request.app.state.stream_slots.acquire(tenant_id)
     if isinstance(slot, str):
         status = 429 if slot.startswith("this tenant") else 503
         raise HTTPException(status, slot, headers={"Retry-After": "5"})
     return slot
+
+
+def stream_slot(request: Request, tenant_id: Tenant, job: Annotated[Job, Depends(owned_job)],
+                _resume: Annotated[str | None, Depends(resume_from)]) -> Slot:
+    """A stream slot, taken once the job and ``Last-Event-ID`` are known good."""
+    return take_slot(request, tenant_id)
+
+
+def owned_sweep(sweep_id: str, request: Request, tenant_id: Tenant) -> tuple[Sweep, list[Job]]:
+    """The tenant's sweep and its children (404 for anyone else's)."""
+    return request.app.state.store.get_sweep(tenant_id, sweep_id)
+
+
+def sweep_stream_slot(request: Request, tenant_id: Tenant,
+                      _sweep: Annotated[tuple[Sweep, list[Job]], Depends(owned_sweep)]) -> Slot:
+    """A stream slot, taken once the sweep is known to be the tenant's."""
+    return take_slot(request, tenant_id)
 
 
 def reap_once(store: Store, settings: Settings, events: Events) -> list[str]:
@@ -293,19 +318,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_job(job_id: str, tenant_id: Tenant) -> JobOut:
         return job_out(store.get_job(tenant_id, job_id))
 
+    def cancel_job(tenant_id: str, before: Job) -> Job:
+        """Cancel a job that is not terminal: a queued one at once, a running one at its
+        trainer's next check."""
+        job = store.request_cancel(tenant_id, before.id)
+        if before.state == QUEUED and job.state != QUEUED:
+            events.publish(job.id, "cancelled", {"while": "queued"})
+            _quietly(revoke, job.id, before.attempt)  # the row decides; the message may stay
+        elif job.state not in TERMINAL:
+            events.publish(job.id, "cancel_requested", {})
+        return job
+
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], response_model=JobOut, status_code=202,
               responses=errors(401, 404, 409))
     def cancel(job_id: str, tenant_id: Tenant) -> JobOut:
         before = store.get_job(tenant_id, job_id)
         if before.state in TERMINAL:
             raise HTTPException(409, f"job {job_id} already {before.state}; nothing to cancel")
-        job = store.request_cancel(tenant_id, job_id)
-        if before.state == QUEUED and job.state != QUEUED:
-            events.publish(job_id, "cancelled", {"while": "queued"})
-            _quietly(revoke, job_id, before.attempt)  # the row decides; the message may stay
-        elif job.state not in TERMINAL:
-            events.publish(job_id, "cancel_requested", {})
-        return job_out(job)
+        return job_out(cancel_job(tenant_id, before))
 
     @app.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
                 responses=errors(401, 404, 409))
@@ -365,6 +395,134 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     yield ServerSentEvent(event=fields["type"], data=data, id=event_id)
                     if fields["type"] in TERMINAL_EVENTS:
                         return
+        finally:
+            slot.release()
+
+    # ------------------------------------------------------------------ sweeps
+    def child_figures(job: Job) -> dict[str, Any] | None:
+        if not any(a["name"] == REPORT for a in job.artifacts or []):
+            return None
+        try:
+            return headline(json.loads((job_dir(s, job.tenant_id, job.id) / REPORT)
+                                       .read_text()))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def show_sweep(tenant_id: str, sweep_id: str) -> SweepOut:
+        return sweep_out(*store.get_sweep(tenant_id, sweep_id), child_figures)
+
+    @app.post("/v1/sweeps", tags=["sweeps"], response_model=SweepOut, status_code=201,
+              responses=errors(400, 401, 413, 422, 429, 503))
+    def submit_sweep(sweep: SweepSpec, tenant_id: Tenant) -> SweepOut:
+        """A base job spec crossed with a grid over spec fields (and named variants): every
+        child is a complete job, checked like ``POST /v1/jobs`` and queued in one go (all or
+        none; the tenant's queued quota counts each). ``base`` is a spec mapping here (a file
+        path is a `bulwark sweep` feature)."""
+        if isinstance(sweep.base, str):
+            raise HTTPException(422, [{"loc": ["body", "base"], "type": "value_error",
+                                       "msg": "must be a job spec mapping through the API (a "
+                                              "spec file path is a `bulwark sweep` feature)",
+                                       "input": sweep.base}])
+        try:
+            children = expand(sweep)
+        except SpecError as e:
+            raise HTTPException(422, [{"loc": ["body"], "type": "value_error", "msg": str(e),
+                                       "input": None}]) from None
+        model_ids = []
+        for child in children:
+            model_ids.append(uploaded_model_id(child.spec, tenant_id))
+            check_cost(child.spec, tenant_id, uploaded_dataset_id(child.spec, tenant_id))
+        row, jobs = store.create_sweep(
+            tenant_id, sweep.model_dump(mode="json"),
+            [(c.name, c.overrides, c.spec.model_dump(mode="json")) for c in children],
+            max_attempts=s.max_attempts, max_queued=s.max_queued_per_tenant,
+            model_ids=model_ids)
+        for i, job in enumerate(jobs):
+            events.publish(job.id, "queued", {"sweep_id": row.id})
+            if not send(store, job.id) and i == 0:  # the broker is down: store nothing
+                store.discard_sweep(tenant_id, row.id)
+                for j in jobs:
+                    _quietly(events.delete, j.id)
+                raise HTTPException(503, "the job queue (Redis) is unreachable, so nothing was "
+                                         "stored; submit again in a moment",
+                                    headers={"Retry-After": "10"})
+            # a later failed send leaves the row unsent: the reaper sends it again
+        return show_sweep(tenant_id, row.id)
+
+    @app.get("/v1/sweeps", tags=["sweeps"], response_model=SweepList, responses=errors(401, 422))
+    def list_sweeps(tenant_id: Tenant, limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                    offset: Annotated[int, Query(ge=0)] = 0) -> SweepList:
+        rows, total = store.list_sweeps(tenant_id, limit=limit, offset=offset)
+        return SweepList(items=[show_sweep(tenant_id, r.id) for r in rows], total=total,
+                         limit=limit, offset=offset)
+
+    @app.get("/v1/sweeps/{sweep_id}", tags=["sweeps"], response_model=SweepOut,
+             responses=errors(401, 404))
+    def get_sweep(sweep_id: str, tenant_id: Tenant) -> SweepOut:
+        """The sweep's state, per-state counts and each child's state and figures."""
+        return show_sweep(tenant_id, sweep_id)
+
+    @app.post("/v1/sweeps/{sweep_id}/cancel", tags=["sweeps"], response_model=SweepOut,
+              status_code=202, responses=errors(401, 404, 409))
+    def cancel_sweep(sweep_id: str, tenant_id: Tenant) -> SweepOut:
+        """Cancel every child that has not finished (queued ones at once, running ones at
+        their trainer's next check); finished children keep their results."""
+        _row, jobs = store.get_sweep(tenant_id, sweep_id)
+        live = [j for j in jobs if j.state not in TERMINAL]
+        if not live:
+            raise HTTPException(409, f"every job of sweep {sweep_id} has finished; nothing "
+                                     "to cancel")
+        for job in live:
+            try:
+                cancel_job(tenant_id, job)
+            except StoreError:  # deleted meanwhile
+                continue
+        return show_sweep(tenant_id, sweep_id)
+
+    @app.get("/v1/sweeps/{sweep_id}/events", tags=["sweeps"],
+             response_class=EventSourceResponse, responses=errors(401, 404, 429, 503))
+    async def sweep_events(sweep_id: str, request: Request, tenant_id: Tenant,
+                           slot: Annotated[Slot, Depends(sweep_stream_slot)]):
+        """Server-sent events for the whole sweep: a ``snapshot`` (the sweep), then every
+        child's events in arrival order, each with ``job_id`` and ``child`` (its name) in
+        its data, and ``sweep_finished`` (the sweep again) once every child is terminal.
+        Takes one of the tenant's stream slots. A reconnect starts over with a snapshot."""
+        try:
+            sweep, jobs = await asyncio.to_thread(store.get_sweep, tenant_id, sweep_id)
+            yield ServerSentEvent(event="snapshot", data=sweep_out(sweep, jobs, child_figures)
+                                  .model_dump(mode="json"))
+            names = {c["job_id"]: c["name"] for c in sweep.children}
+            after = {stream_key(j.id): "0" for j in jobs}
+            job_of = {stream_key(j.id): j.id for j in jobs}
+            r = request.app.state.aredis
+            while not await request.is_disconnected():
+                if not after:
+                    current = await asyncio.to_thread(show_sweep, tenant_id, sweep_id)
+                    yield ServerSentEvent(event="sweep_finished",
+                                          data=current.model_dump(mode="json"))
+                    return
+                res = await r.xread(dict(after), count=100,
+                                    block=int(KEEPALIVE_SECONDS * 1000))
+                if not res:  # idle: a child whose row is terminal has nothing more to say
+                    try:
+                        _s, rows = await asyncio.to_thread(store.get_sweep, tenant_id,
+                                                           sweep_id)
+                    except StoreError:
+                        return
+                    alive = {stream_key(j.id) for j in rows if j.state not in TERMINAL}
+                    after = {k: v for k, v in after.items() if k in alive}
+                    continue
+                for key, entries in res:
+                    for event_id, fields in entries:
+                        after[key] = event_id
+                        data = json.loads(fields.get("data", "{}"))
+                        if "at" in fields:
+                            data["at"] = fields["at"]
+                        data.update(job_id=job_of[key], child=names.get(job_of[key]))
+                        yield ServerSentEvent(event=fields["type"], data=data)
+                        if fields["type"] in TERMINAL_EVENTS:
+                            after.pop(key, None)
+                            break
         finally:
             slot.release()
 

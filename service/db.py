@@ -61,6 +61,20 @@ class ApiKey(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class Sweep(Base):
+    """A grid of jobs submitted at once (``POST /v1/sweeps``): its children are jobs whose
+    ``sweep_id`` is this row's id; ``children`` keeps each child's name and overrides in
+    grid order."""
+
+    __tablename__ = "sweeps"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    children: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_job_idem"),)
@@ -71,6 +85,8 @@ class Job(Base):
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     model_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id"), nullable=True,
+                                                 index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)

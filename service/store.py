@@ -33,6 +33,7 @@ from service.db import (
     ApiKey,
     Attempt,
     Job,
+    Sweep,
     Tenant,
     UploadedDataset,
     UploadedModel,
@@ -262,14 +263,69 @@ class Store:
                                     f"{max_queued}")
             return job, True
 
+    def create_sweep(self, tenant_id: str, sweep: dict[str, Any],
+                     children: list[tuple[str, dict[str, Any], dict[str, Any]]], *,
+                     max_attempts: int, max_queued: int,
+                     model_ids: list[str | None] | None = None) -> tuple[Sweep, list[Job]]:
+        """Insert a sweep and its children (name, overrides, spec), queued, in one
+        transaction: all of them or none. The tenant's queued-job quota counts every child
+        (the tenant row is locked as in ``create_job``)."""
+        model_ids = model_ids or [None] * len(children)
+        with self.session() as s:
+            s.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+            queued = s.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant_id == tenant_id, Job.state == QUEUED))
+            if queued + len(children) > max_queued:
+                raise QuotaExceeded(f"the sweep has {len(children)} jobs and the tenant has "
+                                    f"{queued} queued; the limit is {max_queued} queued")
+            row = Sweep(tenant_id=tenant_id, name=sweep.get("name"), spec=sweep, children=[])
+            s.add(row)
+            s.flush()
+            jobs = []
+            for (name, _overrides, spec), model_id in zip(children, model_ids, strict=True):
+                job = Job(tenant_id=tenant_id, spec=spec, name=name, state=QUEUED,
+                          max_attempts=max_attempts, model_id=model_id, sweep_id=row.id,
+                          request_hash=request_hash({"spec": spec, "model_id": model_id}),
+                          progress={}, artifacts=[])
+                s.add(job)
+                jobs.append(job)
+            s.flush()
+            row.children = [{"name": name, "overrides": overrides, "job_id": job.id}
+                            for (name, overrides, _), job in zip(children, jobs, strict=True)]
+            s.flush()
+            for x in (row, *jobs):
+                s.expunge(x)
+            return row, jobs
+
+    def get_sweep(self, tenant_id: str | None, sweep_id: str) -> tuple[Sweep, list[Job]]:
+        """The sweep and its children's rows in grid order (a deleted child is missing)."""
+        with self.reading() as s:
+            row = self._owned(s, Sweep, tenant_id, sweep_id)
+            jobs = {j.id: j for j in s.scalars(select(Job).where(Job.sweep_id == sweep_id))}
+            for x in (row, *jobs.values()):
+                s.expunge(x)
+            return row, [jobs[c["job_id"]] for c in row.children if c["job_id"] in jobs]
+
+    def list_sweeps(self, tenant_id: str, *, limit: int = 50,
+                    offset: int = 0) -> tuple[list[Sweep], int]:
+        with self.reading() as s:
+            q = select(Sweep).where(Sweep.tenant_id == tenant_id)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            rows = s.scalars(q.order_by(Sweep.created_at.desc(), Sweep.id)
+                             .limit(limit).offset(offset)).all()
+            for r in rows:
+                s.expunge(r)
+            return list(rows), int(total or 0)
+
     @staticmethod
-    def _owned(s: Session, cls: type[Job] | type[UploadedModel] | type[UploadedDataset],
-               tenant_id: str | None, row_id: str):
+    def _owned(s: Session, cls: type[Job] | type[UploadedModel] | type[UploadedDataset]
+               | type[Sweep], tenant_id: str | None, row_id: str):
         """The row, if it belongs to ``tenant_id`` (None: any tenant, for workers); another
         tenant's row is reported exactly like a missing one."""
         row = s.get(cls, row_id)
         if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-            what = {Job: "job", UploadedModel: "model", UploadedDataset: "dataset"}[cls]
+            what = {Job: "job", UploadedModel: "model", UploadedDataset: "dataset",
+                    Sweep: "sweep"}[cls]
             raise NotFound(f"{what} {row_id} not found")
         return row
 
@@ -357,6 +413,16 @@ class Store:
             s.execute(delete(Job).where(Job.id == job_id, Job.tenant_id == tenant_id,
                                         Job.state == QUEUED, Job.enqueued_at.is_(None),
                                         Job.attempt == 0)
+                      .execution_options(synchronize_session=False))
+
+    def discard_sweep(self, tenant_id: str, sweep_id: str) -> None:
+        """Remove a just-created sweep none of whose messages could be sent."""
+        with self.session() as s:
+            s.execute(delete(Job).where(Job.sweep_id == sweep_id, Job.tenant_id == tenant_id,
+                                        Job.state == QUEUED, Job.enqueued_at.is_(None),
+                                        Job.attempt == 0)
+                      .execution_options(synchronize_session=False))
+            s.execute(delete(Sweep).where(Sweep.id == sweep_id, Sweep.tenant_id == tenant_id)
                       .execution_options(synchronize_session=False))
 
     def count_by_state(self) -> dict[str, int]:

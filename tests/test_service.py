@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -276,3 +278,92 @@ def test_queued_job_quota_per_tenant(stack):
     for job_id in [*ids, long["id"]]:
         carol.post(f"/v1/jobs/{job_id}/cancel")
     wait_state(carol, long["id"], ("cancelled",))
+
+
+def _sse(client: httpx.Client, path: str, until: str, timeout: float = 180) -> list[dict]:
+    """The events of an SSE stream up to and including the first ``until`` event."""
+    out, cur = [], {}
+    with client.stream("GET", path, timeout=httpx.Timeout(timeout)) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line:
+                if cur:
+                    out.append({**cur, "data": json.loads(cur.get("data", "{}"))})
+                    if cur.get("event") == until:
+                        return out
+                cur = {}
+            elif not line.startswith(":"):
+                k, _, v = line.partition(": ")
+                cur[k] = v
+    return out
+
+
+def test_sweep_queues_its_children_streams_them_and_summarizes(stack, alice, bob, tmp_path):
+    sweep = {"base": tiny_spec(epochs=1, name="grid"), "grid": {"schedule.seed": [0, 1]},
+             "variants": {"fgsm": {"recipe": "fgsm"}, "n-fgsm": {"recipe": "n-fgsm"}}}
+    r = alice.post("/v1/sweeps", json=sweep)
+    assert r.status_code == 201, r.text
+    out = r.json()
+    assert out["state"] == "queued" and out["counts"]["queued"] == 4
+    names = [c["name"] for c in out["children"]]
+    assert names == ["fgsm_seed=0", "fgsm_seed=1", "n-fgsm_seed=0", "n-fgsm_seed=1"]
+    assert out["children"][1]["overrides"] == {"variant": "fgsm", "schedule.seed": 1}
+    job = alice.get(f"/v1/jobs/{out['children'][2]['job_id']}").json()
+    assert job["name"] == "n-fgsm_seed=0" and job["spec"]["recipe"]["preset"] == "n-fgsm"
+    assert job["spec"]["schedule"]["seed"] == 0
+    assert bob.get(f"/v1/sweeps/{out['id']}").status_code == 404, "another tenant's sweep"
+
+    events = _sse(alice, f"/v1/sweeps/{out['id']}/events", until="sweep_finished")
+    assert events[0]["event"] == "snapshot" and events[0]["data"]["id"] == out["id"]
+    finished = [e["data"] for e in events if e["event"] == "succeeded"]
+    assert sorted(d["child"] for d in finished) == sorted(names)
+    assert {d["job_id"] for d in finished} == {c["job_id"] for c in out["children"]}
+    last = events[-1]["data"]
+    assert events[-1]["event"] == "sweep_finished" and last["state"] == "succeeded"
+    assert last["counts"]["succeeded"] == 4
+    for child in last["children"]:
+        figures = child["figures"]
+        assert figures is not None and 0 <= figures["clean_acc"] <= 1
+        assert figures["epochs_run"] == 1 and figures["n"] == 64
+    cli = subprocess.run([sys.executable, "-m", "workers.client.cli", "compare", out["id"],
+                          "--url", stack.url,
+                          "--key", alice.headers["Authorization"].removeprefix("Bearer "),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    runs = json.loads((tmp_path / "compare.json").read_text())["runs"]
+    assert sorted(r["name"] for r in runs) == sorted(names)
+    assert (tmp_path / "compare.html").read_text().count("<img") == 3
+    listed = alice.get("/v1/sweeps").json()
+    assert out["id"] in [s["id"] for s in listed["items"]]
+    assert out["id"] not in [s["id"] for s in bob.get("/v1/sweeps").json()["items"]]
+
+
+def test_sweep_cancel_cascades_and_bad_sweeps_store_nothing(stack):
+    dave = stack.client(stack.key("dave"))
+    before = dave.get("/v1/jobs").json()["total"]
+    # a file path as base is a server path: refused; so is a child that fails validation
+    r = dave.post("/v1/sweeps", json={"base": "/etc/passwd", "grid": {}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "base"]
+    r = dave.post("/v1/sweeps", json={"base": tiny_spec(), "grid": {"threat.epsilon": [0.1, 7]}})
+    assert r.status_code == 422 and "epsilon=7" in r.json()["detail"][0]["msg"]
+    r = dave.post("/v1/sweeps", json={"base": tiny_spec(), "grid": {"schedule.seed": list(
+        range(6))}})
+    assert r.status_code == 429 and "limit is 5" in r.json()["detail"], "the quota counts all"
+    assert dave.get("/v1/jobs").json()["total"] == before, "nothing stored"
+
+    r = dave.post("/v1/sweeps", json={"base": tiny_spec(epochs=300, name="long"),
+                                      "grid": {"schedule.seed": [0, 1, 2]}})
+    assert r.status_code == 201, r.text
+    sweep = r.json()
+    first = sweep["children"][0]["job_id"]
+    wait_state(dave, first, ("running",))
+    r = dave.post(f"/v1/sweeps/{sweep['id']}/cancel")
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 90
+    while (now := dave.get(f"/v1/sweeps/{sweep['id']}").json())["state"] != "cancelled":
+        assert time.monotonic() < deadline, now
+        time.sleep(0.5)
+    assert now["counts"]["cancelled"] == 3
+    assert dave.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 409
+    store = Store(stack.database_url)
+    assert [a.outcome for a in store.attempts(first)] == ["cancelled"]

@@ -3,9 +3,9 @@
 Local, no server:
     bulwark run SPEC.{json,yaml} --out DIR [--device cpu|cuda|auto] [--resume]
     bulwark sweep SWEEP.yaml --out DIR [--parallel N]   a grid of runs, resumable
-    bulwark compare DIR [DIR ...]                      one table of finished runs
-    bulwark validate SPEC         the spec as it will run (presets resolved), and its data
-    bulwark presets               the named recipes, every part
+    bulwark compare DIR|SWEEP_ID ...   a table, compare.json and compare.html (figures)
+    bulwark validate SPEC         the spec as it will run, each preset value with its source
+    bulwark presets [--dataset D] the named recipes, every part, for a dataset's family
 Service:
     bulwark serve                 embedded: private Redis + API + one worker, SQLite
     bulwark worker [--device D]   a Celery worker for one device (production)
@@ -15,6 +15,7 @@ Client (BULWARK_URL, BULWARK_API_KEY; embedded mode's key is read from bulwark-d
     bulwark submit SPEC [--wait]  bulwark jobs   bulwark status ID   bulwark report ID
     bulwark cancel ID             bulwark download ID NAME [-o PATH]   bulwark delete ID
     bulwark upload MODEL.safetensors [--arch A] | DATA.npz
+    bulwark submit-sweep SWEEP.yaml [--wait]   bulwark cancel-sweep ID
 A job id can be shortened to any unique prefix.
 
 Errors are printed as messages, never as tracebacks (exit code 2).
@@ -117,20 +118,63 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from workers.client.compare import write
     from workers.client.sweep import collect, table
 
-    rows = []
-    for folder in args.folders:
-        if not Path(folder).is_dir():
-            return _fail(f"{folder}: no such folder (give sweep --out folders)")
-        rows += [{**r, "name": f"{Path(folder).name}/{r['name']}" if len(args.folders) > 1
-                  else r["name"]} for r in collect(Path(folder))]
-    if not rows:
-        return _fail(f"no finished runs (*/report.json) in {', '.join(args.folders)}")
+    rows, sources = [], args.sources
+    for source in sources:
+        if Path(source).is_dir():
+            found = collect(Path(source))
+            label = Path(source).name
+        elif Path(source).exists() or "/" in source:
+            return _fail(f"{source}: not a folder (give `bulwark sweep --out` folders or "
+                         "sweep ids)")
+        else:  # a sweep id on the server
+            sweep = _client(args).sweep(source)
+            found = [{"name": c.name, "overrides": c.overrides, "state": c.state,
+                      **({"error": c.error} if c.error else {}), **(c.figures or {})}
+                     for c in sweep.children]
+            label = sweep.name or sweep.id[:8]
+        rows += [{**r, "name": f"{label}/{r['name']}" if len(sources) > 1 else r["name"]}
+                 for r in found]
+    if not any(r.get("state") == "succeeded" for r in rows):
+        return _fail(f"no finished runs in {', '.join(sources)}")
     print(table(rows))
+    out = Path(args.out or (sources[0] if len(sources) == 1 and Path(sources[0]).is_dir()
+                            else "."))
+    j, h = write(rows, out, title="Comparison of " + ", ".join(sources))
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": rows}, indent=2))
-        print(f"table: {args.json}")
+        Path(args.json).write_text(j.read_text())
+    print(f"comparison: {j} and {h}")
+    return 0
+
+
+def cmd_submit_sweep(args: argparse.Namespace) -> int:
+    from contract.spec import SpecError
+    from workers.client.sweep import table
+
+    client = _client(args)
+    try:
+        sweep = client.submit_sweep(args.sweep)
+    except SpecError as e:
+        return _fail(str(e))
+    print(f"sweep {sweep.id}: {len(sweep.children)} jobs queued")
+    for c in sweep.children:
+        print(f"  {c.job_id[:8]}  {c.name}")
+    if not args.wait:
+        print(f"follow it with `bulwark compare {sweep.id}`; stop it with "
+              f"`bulwark cancel-sweep {sweep.id}`")
+        return 0
+    done = client.wait_sweep(sweep.id)
+    print(table([{"name": c.name, "state": c.state, **({"error": c.error} if c.error else {}),
+                  **(c.figures or {})} for c in done.children]))
+    return 0 if done.state == "succeeded" else 1
+
+
+def cmd_cancel_sweep(args: argparse.Namespace) -> int:
+    sweep = _client(args).cancel_sweep(args.sweep_id)
+    print(f"sweep {sweep.id}: {sweep.state}; " + ", ".join(
+        f"{n} {k}" for k, n in sweep.counts.items() if n))
     return 0
 
 
@@ -368,10 +412,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads per child (default: the CPUs split between the children)")
     sw.add_argument("--dry-run", action="store_true", help="list the children and stop")
     sw.set_defaults(func=cmd_sweep)
-    cp = sub.add_parser("compare", help="one table of the finished runs in sweep folders")
-    cp.add_argument("folders", nargs="+", help="folders holding <run>/report.json")
-    cp.add_argument("--json", default=None, help="also write the table to this JSON file")
-    cp.set_defaults(func=cmd_compare)
     v = sub.add_parser("validate", help="check a spec and print it with presets resolved")
     v.add_argument("spec")
     v.set_defaults(func=cmd_validate)
@@ -421,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
+    c = client_parser("compare", "the runs of sweep folders or server sweeps side by side: a "
+                      "table, compare.json and compare.html (figures)", cmd_compare, job=False)
+    c.add_argument("sources", nargs="+", metavar="DIR|SWEEP_ID",
+                   help="`bulwark sweep --out` folders, or ids of sweeps on the server")
+    c.add_argument("--out", default=None,
+                   help="folder for compare.json and compare.html (default: the one folder "
+                        "given, else the current folder)")
+    c.add_argument("--json", default=None, help="also write compare.json's content here")
+    c = client_parser("submit-sweep", "submit a sweep to the API: one job per child",
+                      cmd_submit_sweep, job=False)
+    c.add_argument("sweep", help="sweep file (.yaml, .json); a base spec file beside it is read")
+    c.add_argument("--wait", action="store_true", help="wait for every child, then the table")
+    c = client_parser("cancel-sweep", "cancel every unfinished job of a sweep",
+                      cmd_cancel_sweep, job=False)
+    c.add_argument("sweep_id")
     c = client_parser("submit", "submit a job spec to the API", cmd_submit, job=False)
     c.add_argument("spec")
     c.add_argument("--wait", action="store_true", help="follow progress until it finishes")

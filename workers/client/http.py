@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from contract.api import TERMINAL_STATES, DatasetOut, JobList, JobOut, ModelOut
+from contract.api import TERMINAL_STATES, DatasetOut, JobList, JobOut, ModelOut, SweepOut
 from contract.artifacts import DOWNLOADABLE
 from contract.report import Report
 from contract.spec import JobSpec, read_spec_file
@@ -221,6 +221,34 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz")
+
+    # ------------------------------------------------------------------ sweeps
+    def submit_sweep(self, sweep: dict[str, Any] | str | os.PathLike) -> SweepOut:
+        """Submit a sweep (a mapping, or a sweep .yaml/.json whose ``base`` may be a spec
+        file beside it: it is read here and sent as a mapping)."""
+        if isinstance(sweep, dict):
+            body = sweep
+        else:
+            from contract.sweep import load_sweep
+
+            body = load_sweep(str(sweep)).model_dump(mode="json")
+        return SweepOut.model_validate(self.request("POST", "/v1/sweeps", json=body))
+
+    def sweep(self, sweep_id: str) -> SweepOut:
+        return SweepOut.model_validate(self.request("GET", f"/v1/sweeps/{sweep_id}"))
+
+    def cancel_sweep(self, sweep_id: str) -> SweepOut:
+        return SweepOut.model_validate(self.request("POST", f"/v1/sweeps/{sweep_id}/cancel"))
+
+    def wait_sweep(self, sweep_id: str, *, poll: float = 2.0,
+                   timeout: float | None = None) -> SweepOut:
+        """Poll until every child of the sweep is terminal; the final ``SweepOut``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (out := self.sweep(sweep_id)).terminal:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} is still {out.state} after {timeout} s")
+            time.sleep(poll)
+        return out
 
     # ------------------------------------------------------------------ events
     def events(self, job_id: str, last_event_id: str | None = None, *,

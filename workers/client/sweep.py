@@ -21,32 +21,10 @@ from typing import Any
 
 from contract.artifacts import REPORT
 from contract.spec import same_spec
-from contract.sweep import Child
+from contract.sweep import Child, headline
 
 SWEEP_FILE = "sweep.json"
 SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1}
-
-
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The figures a sweep table shows for one finished child."""
-    final = report["final"]
-    attacks = final.get("attacks", {})
-    pgd = next((v["acc"] for k, v in attacks.items() if k.startswith("pgd")), None)
-    history = report.get("history") or []
-    return {
-        "clean_acc": final.get("clean_acc"), "fgsm_acc": attacks.get("fgsm", {}).get("acc"),
-        "pgd_acc": pgd, "autoattack_acc": next(
-            (v["acc"] for k, v in attacks.items() if k.startswith("autoattack")), None),
-        "n": final.get("n"),
-        "co_epochs": [e["epoch"] for e in report.get("events", [])
-                      if e.get("type") == "catastrophic_overfitting"],
-        "epochs_run": len(history),
-        "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
-                        for h in history],
-        "seconds": report.get("timing", {}).get("total"),
-        "seconds_per_epoch": (sum(h["train_seconds"] for h in history) / len(history)
-                              if history else None),
-    }
 
 
 class _Runner:

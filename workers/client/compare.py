@@ -1,0 +1,190 @@
+"""``bulwark compare``: a sweep's runs side by side — ``compare.json`` and ``compare.html``.
+
+Runs are grouped by method (the sweep variant, else the recipe preset) and ε; each group has
+the mean ± std over its seeds of clean, PGD and AutoAttack accuracy and of seconds per epoch,
+and how many of its runs the watchdog flagged for catastrophic overfitting (CO). The page is
+self-contained: one table and three matplotlib figures embedded as SVG data URIs (robust
+accuracy against ε per method with CO runs marked, clean against robust accuracy per run,
+seconds per epoch per method). Every string from a run is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+COMPARE_JSON, COMPARE_HTML = "compare.json", "compare.html"
+METRICS = ("clean_acc", "pgd_acc", "autoattack_acc", "seconds_per_epoch")
+
+
+def method_of(row: dict[str, Any]) -> str:
+    return str((row.get("overrides") or {}).get("variant") or row.get("preset") or row["name"])
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (method, ε) over the finished runs, in first-seen order."""
+    out: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("state") != "succeeded":
+            continue
+        g = out.setdefault((method_of(r), r.get("epsilon")), {
+            "method": method_of(r), "epsilon": r.get("epsilon"), "runs": [], "seeds": []})
+        g["runs"].append(r["name"])
+        g["seeds"].append(r.get("seed"))
+    for g in out.values():
+        runs = [r for r in rows if r.get("state") == "succeeded" and r["name"] in g["runs"]]
+        for m in METRICS:
+            g[m], g[m + "_std"] = _mean_std([r.get(m) for r in runs])
+        g["co_runs"] = sum(bool(r.get("co_epochs")) for r in runs)
+        g["n"] = len(runs)
+    return list(out.values())
+
+
+def _svg(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[str, str]:
+    """The three figures as data URIs (matplotlib, Agg backend, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("state") == "succeeded"]
+    methods = list(dict.fromkeys(g["method"] for g in grouped))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    co = [r for r in done if r.get("co_epochs") and r.get("pgd_acc") is not None]
+    if len({g["epsilon"] for g in grouped}) > 1:
+        for m in methods:
+            gs = sorted((g for g in grouped if g["method"] == m and g["pgd_acc"] is not None),
+                        key=lambda g: g["epsilon"] or 0)
+            if gs:
+                ax.errorbar([g["epsilon"] for g in gs], [g["pgd_acc"] for g in gs],
+                            yerr=[g["pgd_acc_std"] for g in gs], marker="o", capsize=3,
+                            label=m, color=colors[m])
+        if co:
+            ax.scatter([r["epsilon"] for r in co], [r["pgd_acc"] for r in co], marker="x",
+                       s=70, color="#d62728", zorder=5, label="run with CO")
+        ax.set(xlabel="ε", title="Robust accuracy against ε (mean ± std over seeds)")
+        ax.legend(fontsize=8)
+    else:  # one ε: a bar per method, every run a dot, CO runs a red cross
+        gs = [g for g in grouped if g["pgd_acc"] is not None]
+        xs = range(len(gs))
+        ax.bar(xs, [g["pgd_acc"] for g in gs], yerr=[g["pgd_acc_std"] for g in gs],
+               capsize=3, color=[colors[g["method"]] for g in gs], alpha=0.8)
+        for x, g in zip(xs, gs, strict=True):
+            runs = [r for r in done if method_of(r) == g["method"]
+                    and r.get("pgd_acc") is not None]
+            ax.scatter([x] * len(runs), [r["pgd_acc"] for r in runs], s=14, color="black",
+                       zorder=4)
+            bad = [r for r in runs if r.get("co_epochs")]
+            ax.scatter([x] * len(bad), [r["pgd_acc"] for r in bad], marker="x", s=70,
+                       color="#d62728", zorder=5)
+        ax.set_xticks(list(xs), [g["method"] for g in gs], rotation=30, ha="right")
+        eps = gs[0]["epsilon"] if gs else None
+        ax.set(title=f"Robust accuracy at ε = {eps:g} (runs: dots; CO: red ×)"
+               if isinstance(eps, float | int) else "Robust accuracy per method")
+    ax.set(ylabel="PGD accuracy", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    out["robust_vs_epsilon"] = _svg(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for m in methods:
+        pts = [r for r in done if method_of(r) == m and r.get("pgd_acc") is not None]
+        ax.scatter([r["clean_acc"] for r in pts], [r["pgd_acc"] for r in pts], label=m,
+                   color=colors[m], marker="o")
+    ax.set(xlabel="clean accuracy", ylabel="PGD accuracy", xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.02), title="Clean against robust accuracy (one point a run)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["clean_vs_robust"] = _svg(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.4 * max(len(methods), 1)))
+    per = [(m, _mean_std([r.get("seconds_per_epoch") for r in done if method_of(r) == m]))
+           for m in methods]
+    per = [(m, ms) for m, ms in per if ms[0] is not None]
+    ax.barh([m for m, _ in per], [ms[0] for _, ms in per], xerr=[ms[1] for _, ms in per],
+            color=[colors[m] for m, _ in per])
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds per epoch (training only)", title="Cost per epoch")
+    ax.grid(axis="x", alpha=0.3)
+    out["seconds_per_epoch"] = _svg(fig)
+    return out
+
+
+def _cell(v: Any, std: Any = None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return html.escape(f"{v:.{digits}f}" + (f" ± {std:.{digits}f}" if std else ""))
+    return html.escape(str(v))
+
+
+def render(rows: list[dict[str, Any]], title: str) -> str:
+    grouped = groups(rows)
+    figs = figures(rows, grouped) if grouped else {}
+    head = ("<tr><th>method</th><th>ε</th><th>runs</th><th>clean</th><th>PGD</th>"
+            "<th>AutoAttack</th><th>CO runs</th><th>s/epoch</th></tr>")
+    body = "".join(
+        f"<tr><td>{html.escape(g['method'])}</td><td>{_cell(g['epsilon'])}</td>"
+        f"<td>{g['n']}</td><td>{_cell(g['clean_acc'], g['clean_acc_std'])}</td>"
+        f"<td>{_cell(g['pgd_acc'], g['pgd_acc_std'])}</td>"
+        f"<td>{_cell(g['autoattack_acc'], g['autoattack_acc_std'])}</td>"
+        f"<td class='{'co' if g['co_runs'] else ''}'>{g['co_runs']} / {g['n']}</td>"
+        f"<td>{_cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)}</td></tr>"
+        for g in grouped)
+    failed = [r for r in rows if r.get("state") == "failed"]
+    failed_html = ("<h2>Failed runs</h2><ul>" + "".join(
+        f"<li>{html.escape(r['name'])}: {html.escape(str(r.get('error')))}</li>"
+        for r in failed) + "</ul>") if failed else ""
+    imgs = "".join(f'<figure><img alt="{html.escape(k)}" src="{v}"></figure>'
+                   for k, v in figs.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: .3em .8em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+td.co {{ color: #d62728; font-weight: 600; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{len(rows)} runs; accuracies are mean ± std over the seeds of each method and ε; "CO runs"
+counts the runs the watchdog flagged for catastrophic overfitting.</p>
+<table>{head}{body}</table>
+{imgs}
+{failed_html}
+</body></html>
+"""
+
+
+def write(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
+    """``compare.json`` (runs and groups) and ``compare.html`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    j, h = out / COMPARE_JSON, out / COMPARE_HTML
+    j.write_text(json.dumps({"runs": rows, "groups": groups(rows)}, indent=2))
+    h.write_text(render(rows, title))
+    return j, h
