@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
-from workers.engine.html_report import line_chart, render
+import pytest
+
+from workers.engine.html_report import (
+    certified_curve,
+    certified_points,
+    epsilon_text,
+    render,
+)
 
 
 def report(**over) -> dict:
@@ -31,29 +39,66 @@ def report(**over) -> dict:
     return base
 
 
-def test_report_page_has_figures_plots_and_escapes():
+def figures(page: str) -> list[str]:
+    """The SVG documents of the page's figures."""
+    return [base64.b64decode(b).decode() for b in
+            re.findall(r'src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_page_has_figures_tables_and_escapes():
     page = render(report())
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "0.9123" in page and "0.4567" in page and "pgd50-10" in page
-    assert page.count("<svg") == 2
+    svgs = figures(page)
+    assert len(svgs) == 2, "training curves and the monitor (no method traces in this run)"
+    assert all(s.lstrip().startswith("<?xml") and "<svg" in s for s in svgs)
     assert "Catastrophic overfitting at epoch(s) 3" in page
-    (marker,) = re.findall(r'class="co-marker" x1="([\d.]+)"', page)
-    # epochs 1..3 map linearly onto [PAD, W - PAD] = [40, 520]: epoch 3 is the right edge
-    assert float(marker) == 520.0
+    assert "catastrophic_overfitting" in page, "the events table"
+    assert "http" not in page.replace("http://www.w3.org", ""), "self-contained: no URLs"
 
 
-def test_certification_plot_when_certified():
-    cert = {"sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001, "num_points": 40,
-            "acr": 0.31, "abstain_rate": 0.1, "radii": [0.0, 0.25, 0.5],
-            "certified_accuracy": [0.8, 0.6, 0.2]}
-    page = render(report(certification=cert, history=[], events=[], selection=None))
-    assert page.count("<svg") == 1 and "certified accuracy vs radius" in page
-    assert "ACR 0.3100" in page
+def test_one_epoch_and_evaluation_only_jobs_render():
+    one = report(history=report()["history"][:1], events=[], selection=None)
+    svgs = figures(render(one))
+    assert len(svgs) == 2
+    # a single epoch is drawn as markers (matplotlib writes each marker as a <use> element)
+    assert all("<use" in s for s in svgs)
+    ev = report(history=[], events=[], selection=None,
+                spec={**report()["spec"], "mode": "evaluate"})
+    page = render(ev)
+    assert figures(page) == [] and "evaluation-only job" in page and "0.9123" in page
 
 
-def test_line_chart_maps_points_linearly():
-    svg = line_chart("t", [0, 1, 2], {"a": [0.0, 0.5, 1.0]}, y_max=1.0)
-    (points,) = re.findall(r'points="([^"]+)"', svg)
-    xy = [tuple(map(float, p.split(","))) for p in points.split()]
-    assert xy == [(40.0, 180.0), (280.0, 110.0), (520.0, 40.0)]
-    assert line_chart("empty", [], {}) == ""
+def test_method_traces_get_their_own_panels():
+    hist = report()["history"]
+    for h in hist:
+        h["metrics"] = {"elle_e_lin": 1e-5 * h["epoch"], "elle_lambda": 4000.0,
+                        "loss_main": 1.0}
+    svgs = figures(render(report(history=hist)))
+    assert len(svgs) == 3
+    assert "E_lin" in svgs[2] and "λ" in svgs[2]
+
+
+def test_certified_step_curve_from_per_point_radii():
+    tsv = ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+           "0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.25\t1\t0.1\n"
+           "2\t3\t4\t0.9\t0\t0.1\n3\t1\t-1\t0.0\t0\t0.1\n")
+    pts = certified_points(tsv)
+    assert pts == [(0.5, True), (0.25, True), (0.9, False), (0.0, False)]
+    # at r: the fraction of the 4 points correct with radius >= r
+    assert certified_curve(pts) == ([0.0, 0.25, 0.5], [0.5, 0.5, 0.25])
+    cert = {"sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001, "num_points": 4,
+            "acr": 0.1875, "abstain_rate": 0.25, "radii": [0.0, 0.25, 0.5],
+            "certified_accuracy": [0.5, 0.5, 0.25],
+            "empirical": {"acc": 0.4, "n": 4, "eps": 0.5}}
+    page = render(report(certification=cert, history=[], events=[], selection=None), tsv)
+    (svg,) = figures(page)
+    assert "ACR 0.188" in svg
+    assert "ACR 0.1875" in page and "Smoothed-classifier PGD" in page
+
+
+@pytest.mark.parametrize("eps,norm,text", [(8 / 255, "linf", "8/255 (0.03137)"),
+                                           (0.3, "linf", "0.3"), (0.5, "l2", "0.5"),
+                                           (0.25, "linf", "0.25"), (16 / 255, "l2", "0.06275")])
+def test_epsilon_as_people_write_it(eps, norm, text):
+    assert epsilon_text(eps, norm) == text

@@ -1,123 +1,318 @@
-"""``report.html``: the same data as ``report.json``, readable in a browser, with plots.
+"""``report.html``: the same data as ``report.json``, readable in a browser, with figures.
 
-Self-contained (inline SVG, no scripts, no external assets): training loss and accuracy per
-epoch, monitor clean / FGSM / PGD accuracy per epoch with catastrophic-overfitting markers,
-and certified accuracy against the radius when the job certified. Every value is escaped.
+One self-contained file (matplotlib figures embedded as SVG data URIs, no scripts, no external
+assets): the final table per model (last / best / weight-averaged), the training curves
+(loss, adversarial train accuracy, lr and training ε), the monitor's clean / FGSM / PGD
+accuracy per epoch with distinct styles and markers and the catastrophic-overfitting events
+marked, the method traces (ELLE's E_lin and λ, AAER's abnormal-example ratio, AWP's
+perturbation norm, ADR's τ and λ, …), the watchdog's events and remediations, certified
+accuracy against the radius as a step curve from the per-point radii of ``certify.tsv`` with
+the ACR and the smoothed-PGD result, then timing, environment and the spec as run. Every line
+has markers, so a one-epoch run shows its points; an evaluation-only job shows its tables.
+Every value from the report is escaped.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
+import math
 from typing import Any
 
-W, H, PAD = 560, 220, 40
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+# the method traces a history row may carry, with a readable name (others are shown as named)
+TRACES = {
+    "elle_e_lin": "ELLE: E_lin", "elle_lambda": "ELLE: λ", "aaer_ratio": "AAER: abnormal ratio",
+    "aaer_reg": "AAER: penalty", "gradalign_cos": "GradAlign: 1 − cos", "awp_norm": "AWP: ‖γv‖",
+    "adr_tau": "ADR: τ", "adr_lambda": "ADR: λ_t", "adr_lambda_i": "ADR: mean λ_i",
+    "loss_main": "loss without regularizers",
+}
+STYLES = {"clean": ("-", "o", "#1f77b4"), "FGSM": ("--", "s", "#ff7f0e"),
+          "PGD": (":", "^", "#2ca02c")}
 
 
-def _fmt(v: Any) -> str:
+def epsilon_text(eps: float, norm: str) -> str:
+    """ε as people write it: 8/255 for ℓ∞ radii that are k/255, else the number."""
+    if norm == "linf" and eps > 0:
+        k = eps * 255
+        if abs(k - round(k)) < 1e-6 and round(k) >= 1:
+            return f"{round(k)}/255 ({eps:.4g})"
+    return f"{eps:.4g}"
+
+
+def _esc(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return html.escape(f"{v:.4f}" if math.isfinite(v) else str(v))
     return html.escape(str(v))
 
 
-def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]], *,
-               y_max: float | None = None, markers: list[float] = (),
-               x_label: str = "epoch") -> str:
-    """An SVG line chart; ``markers`` draws vertical red lines at those x values."""
-    values = [v for ys in series.values() for v in ys if v is not None]
-    if not xs or not values:
-        return ""
-    x0, x1 = min(xs), max(xs)
-    y1 = y_max if y_max is not None else max(values) or 1.0
-    y0 = min(0.0, min(values))
-    sx = (W - 2 * PAD) / ((x1 - x0) or 1.0)
-    sy = (H - 2 * PAD) / ((y1 - y0) or 1.0)
-
-    def pt(x: float, y: float) -> str:
-        return f"{PAD + (x - x0) * sx:.1f},{H - PAD - (y - y0) * sy:.1f}"
-
-    parts = [f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
-             f'aria-label="{html.escape(title)}">',
-             f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">'
-             f'{html.escape(title)}</text>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#888"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#888"/>',
-             f'<text x="{PAD - 4}" y="{H - PAD}" text-anchor="end" font-size="10">'
-             f'{y0:.2f}</text>',
-             f'<text x="{PAD - 4}" y="{PAD + 4}" text-anchor="end" font-size="10">'
-             f'{y1:.2f}</text>',
-             f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="10">'
-             f'{html.escape(x_label)} ({x0:g} … {x1:g})</text>']
-    for m in markers:
-        parts.append(f'<line class="co-marker" x1="{PAD + (m - x0) * sx:.1f}" y1="{PAD}" '
-                     f'x2="{PAD + (m - x0) * sx:.1f}" y2="{H - PAD}" stroke="#d62728" '
-                     f'stroke-dasharray="4 3"/>')
-    for i, (name, ys) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        pts = " ".join(pt(x, y) for x, y in zip(xs, ys, strict=True) if y is not None)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
-        parts.append(f'<text x="{W - PAD + 4}" y="{PAD + 14 * i}" font-size="10" '
-                     f'fill="{color}">{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
+def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...], cls: str = "") -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='{cls}'><tr>{th}</tr>{body}</table>"
 
 
-def render(report: dict[str, Any]) -> str:
-    spec, hist = report["spec"], report["history"]
-    epochs = [h["epoch"] for h in hist]
-    mon = [h["monitor"] or {} for h in hist]
-    co_epochs = [e["epoch"] for e in report.get("events", [])
-                 if e.get("type") == "catastrophic_overfitting"]
-    title = spec.get("name") or (spec["recipe"].get("preset") or "job")
-    sections = [f"<h1>Bulwark report: {html.escape(title)}</h1>",
-                f"<p>{html.escape(spec['dataset']['name'])} · {html.escape(spec['model']['arch'])}"
-                f" · {html.escape(spec['threat']['norm'])} ε = {spec['threat']['epsilon']:.4g}"
-                f" · report_version {report['report_version']}</p>"]
-    rows = []
-    for model, res in (report.get("final_models") or {"last": report["final"]}).items():
-        rows.append((model, "clean", res["clean_acc"], res["n"]))
-        rows += [(model, name, a["acc"], a["n"]) for name, a in res["attacks"].items()]
-    sections += ["<h2>Final evaluation</h2>", _table(rows, ("model", "attack", "acc", "n"))]
+# ---------------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _img(fig, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    _plt().close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return (f'<figure><img alt="{html.escape(alt)}" '
+            f'src="data:image/svg+xml;base64,{data}"></figure>')
+
+
+def _acc_limits(values: list[float]) -> tuple[float, float]:
+    """A y range that shows the data: not pinned to 0–1 when the runs sit in a narrow band."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(vals), max(vals)
+    pad = max(0.05, 0.15 * (hi - lo))
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
+def _co_lines(ax, co_epochs: list[int], label: bool = True) -> None:
+    for i, e in enumerate(co_epochs):
+        ax.axvline(e, color="#d62728", ls="--", lw=1.2,
+                   label="catastrophic overfitting" if label and i == 0 else None)
+
+
+def training_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
+    plt = _plt()
+    ep = [h["epoch"] for h in hist]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    axes[0].plot(ep, [h["train_loss"] for h in hist], marker="o", color="#444")
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].plot(ep, [h["train_acc"] for h in hist], marker="o", color="#9467bd")
+    axes[1].set(title="train accuracy (at the training attack)", xlabel="epoch",
+                ylim=_acc_limits([h["train_acc"] for h in hist]))
+    axes[2].plot(ep, [h.get("lr") for h in hist], marker="o", color="#8c564b", label="lr")
+    axes[2].set(title="lr and training ε", xlabel="epoch (value at its last step)")
+    if any(h.get("train_epsilon") is not None for h in hist):
+        twin = axes[2].twinx()
+        twin.plot(ep, [h.get("train_epsilon") for h in hist], marker="s", ls="--",
+                  color="#17becf", label="training ε")
+        twin.set_ylabel("training ε")
+        twin.set_ylim(bottom=0)
+        lines = axes[2].get_lines() + twin.get_lines()
+        axes[2].legend(lines, [ln.get_label() for ln in lines], fontsize=8,
+                       loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    for ax in axes:
+        _co_lines(ax, co_epochs, label=False)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(ep if len(ep) <= 12 else ax.get_xticks())
+    fig.tight_layout()
+    return _img(fig, "training curves")
+
+
+def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
+    plt = _plt()
+    rows = [(h["epoch"], h["monitor"]) for h in hist if h.get("monitor")]
+    if not rows:
+        return ""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    values = []
+    for name, key in (("clean", "clean_acc"), ("FGSM", "fgsm_acc"), ("PGD", "pgd_acc")):
+        ls, marker, color = STYLES[name]
+        ys = [m.get(key) for _, m in rows]
+        values += ys
+        ax.plot([e for e, _ in rows], ys, ls=ls, marker=marker, color=color, label=name,
+                markersize=6 if name != "PGD" else 7)
+    _co_lines(ax, co_epochs)
+    n = rows[0][1].get("n")
+    ax.set(xlabel="epoch", ylabel="accuracy", ylim=_acc_limits(values),
+           title=f"held-out monitor{f' ({n} images)' if n else ''}: clean, FGSM, PGD")
+    ax.set_xticks([e for e, _ in rows] if len(rows) <= 12 else ax.get_xticks())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _img(fig, "monitor accuracy per epoch")
+
+
+def traces_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
+    keys = sorted({k for h in hist for k in (h.get("metrics") or {})},
+                  key=lambda k: (k not in TRACES, list(TRACES).index(k) if k in TRACES else 0, k))
+    if keys == ["loss_main"]:  # no regularizer: the same curve as the training loss
+        keys = []
+    if not hist or not keys:
+        return ""
+    plt = _plt()
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
+    ep = [h["epoch"] for h in hist]
+    for ax, k in zip(axes.flat, keys, strict=False):
+        ys = [(h.get("metrics") or {}).get(k) for h in hist]
+        ax.plot(ep, ys, marker="o", color="#333")
+        pos = [y for y in ys if y is not None and y > 0]
+        if k == "elle_e_lin" and pos and max(pos) / min(pos) > 100:
+            ax.set_yscale("log")
+        ax.set(title=TRACES.get(k, k), xlabel="epoch")
+        ax.set_xticks(ep if len(ep) <= 12 else ax.get_xticks())
+        _co_lines(ax, co_epochs, label=False)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _img(fig, "method traces (epoch means)")
+
+
+def certified_points(certify_tsv: str | None) -> list[tuple[float, bool]]:
+    """(radius, correct) per certified point from certify.tsv's text (abstentions: radius 0,
+    not correct)."""
+    if not certify_tsv:
+        return []
+    lines = [ln.split("\t") for ln in certify_tsv.strip().splitlines()]
+    if not lines:
+        return []
+    head = lines[0]
+    try:
+        r, c = head.index("radius"), head.index("correct")
+    except ValueError:
+        return []
+    out = []
+    for cells in lines[1:]:
+        try:
+            out.append((float(cells[r]), cells[c].strip() in ("1", "True", "true")))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def certified_curve(points: list[tuple[float, bool]]) -> tuple[list[float], list[float]]:
+    """The step curve: certified accuracy at r = the fraction of points that are correct with
+    radius ≥ r, at r = 0 and at each correct point's radius (where the curve steps down)."""
+    if not points:
+        return [], []
+    n = len(points)
+    radii = sorted({0.0, *(r for r, ok in points if ok)})
+    return radii, [sum(ok and rr >= r for rr, ok in points) / n for r in radii]
+
+
+def certification_figure(cert: dict[str, Any], points: list[tuple[float, bool]]) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    xs, ys = certified_curve(points)
+    if xs:
+        x_end = max(xs) * 1.08 if max(xs) > 0 else 1.0
+        ax.step(xs + [x_end], ys + [ys[-1]], where="post", color="#1f77b4",
+                label=f"certified accuracy ({len(points)} points)")
+    ax.plot(cert["radii"], cert["certified_accuracy"], ls="none", marker="o", color="#ff7f0e",
+            label="at the report's radii")
+    ax.set(xlabel="ℓ2 radius", ylabel="certified accuracy", ylim=(0, 1.02),
+           title=f"randomized smoothing, σ = {cert['sigma']:g}: ACR {cert['acr']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _img(fig, "certified accuracy against radius")
+
+
+# ---------------------------------------------------------------------------------- the page
+def _final_table(report: dict[str, Any]) -> str:
+    models = report.get("final_models") or {"last": report["final"]}
+    names = list(models)
+    attacks = list(dict.fromkeys(a for res in models.values() for a in res["attacks"]))
+    rows = [("clean", *(models[m]["clean_acc"] for m in names),
+             *(models[names[0]]["n"],))]
+    for a in attacks:
+        rows.append((a, *(models[m]["attacks"].get(a, {}).get("acc", "–") for m in names),
+                     models[names[0]]["attacks"].get(a, {}).get("n", "–")))
+    head = ("accuracy", *(f"{m} model" for m in names), "n")
+    return _table(rows, head, "final")
+
+
+def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
+    """The page for ``report`` (``certify_tsv``: the text of the job's certify.tsv, for the
+    certified-accuracy step curve)."""
+    spec, hist = report["spec"], report.get("history") or []
+    threat = spec["threat"]
+    events = report.get("events") or []
+    co_epochs = [e["epoch"] for e in events if e.get("type") == "catastrophic_overfitting"]
+    recipe = spec.get("recipe") or {}
+    title = spec.get("name") or recipe.get("preset") or "job"
+    env = report.get("environment") or {}
+    sections = [
+        f"<h1>Bulwark report: {html.escape(title)}</h1>",
+        "<p class='meta'>"
+        + " · ".join(html.escape(str(x)) for x in (
+            spec["dataset"]["name"], spec["model"]["arch"],
+            f"{threat['norm']} ε = {epsilon_text(threat['epsilon'], threat['norm'])}",
+            f"preset {recipe.get('preset')}" if recipe.get("preset") else "no preset",
+            f"mode {spec.get('mode', 'train')}"))
+        + f" · report_version {_esc(report['report_version'])}</p>",
+        "<h2>Final evaluation</h2>", _final_table(report)]
     if hist:
-        sections += ["<h2>Training</h2>",
-                     line_chart("train loss", epochs, {"loss": [h["train_loss"] for h in hist]}),
-                     line_chart("accuracy per epoch (monitor slice)", epochs, {
-                         "train (adversarial)": [h["train_acc"] for h in hist],
-                         "clean": [m.get("clean_acc") for m in mon],
-                         "FGSM": [m.get("fgsm_acc") for m in mon],
-                         "PGD": [m.get("pgd_acc") for m in mon]},
-                         y_max=1.0, markers=co_epochs)]
+        sections += ["<h2>Training</h2>", training_figure(hist, co_epochs),
+                     "<h2>Robustness per epoch</h2>", monitor_figure(hist, co_epochs)]
+        traces = traces_figure(hist, co_epochs)
+        if traces:
+            sections += ["<h2>Method traces</h2>", traces]
+    elif spec.get("mode") == "evaluate":
+        sections.append("<p class='note'>An evaluation-only job: no training history.</p>")
+    else:
+        sections.append("<p class='note'>No epoch was trained (resumed at the end, or stopped "
+                        "before the first epoch finished).</p>")
     if co_epochs:
         sections.append("<p class='co'>Catastrophic overfitting at epoch(s) "
-                        + ", ".join(str(e) for e in co_epochs) + " (dashed red lines).</p>")
+                        + ", ".join(str(e) for e in co_epochs) + " (red dashed lines).</p>")
+    if events:
+        sections += ["<h2>Watchdog events</h2>", _table(
+            [(e.get("type"), e.get("epoch"), e.get("pgd_acc", "–"), e.get("fgsm_acc", "–"),
+              e.get("clean_acc", "–")) for e in events],
+            ("event", "epoch", "PGD", "FGSM", "clean"), "events")]
+    if report.get("remediations"):
+        sections += ["<h2>Remediations</h2>", _table(
+            [(r["epoch"], r["remedy"], r["rolled_back_to"], r["recipe"])
+             for r in report["remediations"]],
+            ("epoch", "remedy", "rolled back to", "recipe from then on"))]
+    if report.get("stopped_early"):
+        se = report["stopped_early"]
+        sections.append(f"<p class='co'>Training stopped early at epoch {_esc(se['epoch'])}: "
+                        f"{_esc(se['reason'])}.</p>")
     if report.get("selection"):
         sel = report["selection"]
-        sections.append(_table([(sel["epoch"], sel["monitor_pgd_acc"],
-                                 sel["last_monitor_pgd_acc"], sel["robust_generalization_gap"])],
-                               ("best epoch", "best monitor PGD", "last monitor PGD", "gap")))
+        sections += ["<h2>Best and last epoch</h2>", _table(
+            [(sel["epoch"], sel["monitor_pgd_acc"], sel["last_monitor_pgd_acc"],
+              sel["robust_generalization_gap"])],
+            ("best epoch", "best monitor PGD", "last monitor PGD", "gap"))]
     cert = report.get("certification")
     if cert:
-        sections += ["<h2>Certified robustness (randomized smoothing)</h2>",
-                     f"<p>σ = {cert['sigma']}, n0 = {cert['n0']}, n = {cert['n']}, "
-                     f"α = {cert['alpha']}, {cert['num_points']} points; ACR {cert['acr']:.4f}, "
-                     f"abstain rate {cert['abstain_rate']:.4f}</p>",
-                     line_chart("certified accuracy vs radius", cert["radii"],
-                                {"certified accuracy": cert["certified_accuracy"]},
-                                y_max=1.0, x_label="ℓ2 radius")]
+        sections += [
+            "<h2>Certified robustness (randomized smoothing)</h2>",
+            f"<p>σ = {_esc(cert['sigma'])}, n0 = {_esc(cert['n0'])}, n = {_esc(cert['n'])}, "
+            f"α = {_esc(cert['alpha'])}, {_esc(cert['num_points'])} points; "
+            f"ACR {cert['acr']:.4f}, abstain rate {cert['abstain_rate']:.4f}</p>",
+            certification_figure(cert, certified_points(certify_tsv)),
+            _table(list(zip(cert["radii"], cert["certified_accuracy"], strict=True)),
+                   ("radius", "certified accuracy"))]
+        emp = cert.get("empirical")
+        if emp:
+            sections += ["<h3>Smoothed-classifier PGD (empirical)</h3>",
+                         _table([(k, v) for k, v in emp.items()
+                                 if not isinstance(v, dict | list)], ("", "value"))]
     sections += ["<h2>Timing (s)</h2>",
-                 _table(list(report.get("timing", {}).items()), ("phase", "seconds")),
+                 _table(list((report.get("timing") or {}).items()), ("phase", "seconds")),
+                 "<h2>Environment</h2>", _table(list(env.items()), ("", "value")),
                  "<h2>Spec as run</h2>",
-                 f"<pre>{html.escape(json.dumps(spec, indent=2))}</pre>"]
-    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
-             ".co{color:#d62728}pre{background:#f6f6f6;padding:1em;overflow:auto}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                 "<details><summary>the resolved spec (JSON), exactly as the job ran</summary>"
+                 f"<pre>{html.escape(json.dumps(spec, indent=2))}</pre></details>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;"
+             "color:#222}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:left}"
+             ".co{color:#d62728;font-weight:600}.meta,.note{color:#555}"
+             "figure{margin:1em 0}img{max-width:100%}"
+             "pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{html.escape(title)}</title><style>{style}</style></head><body>"
             + "\n".join(s for s in sections if s) + "</body></html>")

@@ -567,7 +567,9 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     timing.seconds["total"] = time.perf_counter() - t_start
     report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
     write_json(out / REPORT, report)
-    write_text(out / REPORT_HTML, render_html(report))
+    tsv = out / CERTIFY_TSV
+    write_text(out / REPORT_HTML, render_html(
+        report, tsv.read_text() if certification is not None and tsv.is_file() else None))
     emit("finished", {"final": report["final"]})
     return report
 
