@@ -105,6 +105,32 @@ class SweepList(BaseModel):
     offset: int
 
 
+class LeaderboardRow(BaseModel):
+    rank: int
+    job_id: str
+    name: str | None
+    dataset: str
+    norm: str
+    epsilon: float
+    method: str | None
+    arch: str
+    metric: str                 # the figure ranked: "autoattack-standard", "pgd50-10", ...
+    robust_acc: float
+    clean_acc: float
+    n: int                      # evaluation points
+    seconds: float | None       # the job's wall time
+
+
+class Leaderboard(BaseModel):
+    """The tenant's finished jobs ranked by one figure; ``skipped`` counts the matching jobs
+    whose report lacks it (no AutoAttack run, no certification)."""
+
+    metric: Literal["autoattack", "pgd", "certified"]
+    radius: float | None
+    items: list[LeaderboardRow]
+    skipped: int
+
+
 class ModelOut(BaseModel):
     id: str
     arch: str

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
 from fastapi import (
@@ -45,6 +45,8 @@ from contract.api import (
     JobList,
     JobOut,
     JobState,
+    Leaderboard,
+    LeaderboardRow,
     ModelOut,
     SweepList,
     SweepOut,
@@ -52,6 +54,7 @@ from contract.api import (
 from contract.artifacts import REPORT
 from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
+from contract.export import leaderboard_row, rank, robustbench_card
 from contract.spec import JobSpec, SpecError
 from contract.sweep import SweepSpec, expand, headline
 from service.artifacts import job_dir
@@ -277,6 +280,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        "type": "value_error", "msg": msg, "input": value}])
         return None
 
+    def job_report(job: Job) -> dict[str, Any] | None:
+        if not any(a["name"] == REPORT for a in job.artifacts or []):
+            return None
+        try:
+            return json.loads((job_dir(s, job.tenant_id, job.id) / REPORT).read_text())
+        except (OSError, ValueError):
+            return None
+
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", tags=["jobs"], response_model=JobOut, status_code=201,
               responses={200: {"model": JobOut, "description": "idempotent replay"},
@@ -348,9 +359,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/report", tags=["jobs"], responses=errors(401, 404))
     def report(job_id: str, tenant_id: Tenant) -> dict[str, Any]:
         job = store.get_job(tenant_id, job_id)
-        if not any(a["name"] == REPORT for a in job.artifacts or []):
+        found = job_report(job)
+        if found is None:
             raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
-        return json.loads((job_dir(s, tenant_id, job_id) / REPORT).read_text())
+        return found
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name}", tags=["jobs"], responses=errors(401, 404))
     def artifact(job_id: str, name: str, tenant_id: Tenant) -> FileResponse:
@@ -398,14 +410,56 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             slot.release()
 
+    @app.get("/v1/jobs/{job_id}/export", tags=["jobs"], responses=errors(401, 404, 422))
+    def export(job_id: str, tenant_id: Tenant,
+               fmt: Annotated[Literal["robustbench"], Query(alias="format")] = "robustbench"
+               ) -> dict[str, Any]:
+        """A finished job as a RobustBench model card (its fields, plus threat model,
+        training recipe, evaluation and the weights' digest); the weights are the job's
+        ``model.safetensors`` artifact."""
+        job = store.get_job(tenant_id, job_id)
+        report_ = job_report(job)
+        if report_ is None:
+            raise HTTPException(404, f"job {job_id} has no report yet (state: {job.state})")
+        weights = {a["name"]: a for a in job.artifacts or []}.get("model.safetensors")
+        return robustbench_card(report_, job_id=job.id,
+                                weights_sha256=weights["sha256"] if weights else None)
+
+    @app.get("/v1/leaderboard", tags=["jobs"], response_model=Leaderboard,
+             responses=errors(401, 422))
+    def leaderboard(tenant_id: Tenant, dataset: str | None = None,
+                    norm: Literal["linf", "l2"] | None = None,
+                    epsilon: Annotated[float | None, Query(gt=0, le=64)] = None,
+                    metric: Literal["autoattack", "pgd", "certified"] = "autoattack",
+                    radius: Annotated[float, Query(ge=0, le=64)] = 0.5,
+                    limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Leaderboard:
+        """The tenant's succeeded jobs (the newest 500) ranked by AutoAttack accuracy, PGD
+        accuracy or certified accuracy at ``radius``; ties by clean accuracy, then time."""
+        jobs, _ = store.list_jobs(tenant_id, state="succeeded", limit=500)
+        rows, skipped = [], 0
+        for job in jobs:
+            t = job.spec.get("threat") or {}
+            if (dataset and (job.spec.get("dataset") or {}).get("name") != dataset) or (
+                    norm and t.get("norm") != norm) or (
+                    epsilon is not None and not math.isclose(t.get("epsilon", -1), epsilon,
+                                                              rel_tol=1e-6)):
+                continue
+            rep = job_report(job)
+            row = leaderboard_row(rep, metric, radius) if rep else None
+            if row is None:
+                skipped += 1
+                continue
+            rows.append({**row, "job_id": job.id})
+        items = [LeaderboardRow(**r) for r in rank(rows)[:limit]]
+        return Leaderboard(metric=metric, radius=radius if metric == "certified" else None,
+                           items=items, skipped=skipped)
+
     # ------------------------------------------------------------------ sweeps
     def child_figures(job: Job) -> dict[str, Any] | None:
-        if not any(a["name"] == REPORT for a in job.artifacts or []):
-            return None
+        rep = job_report(job)
         try:
-            return headline(json.loads((job_dir(s, job.tenant_id, job.id) / REPORT)
-                                       .read_text()))
-        except (OSError, ValueError, KeyError):
+            return headline(rep) if rep else None
+        except KeyError:
             return None
 
     def show_sweep(tenant_id: str, sweep_id: str) -> SweepOut:

@@ -333,6 +333,24 @@ def test_sweep_queues_its_children_streams_them_and_summarizes(stack, alice, bob
     runs = json.loads((tmp_path / "compare.json").read_text())["runs"]
     assert sorted(r["name"] for r in runs) == sorted(names)
     assert (tmp_path / "compare.html").read_text().count("<img") == 3
+    board = alice.get("/v1/leaderboard", params={"dataset": "synthetic", "metric": "pgd",
+                                                 "limit": 500}).json()
+    mine = {c["job_id"] for c in out["children"]}
+    assert mine <= {r["job_id"] for r in board["items"]}
+    accs = [(r["robust_acc"], r["clean_acc"]) for r in board["items"]]
+    assert accs == sorted(accs, reverse=True) and [r["rank"] for r in board["items"]] == \
+        list(range(1, len(accs) + 1))
+    for r in board["items"]:
+        if r["job_id"] in mine:
+            rep = alice.get(f"/v1/jobs/{r['job_id']}/report").json()
+            assert r["robust_acc"] == rep["final"]["attacks"]["pgd3-1"]["acc"]
+    assert not {r["job_id"] for r in bob.get("/v1/leaderboard", params={
+        "metric": "pgd"}).json()["items"]} & mine, "another tenant's jobs never rank"
+    assert alice.get("/v1/leaderboard", params={"metric": "bogus"}).status_code == 422
+    card = alice.get(f"/v1/jobs/{out['children'][0]['job_id']}/export").json()
+    assert card["dataset"] == "synthetic" and card["architecture"] == "SmallCNN"
+    assert card["eps"] == "8/255" and card["autoattack_acc"] is None
+    assert len(card["weights"]["sha256"]) == 64
     listed = alice.get("/v1/sweeps").json()
     assert out["id"] in [s["id"] for s in listed["items"]]
     assert out["id"] not in [s["id"] for s in bob.get("/v1/sweeps").json()["items"]]

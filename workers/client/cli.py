@@ -16,6 +16,8 @@ Client (BULWARK_URL, BULWARK_API_KEY; embedded mode's key is read from bulwark-d
     bulwark cancel ID             bulwark download ID NAME [-o PATH]   bulwark delete ID
     bulwark upload MODEL.safetensors [--arch A] | DATA.npz
     bulwark submit-sweep SWEEP.yaml [--wait]   bulwark cancel-sweep ID
+    bulwark leaderboard [--dataset D --norm N --epsilon E --metric autoattack|pgd|certified]
+    bulwark export ID|RUN_DIR [--format robustbench] [-o DIR]   a model card + the weights
 A job id can be shortened to any unique prefix.
 
 Errors are printed as messages, never as tracebacks (exit code 2).
@@ -368,6 +370,56 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from contract.artifacts import REPORT, WEIGHTS
+    from contract.export import robustbench_card
+    from workers.client.http import write_export
+
+    out = Path(args.output)
+    local = Path(args.job_id)
+    if local.is_dir():  # a `bulwark run --out` folder
+        if not (local / REPORT).is_file() or not (local / WEIGHTS).is_file():
+            return _fail(f"{local}: no {REPORT} and {WEIGHTS} (a finished `bulwark run` "
+                         "folder, or a job id)")
+        import hashlib
+
+        digest = hashlib.sha256((local / WEIGHTS).read_bytes()).hexdigest()
+        card = robustbench_card(json.loads((local / REPORT).read_text()),
+                                weights_sha256=digest)
+        path = write_export(card, out, lambda dest: shutil.copyfile(local / WEIGHTS, dest)
+                            if dest.resolve() != (local / WEIGHTS).resolve() else None)
+    else:
+        path = _client(args).job(args.job_id).export(out, args.format)
+    print(f"model card: {path}\nweights: {out / WEIGHTS} (bulwark.load_model reads them)")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from contract.units import parse_epsilon
+
+    eps = parse_epsilon(args.epsilon) if args.epsilon else None
+    board = _client(args).leaderboard(dataset=args.dataset, norm=args.norm, epsilon=eps,
+                                      metric=args.metric, radius=args.radius,
+                                      limit=args.limit)
+    if not board.items:
+        print(f"no finished job has a {args.metric} figure"
+              + (f" ({board.skipped} matching jobs lack it)" if board.skipped else ""))
+        return 0
+    rows = [("rank", "job", "name", "dataset", "ε", "method", "metric", "robust", "clean", "n",
+             "seconds")] + [
+        (str(r.rank), r.job_id[:8], r.name or "-", r.dataset, f"{r.epsilon:.4g}",
+         r.method or "-", r.metric, f"{r.robust_acc:.4f}", f"{r.clean_acc:.4f}", str(r.n),
+         "-" if r.seconds is None else f"{r.seconds:.0f}") for r in board.items]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if board.skipped:
+        print(f"({board.skipped} matching jobs have no {args.metric} figure)")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     print(_client(args).job(args.job_id).download(args.name, args.output))
     return 0
@@ -469,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for compare.json and compare.html (default: the one folder "
                         "given, else the current folder)")
     c.add_argument("--json", default=None, help="also write compare.json's content here")
+    c = client_parser("export", "a finished job (or a `bulwark run` folder) as a RobustBench "
+                      "model card beside its weights", cmd_export)
+    c.add_argument("--format", choices=["robustbench"], default="robustbench")
+    c.add_argument("-o", "--output", default="export", help="folder to write into (export/)")
+    c = client_parser("leaderboard", "the tenant's finished jobs ranked by robust accuracy",
+                      cmd_leaderboard, job=False)
+    c.add_argument("--dataset", default=None)
+    c.add_argument("--norm", choices=["linf", "l2"], default=None)
+    c.add_argument("--epsilon", default=None, help="e.g. 0.3 or 8/255")
+    c.add_argument("--metric", choices=["autoattack", "pgd", "certified"], default="autoattack")
+    c.add_argument("--radius", type=float, default=0.5, help="for --metric certified")
+    c.add_argument("--limit", type=int, default=20)
     c = client_parser("submit-sweep", "submit a sweep to the API: one job per child",
                       cmd_submit_sweep, job=False)
     c.add_argument("sweep", help="sweep file (.yaml, .json); a base spec file beside it is read")

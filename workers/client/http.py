@@ -12,6 +12,7 @@ Errors are ``ApiError`` (the HTTP status, the API's detail and what to do about 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -22,8 +23,16 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from contract.api import TERMINAL_STATES, DatasetOut, JobList, JobOut, ModelOut, SweepOut
-from contract.artifacts import DOWNLOADABLE
+from contract.api import (
+    TERMINAL_STATES,
+    DatasetOut,
+    JobList,
+    JobOut,
+    Leaderboard,
+    ModelOut,
+    SweepOut,
+)
+from contract.artifacts import DOWNLOADABLE, WEIGHTS
 from contract.report import Report
 from contract.spec import JobSpec, read_spec_file
 
@@ -222,6 +231,16 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz")
 
+    def leaderboard(self, *, dataset: str | None = None, norm: str | None = None,
+                    epsilon: float | None = None, metric: str = "autoattack",
+                    radius: float = 0.5, limit: int = 50) -> Leaderboard:
+        """The tenant's finished jobs ranked by AutoAttack, PGD or certified accuracy."""
+        params = {k: v for k, v in {"dataset": dataset, "norm": norm, "epsilon": epsilon,
+                                    "metric": metric, "radius": radius,
+                                    "limit": limit}.items() if v is not None}
+        return Leaderboard.model_validate(self.request("GET", "/v1/leaderboard",
+                                                       params=params))
+
     # ------------------------------------------------------------------ sweeps
     def submit_sweep(self, sweep: dict[str, Any] | str | os.PathLike) -> SweepOut:
         """Submit a sweep (a mapping, or a sweep .yaml/.json whose ``base`` may be a spec
@@ -372,6 +391,12 @@ class Job:
     def report_json(self) -> dict[str, Any]:
         return self.client.request("GET", f"/v1/jobs/{self.id}/report")
 
+    def export(self, out: str | os.PathLike, fmt: str = "robustbench") -> Path:
+        """The job as a RobustBench model card (``out/<name>.json``) beside its weights
+        (``out/model.safetensors``, which ``bulwark.load_model`` reads back); the card's path."""
+        card = self.client.request("GET", f"/v1/jobs/{self.id}/export", params={"format": fmt})
+        return write_export(card, Path(out), lambda dest: self.download(WEIGHTS, dest))
+
     def download(self, name: str, path: str | os.PathLike | None = None) -> Path:
         """Save artifact ``name`` (one of ``contract.artifacts.DOWNLOADABLE``) to ``path``
         (default: ``name`` in the working directory); written atomically."""
@@ -394,3 +419,16 @@ class Job:
         except httpx.TransportError as e:
             raise ConnectionFailed(self.client.url, e) from e
         return dest
+
+
+def write_export(card: dict[str, Any], out: Path, fetch_weights) -> Path:
+    """Write ``card`` as ``out/<name>.json`` and the weights (``fetch_weights(dest)``) as
+    ``out/model.safetensors``; the card's path."""
+    import re
+
+    out.mkdir(parents=True, exist_ok=True)
+    fetch_weights(out / WEIGHTS)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", str(card.get("name") or "model")).strip("-")
+    path = out / f"{stem or 'model'}.json"
+    path.write_text(json.dumps(card, indent=2))
+    return path
