@@ -35,8 +35,12 @@ def digits_spec(**over) -> JobSpec:
 
 
 def test_digits_report_is_complete_and_learns(tmp_path):
-    spec = digits_spec(recipe="fgsm-elle", schedule={"epochs": 8, "batch_size": 32, "seed": 0,
-                                                      "lr": {"kind": "cyclic", "lr_max": 0.05}})
+    # one optimizer step a batch: the preset's official double step doubles this lr, and
+    # SmallCNN (no BatchNorm) then diverges on digits (a run that tests the divergence guard)
+    spec = digits_spec(recipe={"preset": "fgsm-elle", "regularizers": [
+                           {"kind": "elle", "official_double_step": False}]},
+                       schedule={"epochs": 8, "batch_size": 32, "seed": 0,
+                                 "lr": {"kind": "cyclic", "lr_max": 0.05}})
     report = run_job(spec, tmp_path, device="cpu", progress=False)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
