@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
@@ -32,7 +33,7 @@ from fastapi import (
 )
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi_offline import FastAPIOffline
@@ -55,6 +56,7 @@ from contract.artifacts import REPORT
 from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
 from contract.export import leaderboard_row, rank, robustbench_card
+from contract.presets import presets as preset_table
 from contract.spec import JobSpec, SpecError
 from contract.sweep import SweepSpec, expand, headline
 from service.artifacts import job_dir
@@ -73,6 +75,8 @@ KEEPALIVE_SECONDS = 15.0
 MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 SPEC_MAX_BYTES = 1024 * 1024
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_ASSETS = ("app.js", "app.css")
 
 
 BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -454,6 +458,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Leaderboard(metric=metric, radius=radius if metric == "certified" else None,
                            items=items, skipped=skipped)
 
+    @app.get("/v1/presets", tags=["jobs"], responses=errors(401, 422))
+    def list_presets(tenant_id: Tenant, dataset: str = "cifar10",
+                     epsilon: Annotated[str, Query(max_length=32)] = "8/255"
+                     ) -> dict[str, Any]:
+        """Every preset's composition at ``epsilon`` for ``dataset``'s family, with the source
+        of each value (what `bulwark presets` and `bulwark validate` print)."""
+        try:
+            return preset_table(epsilon, dataset=dataset)
+        except ValueError as e:
+            raise HTTPException(422, [{"loc": ["query", "epsilon"], "type": "value_error",
+                                       "msg": str(e), "input": epsilon}]) from None
+
+    @app.get("/v1/compare", tags=["jobs"], response_class=HTMLResponse,
+             responses=errors(401, 404, 422))
+    def compare_jobs(tenant_id: Tenant,
+                     jobs: Annotated[str, Query(description="comma-separated job ids",
+                                                max_length=37 * 100)]) -> HTMLResponse:
+        """``compare.html`` for the tenant's finished jobs: the table and figures of
+        `bulwark compare` (mean ± std over seeds per method and ε, CO runs)."""
+        from contract.compare import render as render_compare
+
+        ids = [j for j in jobs.split(",") if j]
+        if len(ids) < 1:
+            raise HTTPException(422, [{"loc": ["query", "jobs"], "type": "value_error",
+                                       "msg": "name at least one job id", "input": jobs}])
+        rows = []
+        for job_id in ids:
+            job = store.get_job(tenant_id, job_id)
+            rep = job_report(job)
+            rows.append({"name": job.name or job.id[:8], "state": job.state,
+                         **({"error": job.error} if job.error else {}),
+                         **(headline(rep) if rep else {})})
+        return HTMLResponse(render_compare(rows, f"Comparison of {len(rows)} jobs"))
+
     # ------------------------------------------------------------------ sweeps
     def child_figures(job: Job) -> dict[str, Any] | None:
         rep = job_report(job)
@@ -579,6 +617,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             break
         finally:
             slot.release()
+
+    # ------------------------------------------------------------------ dashboard
+    ui_csp = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                         "frame-src blob:; style-src 'self' 'unsafe-inline'",
+              "Cache-Control": "no-cache"}
+
+    @app.get("/ui", include_in_schema=False)
+    def ui() -> FileResponse:
+        """The dashboard: a static page and a script over this API (the key stays in the
+        browser tab); nothing is fetched from anywhere else."""
+        return FileResponse(UI_DIR / "index.html", headers=ui_csp)
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    def ui_asset(name: str) -> FileResponse:
+        if name not in UI_ASSETS:
+            raise HTTPException(404, f"no {name!r} in the dashboard")
+        return FileResponse(UI_DIR / name, headers=ui_csp)
 
     # ------------------------------------------------------------------ models
     @app.post("/v1/models", tags=["models"], response_model=ModelOut, status_code=201,

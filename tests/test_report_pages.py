@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from contract.compare import write
 from tests.test_api_docs import CHROMIUM, CHROMIUM_ARGS
-from workers.client.compare import write
 from workers.client.sweep import collect
 from workers.engine.html_report import render
 

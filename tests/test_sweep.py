@@ -160,7 +160,7 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
 
 
 def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
-    from workers.client.compare import groups, render
+    from contract.compare import groups, render
 
     def run(name, variant, eps, seed, pgd, co=()):
         return {"name": name, "overrides": {"variant": variant}, "state": "succeeded",

@@ -120,7 +120,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from workers.client.compare import write
+    from contract.compare import write
     from workers.client.sweep import collect, table
 
     rows, sources = [], args.sources

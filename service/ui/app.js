@@ -1,0 +1,206 @@
+// Bulwark's dashboard: plain JavaScript over the REST API (no build step, nothing fetched
+// from anywhere but this server). The API key stays in sessionStorage (this tab only).
+"use strict";
+const $ = (id) => document.getElementById(id);
+let KEY = sessionStorage.getItem("bulwark-key");
+const streams = new Map();      // job id -> AbortController of its event stream
+const figures = new Map();      // job id -> headline figures from its report
+const MAX_STREAMS = 4;
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, {...opts, headers: {...(opts.headers || {}),
+    "Authorization": `Bearer ${KEY}`}});
+  if (r.status === 401) { signOut("the key was refused"); throw new Error("401"); }
+  return r;
+}
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text ?? "–";
+  if (cls) td.className = cls;
+  return td;
+}
+const pct = (x) => (x === null || x === undefined) ? "–" : x.toFixed(3);
+
+function headline(report) {
+  const attacks = report.final.attacks || {};
+  const pick = (p) => Object.entries(attacks).find(([k]) => k.startsWith(p));
+  const pgd = pick("pgd"), aa = pick("autoattack");
+  const cert = report.certification;
+  return {clean: report.final.clean_acc, pgd: pgd && pgd[1].acc, aa: aa && aa[1].acc,
+          cert: cert ? cert.certified_accuracy[Math.min(2, cert.radii.length - 1)] : null};
+}
+
+function progressText(job) {
+  const p = job.progress || {};
+  if (job.state === "queued") return "queued";
+  if (job.state !== "running") return job.error ? job.error.slice(0, 60) : "";
+  const parts = [];
+  if (p.epoch) parts.push(`epoch ${p.epoch}/${p.epochs ?? "?"}`);
+  if (p.phase) parts.push(p.phase);
+  if (p.monitor && p.monitor.pgd_acc !== undefined) parts.push(`PGD ${pct(p.monitor.pgd_acc)}`);
+  return parts.join(" · ") || "running";
+}
+
+async function follow(jobId) {   // live progress from the job's SSE stream
+  if (streams.has(jobId) || streams.size >= MAX_STREAMS) return;
+  const ctl = new AbortController();
+  streams.set(jobId, ctl);
+  try {
+    const r = await api(`/v1/jobs/${jobId}/events`, {signal: ctl.signal});
+    if (!r.ok) return;
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {done, value} = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let at;
+      while ((at = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, at); buf = buf.slice(at + 2);
+        let type = "message", data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event: ")) type = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        const row = document.querySelector(`tr[data-job="${jobId}"] td.progress`);
+        if (row && type === "epoch") {
+          const d = JSON.parse(data);
+          row.textContent = `epoch ${d.epoch} · PGD ${pct(d.monitor && d.monitor.pgd_acc)}`;
+        } else if (row && type === "phase") {
+          row.textContent = JSON.parse(data).phase;
+        }
+        if (["succeeded", "failed", "cancelled"].includes(type)) { refresh(); return; }
+      }
+    }
+  } catch (e) { /* aborted, or the stream dropped: the next refresh reopens it */ }
+  finally { streams.delete(jobId); }
+}
+
+async function openReport(job) {
+  const r = await api(`/v1/jobs/${job.id}/artifacts/report.html`);
+  if (!r.ok) return;
+  const url = URL.createObjectURL(await r.blob());
+  $("viewer-title").textContent = `Report: ${job.name || job.id.slice(0, 8)}`;
+  $("viewer-frame").src = url;
+  $("viewer").hidden = false;
+}
+
+async function compareSelected() {
+  const ids = [...document.querySelectorAll("input.pick:checked")].map((b) => b.value);
+  const r = await api(`/v1/compare?jobs=${ids.join(",")}`);
+  if (!r.ok) { $("submit-result").textContent = (await r.json()).detail; return; }
+  $("viewer-title").textContent = `Comparison of ${ids.length} jobs`;
+  $("viewer-frame").src = URL.createObjectURL(await r.blob());
+  $("viewer").hidden = false;
+}
+
+function actionButton(label, fn) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.addEventListener("click", fn);
+  return b;
+}
+
+async function refresh() {
+  const r = await api("/v1/jobs?limit=100");
+  const {items} = await r.json();
+  const tbody = $("jobs").querySelector("tbody");
+  const picked = new Set([...document.querySelectorAll("input.pick:checked")].map((b) => b.value));
+  tbody.replaceChildren();
+  for (const job of items) {
+    if (job.state === "succeeded" && !figures.has(job.id)) {
+      const rep = await api(`/v1/jobs/${job.id}/report`);
+      if (rep.ok) figures.set(job.id, headline(await rep.json()));
+    }
+    const f = figures.get(job.id) || {};
+    const tr = document.createElement("tr");
+    tr.dataset.job = job.id;
+    const box = document.createElement("input");
+    Object.assign(box, {type: "checkbox", className: "pick", value: job.id,
+                        checked: picked.has(job.id), disabled: job.state !== "succeeded"});
+    box.addEventListener("change", updateCompare);
+    const td0 = document.createElement("td"); td0.append(box);
+    tr.append(td0, cell(job.id.slice(0, 8)), cell(job.name),
+              cell(job.state, `state-${job.state}`), cell(progressText(job), "progress"),
+              cell(pct(f.clean), "num"), cell(pct(f.pgd), "num"), cell(pct(f.aa), "num"),
+              cell(pct(f.cert), "num"));
+    const acts = document.createElement("td");
+    if (job.state === "succeeded") acts.append(actionButton("report", () => openReport(job)));
+    if (job.state === "queued" || job.state === "running")
+      acts.append(actionButton("cancel", async () => {
+        await api(`/v1/jobs/${job.id}/cancel`, {method: "POST"}); refresh(); }));
+    else acts.append(actionButton("delete", async () => {
+        await api(`/v1/jobs/${job.id}`, {method: "DELETE"}); refresh(); }));
+    tr.append(acts);
+    tbody.append(tr);
+    if (job.state === "running") follow(job.id);
+  }
+  updateCompare();
+  const sw = await (await api("/v1/sweeps?limit=20")).json();
+  const sbody = $("sweeps").querySelector("tbody");
+  sbody.replaceChildren(...sw.items.map((s) => {
+    const tr = document.createElement("tr");
+    const counts = Object.entries(s.counts).filter(([, n]) => n).map(([k, n]) => `${n} ${k}`);
+    tr.append(cell(s.id.slice(0, 8)), cell(s.name), cell(s.state, `state-${s.state}`),
+              cell(counts.join(", ")));
+    return tr;
+  }));
+}
+
+function updateCompare() {
+  $("compare").disabled = document.querySelectorAll("input.pick:checked").length < 2;
+}
+
+async function submit(body) {
+  const r = await api("/v1/jobs", {method: "POST", body: JSON.stringify(body),
+                                   headers: {"Content-Type": "application/json"}});
+  const out = await r.json();
+  if (r.ok) $("submit-result").textContent = `queued job ${out.id.slice(0, 8)}`;
+  else $("submit-result").textContent = Array.isArray(out.detail)
+    ? out.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ")
+    : out.detail;
+  $("submit-result").className = r.ok ? "" : "error";
+  refresh();
+}
+
+function signOut(why) {
+  sessionStorage.removeItem("bulwark-key"); KEY = null;
+  for (const c of streams.values()) c.abort();
+  $("app").hidden = true; $("signin").hidden = false; $("signout").hidden = true;
+  $("signin-error").textContent = why || "";
+}
+
+async function start() {
+  $("signin").hidden = true; $("app").hidden = false; $("signout").hidden = false;
+  const presets = await (await api("/v1/presets")).json();
+  $("preset").replaceChildren(...Object.keys(presets).map((n) => {
+    const o = document.createElement("option"); o.textContent = n;
+    o.selected = n === "n-aaer"; return o; }));
+  await refresh();
+  setInterval(() => KEY && refresh(), 5000);
+}
+
+$("signin-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  KEY = $("key").value.trim();
+  const r = await fetch("/v1/jobs?limit=1", {headers: {"Authorization": `Bearer ${KEY}`}});
+  if (!r.ok) { $("signin-error").textContent = "that key was refused"; KEY = null; return; }
+  sessionStorage.setItem("bulwark-key", KEY);
+  start();
+});
+$("signout").addEventListener("click", () => signOut());
+$("submit-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const spec = {dataset: {name: $("dataset").value}, recipe: $("preset").value,
+                threat: {epsilon: $("epsilon").value}, schedule: {epochs: +$("epochs").value}};
+  if ($("name").value) spec.name = $("name").value;
+  submit(spec);
+});
+$("submit-json").addEventListener("click", () => {
+  try { submit(JSON.parse($("spec-json").value)); }
+  catch (err) { $("submit-result").textContent = `not JSON: ${err.message}`; }
+});
+$("compare").addEventListener("click", compareSelected);
+$("viewer-close").addEventListener("click", () => { $("viewer").hidden = true; });
+if (KEY) start();

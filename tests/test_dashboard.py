@@ -1,0 +1,94 @@
+"""The dashboard at /ui end to end in a real browser (Debian's Chromium driven by Playwright)
+against a real stack (Redis, the API, a Celery worker, SQLite): sign in, submit two tiny
+digits jobs, watch them finish, open a report, compare the two; no console error, and no
+request leaves the server."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.service_stack import Stack, database_url
+from tests.test_api_docs import CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+
+
+def digits_job(name: str, recipe: str) -> dict:
+    return {"name": name, "dataset": {"name": "digits", "val_size": 64},
+            "threat": {"epsilon": 0.1}, "recipe": recipe,
+            "schedule": {"epochs": 4, "batch_size": 32},
+            "evaluation": {"monitor": {"size": 64, "pgd_steps": 2},
+                           "final": {"n": 64, "pgd": {"steps": 2, "restarts": 1},
+                                     "autoattack": None}}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ui")
+    s = Stack(home, database_url("sqlite", home)).start()
+    yield s
+    s.stop()
+
+
+def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
+    """BULWARK_SCREENSHOTS=docs/img keeps the views' screenshots (docs/img/ui-*.png)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = Path(os.environ.get("BULWARK_SCREENSHOTS") or tmp_path)
+
+    key = stack.key("ui")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, remote = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: None if r.url.startswith((stack.url, "blob:", "data:"))
+                else remote.append(r.url))
+        page.goto(f"{stack.url}/ui")
+        page.fill("#key", "bwk_not-a-key")
+        page.click("#signin-form button")
+        expect(page.locator("#signin-error")).to_contain_text("refused")
+        errors.clear()  # the refused key's 401 is the browser's own console line
+        page.fill("#key", key)
+        page.click("#signin-form button")
+        expect(page.locator("#app")).to_be_visible()
+        expect(page.locator("#preset option")).to_have_count(19)
+        page.screenshot(path=str(shots / "ui-signed-in.png"))
+
+        for name, recipe in (("one", "fgsm"), ("two", "n-fgsm")):
+            page.locator("details summary").click() if name == "one" else None
+            page.fill("#spec-json", json.dumps(digits_job(name, recipe)))
+            page.click("#submit-json")
+            expect(page.locator("#submit-result")).to_contain_text("queued job")
+        rows = page.locator("#jobs tbody tr")
+        expect(rows).to_have_count(2)
+        expect(page.locator("#jobs td.state-succeeded")).to_have_count(2, timeout=120_000)
+        page.screenshot(path=str(shots / "ui-jobs.png"), full_page=True)
+        clean = page.locator("#jobs tbody tr").first.locator("td.num").first
+        assert 0.0 <= float(clean.inner_text()) <= 1.0
+
+        page.locator("#jobs tbody tr", has_text="one").get_by_role("button",
+                                                                   name="report").click()
+        frame = page.frame_locator("#viewer-frame")
+        expect(frame.locator("h1")).to_contain_text("Bulwark report: one")
+        expect(frame.locator("img")).to_have_count(2)
+        page.screenshot(path=str(shots / "ui-report.png"), full_page=True)
+
+        for box in page.locator("input.pick").all():
+            box.check()
+        page.click("#compare")
+        expect(frame.locator("h1")).to_contain_text("Comparison of 2 jobs")
+        expect(frame.locator("table tr")).to_have_count(3)  # header + two methods
+        page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
+
+        page.locator("#jobs tbody tr", has_text="two").get_by_role("button",
+                                                                   name="delete").click()
+        expect(rows).to_have_count(1)
+        browser.close()
+    assert errors == [], errors
+    assert remote == [], "the dashboard fetched from outside its server"
