@@ -453,6 +453,30 @@ class ComputeSpec(_Strict):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
 
 
+class MLflowSpec(_Strict):
+    """Log the job to an MLflow tracking store (needs ``pip install bulwark[mlflow]``)."""
+
+    uri: str = Field(max_length=2000, description="tracking URI: http(s)://host:port of a "
+                     "tracking server, or (bulwark run) sqlite:///path/mlflow.db")
+    experiment: str = Field("bulwark", max_length=200)
+    run_name: str | None = Field(None, max_length=200, description="default: the job's name")
+
+
+class TrackingSpec(_Strict):
+    mlflow: MLflowSpec | None = None
+
+
+def api_tracking_problem(tracking: TrackingSpec) -> tuple[str, str, str] | None:
+    """Through the API a job may log only to a tracking *server* (http or https): a sqlite or
+    file URI would write to the server's disk. (field, message, value), or None."""
+    m = tracking.mlflow
+    if m is not None and not m.uri.lower().startswith(("http://", "https://")):
+        return ("tracking.mlflow.uri", "must be an http(s):// MLflow tracking server through "
+                "the API (a sqlite or file URI names a server path: a `bulwark run` feature)",
+                m.uri)
+    return None
+
+
 # ---------------------------------------------------------------------------------- job
 class JobSpec(_Strict):
     spec_version: Literal[1] = SPEC_VERSION
@@ -466,6 +490,7 @@ class JobSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:

@@ -57,7 +57,7 @@ from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
 from contract.export import leaderboard_row, rank, robustbench_card
 from contract.presets import presets as preset_table
-from contract.spec import JobSpec, SpecError
+from contract.spec import JobSpec, SpecError, api_tracking_problem
 from contract.sweep import SweepSpec, expand, headline
 from service.artifacts import job_dir
 from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
@@ -281,6 +281,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if problem is not None:
             field, msg, value = problem
             raise HTTPException(422, [{"loc": ["body", "dataset", field],
+                                       "type": "value_error", "msg": msg, "input": value}])
+        tracking = api_tracking_problem(spec.tracking)
+        if tracking is not None:
+            field, msg, value = tracking
+            raise HTTPException(422, [{"loc": ["body", *field.split(".")],
                                        "type": "value_error", "msg": msg, "input": value}])
         return None
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     queue: str = Field("bulwark", description="Celery queue the API routes jobs to")
     device: str = Field("auto", description="worker device for training: auto, cpu, cuda:N")
     reaper_enabled: bool = Field(True, description="run the stale-job reaper in the API")
+    mlflow_uri: str = Field("", description="an MLflow tracking URI every job is logged to "
+                            "(jobs may name their own http(s) server); needs bulwark[mlflow]")
 
     max_attempts: int = Field(3, ge=1, le=20)
     max_queued_per_tenant: int = Field(20, ge=1)

@@ -76,6 +76,11 @@ def test_server_paths_and_downloads_are_refused_and_store_nothing(stack, alice):
         (d,) = r.json()["detail"]
         assert d["loc"] == ["body", "dataset", field]
         assert "POST /v1/datasets" in d["msg"] or "operator" in d["msg"]
+    for uri in ("sqlite:////etc/mlflow.db", f"file://{home}/mlruns", "./mlruns"):
+        r = alice.post("/v1/jobs", json={**tiny_spec(), "tracking": {"mlflow": {"uri": uri}}})
+        assert r.status_code == 422, (uri, r.text)
+        (d,) = r.json()["detail"]
+        assert d["loc"] == ["body", "tracking", "mlflow", "uri"] and "http(s)" in d["msg"]
     assert alice.get("/v1/jobs").json()["total"] == before, "nothing was stored"
 
 

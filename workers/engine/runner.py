@@ -531,8 +531,13 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             resume: bool = False, progress: bool = True, on_event: Event | None = None,
             should_stop: Callable[[], bool] | None = None,
             weights: str | Path | None = None,
-            data_path: str | Path | None = None) -> dict[str, Any]:
+            data_path: str | Path | None = None,
+            tracking_tags: dict[str, str] | None = None,
+            tracking_uri: str | None = None) -> dict[str, Any]:
     """Train and evaluate ``spec``; write ``report.json`` and ``model.safetensors`` to out_dir.
+
+    ``spec.tracking.mlflow`` (or the operator's ``tracking_uri``) logs the job to MLflow, tagged
+    with ``tracking_tags`` (job id, tenant); a tracking failure is an event, never a failure.
 
     ``weights``: the resolved file of ``spec.model.weights`` (the service resolves uploaded
     model ids; ``bulwark run`` takes the spec's path as it is); ``data_path`` likewise for an
@@ -546,6 +551,34 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda kind, data: None)
+    from workers.engine.tracking import tracker_for
+
+    tracker = tracker_for(spec, emit=emit, tags=tracking_tags or {}, default_uri=tracking_uri)
+    if tracker is None:
+        return _run_job(spec, out, emit, device, resume, progress, should_stop, weights,
+                        data_path)
+
+    def tracked(kind: str, data: dict[str, Any]) -> None:
+        emit(kind, data)
+        tracker.on_event(kind, data)
+
+    tracker.start()
+    try:
+        report = _run_job(spec, out, tracked, device, resume, progress, should_stop, weights,
+                          data_path)
+    except Cancelled:
+        tracker.finish(None, out, "KILLED")
+        raise
+    except BaseException:
+        tracker.finish(None, out, "FAILED")
+        raise
+    tracker.finish(report, out, "FINISHED")
+    return report
+
+
+def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: bool,
+             progress: bool, should_stop: Callable[[], bool] | None,
+             weights: str | Path | None, data_path: str | Path | None) -> dict[str, Any]:
     timing = Timing()
     t_start = time.perf_counter()
     def check() -> None:  # every phase checks the cancel flag at a fine grain

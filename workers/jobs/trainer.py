@@ -80,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"invalid job spec: {format_validation_error(e)}", EXIT_BAD_INPUT)
 
     from contract.datasets import DataError, DataNotFound, api_dataset_problem
+    from contract.spec import api_tracking_problem
     from workers.engine.runner import Cancelled, run_job
 
     problem = api_dataset_problem(spec.dataset)  # re-checked here: the API is not the only door
     if problem is not None:
         return fail(f"invalid job spec: dataset.{problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
+    problem = api_tracking_problem(spec.tracking)
+    if problem is not None:
+        return fail(f"invalid job spec: {problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
     data_path = None
     if spec.dataset.name == "npz":
         try:
@@ -115,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         # resume=True: continue from the checkpoint an earlier attempt left, if there is one
         report = run_job(spec, out, device=settings.device, resume=True, progress=False,
                          on_event=on_event, weights=weights, data_path=data_path,
-                         should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds))
+                         should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds),
+                         tracking_tags={"bulwark.job_id": job_id,
+                                        "bulwark.tenant": job.tenant_id},
+                         tracking_uri=settings.mlflow_uri or None)
     except Cancelled:
         store.finish(job_id, owner, CANCELLED, error="cancelled by request")
         events.publish(job_id, "cancelled", {})

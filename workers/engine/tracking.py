@@ -1,0 +1,158 @@
+"""Experiment tracking: a job's params, per-epoch metrics, final figures and artifacts in
+MLflow (the optional extra ``bulwark[mlflow]``; mlflow-skinny is enough).
+
+The tracker follows the runner's events: ``started`` opens the run (params = the resolved
+spec flattened to dotted keys; tags = job id, tenant, preset, dataset), every ``epoch`` logs
+its row (train loss / accuracy, lr, training ε, monitor clean / FGSM / PGD, the method
+traces) at step = epoch, watchdog events become tags, and ``finish`` logs the final figures
+and the artifacts (report.json, report.html, the weights). A tracking failure never fails the
+job: it is recorded as a ``tracking_failed`` event and tracking stops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": "1"}``; lists of kind-tagged parts by kind."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and all(isinstance(x, dict) and "kind" in x
+                                                 for x in data):
+        for x in data:
+            out.update(flatten(x, f"{prefix}{x['kind']}."))
+    else:
+        out[prefix.rstrip(".")] = str(data)[:500]  # MLflow's param value limit
+    return out
+
+
+def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
+    m = {"train_loss": row.get("train_loss"), "train_acc": row.get("train_acc"),
+         "lr": row.get("lr"), "train_epsilon": row.get("train_epsilon"),
+         "epoch_seconds": row.get("seconds")}
+    for k, v in (row.get("monitor") or {}).items():
+        if k != "n":
+            m[f"monitor_{k}"] = v
+    for k, v in (row.get("metrics") or {}).items():
+        m[f"trace_{k}"] = v
+    return {k: float(v) for k, v in m.items()
+            if isinstance(v, int | float) and math.isfinite(float(v))}
+
+
+def final_metrics(report: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    models = report.get("final_models") or {"last": report["final"]}
+    for model, res in models.items():
+        out[f"final_{model}_clean_acc"] = res["clean_acc"]
+        for attack, a in res["attacks"].items():
+            out[f"final_{model}_{attack}_acc".replace("-", "_")] = a["acc"]
+    cert = report.get("certification")
+    if cert:
+        out["certified_acr"] = cert["acr"]
+        for r, acc in zip(cert["radii"], cert["certified_accuracy"], strict=True):
+            out[f"certified_acc_at_{r:g}".replace(".", "_")] = acc
+    out["total_seconds"] = (report.get("timing") or {}).get("total") or 0.0
+    return out
+
+
+def artifact_location(uri: str) -> str | None:
+    """Beside a SQLite store, its artifacts go to ``mlartifacts/`` next to the database (MLflow
+    would put them under the process's working directory); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+class MLflowTracker:
+    def __init__(self, uri: str, experiment: str, run_name: str | None, spec: dict[str, Any],
+                 tags: dict[str, str], emit: Event):
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.spec, self.tags, self.emit = spec, tags, emit
+        self.client = self.run_id = None
+        self.failed = False
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> None:
+        if self.failed:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - tracking never fails the job
+            self.failed = True
+            self.emit("tracking_failed", {"tracker": "mlflow", "while": what,
+                                          "error": f"{type(e).__name__}: {e}"[:500]})
+
+    def start(self) -> None:
+        def go() -> None:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.uri))
+            run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+            self.run_id = run.info.run_id
+            params = flatten(self.spec)
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self._guard("start", go)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if self.run_id is None:
+            return
+        if kind == "epoch":
+            self._guard("epoch", lambda: self._metrics(epoch_metrics(data), data["epoch"]))
+        elif kind in ("catastrophic_overfitting", "accuracy_collapse", "remediated",
+                      "diverged", "stopped_early"):
+            self._guard(kind, lambda: self.client.set_tag(
+                self.run_id, f"event.{kind}.epoch_{data.get('epoch')}", str(data)[:5000]))
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
+                                                    for k, v in values.items()])
+
+    def finish(self, report: dict[str, Any] | None, out: Path, status: str) -> None:
+        if self.run_id is None:
+            return
+
+        def go() -> None:
+            if report is not None:
+                self._metrics(final_metrics(report), len(report.get("history") or []))
+                for name in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA):
+                    if (out / name).is_file():
+                        self.client.log_artifact(self.run_id, str(out / name))
+            self.client.set_terminated(self.run_id, status=status)
+        self._guard("finish", go)
+
+
+def tracker_for(spec, *, emit: Event, tags: dict[str, str],
+                default_uri: str | None = None) -> MLflowTracker | None:
+    """The job's tracker: the spec's ``tracking.mlflow``, else the operator's default URI;
+    None when neither asks for one. A missing mlflow package is a ``tracking_failed`` event."""
+    cfg = spec.tracking.mlflow
+    uri = cfg.uri if cfg else default_uri
+    if not uri:
+        return None
+    tracker = MLflowTracker(uri, cfg.experiment if cfg else "bulwark",
+                            (cfg.run_name if cfg else None) or spec.name,
+                            spec.model_dump(mode="json"),
+                            {**tags, "bulwark.preset": str(spec.recipe.preset),
+                             "bulwark.dataset": spec.dataset.name}, emit)
+    return tracker
