@@ -140,6 +140,7 @@ class Report(_Open):
     certification: Certification | None = None
     timing: dict[str, float] = {}
     artifacts: list[str] = []
+    finished_at: str | None = None  # RFC 3339 UTC, when the report was written
 
     @property
     def job_spec(self) -> JobSpec:

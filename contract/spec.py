@@ -543,24 +543,32 @@ def format_validation_error(exc: Exception) -> str:
     return "\n".join(lines)
 
 
-def read_spec_file(path: str) -> dict[str, Any]:
-    """The mapping in a JSON or YAML spec file, not yet validated (SpecError otherwise)."""
+def parse_spec_text(text: str, what: str = "the spec", json_only: bool = False
+                    ) -> dict[str, Any]:
+    """The mapping in YAML (a superset of JSON) or, with ``json_only``, JSON text; not yet
+    validated (SpecError naming ``what`` otherwise). YAML is read with ``safe_load``: plain
+    data only, never objects."""
     import json
-    from pathlib import Path
 
     import yaml
+
+    try:
+        data = json.loads(text) if json_only else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{what}: not valid {'JSON' if json_only else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"{what}: the spec must be a mapping at the top level")
+    return data
+
+
+def read_spec_file(path: str) -> dict[str, Any]:
+    """The mapping in a JSON or YAML spec file, not yet validated (SpecError otherwise)."""
+    from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec file not found: {p}")
-    text = p.read_text()
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
-    if not isinstance(data, dict):
-        raise SpecError(f"{p}: the spec must be a mapping at the top level")
-    return data
+    return parse_spec_text(p.read_text(), str(p), json_only=p.suffix == ".json")
 
 
 def load_spec_file(path: str) -> JobSpec:

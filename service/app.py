@@ -56,8 +56,9 @@ from contract.artifacts import REPORT
 from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
 from contract.export import leaderboard_row, rank, robustbench_card
+from contract.presets import preset_sources
 from contract.presets import presets as preset_table
-from contract.spec import JobSpec, SpecError, api_tracking_problem
+from contract.spec import JobSpec, SpecError, api_tracking_problem, parse_spec_text
 from contract.sweep import SweepSpec, expand, headline
 from service.artifacts import job_dir
 from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
@@ -474,6 +475,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValueError as e:
             raise HTTPException(422, [{"loc": ["query", "epsilon"], "type": "value_error",
                                        "msg": str(e), "input": epsilon}]) from None
+
+    @app.post("/v1/specs/resolve", tags=["jobs"], responses=errors(400, 401, 413, 422),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/yaml": {"schema": {"type": "string"}},
+                  "application/json": {"schema": {"type": "object"}}}}})
+    async def resolve_spec(request: Request, tenant_id: Tenant) -> dict[str, Any]:
+        """A job spec as YAML or JSON text, resolved as it would run (presets applied), with
+        the source of every value its preset supplied — what `bulwark validate` prints.
+        Nothing is stored; submit the returned ``spec`` with ``POST /v1/jobs``."""
+        raw = await request.body()
+        try:
+            data = parse_spec_text(raw.decode("utf-8"), "the request body")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the request body is not UTF-8 text") from None
+        except SpecError as e:
+            raise HTTPException(400, str(e)) from None
+        try:
+            spec = JobSpec.model_validate(data)
+        except ValidationError as e:  # 422 field by field, located in the body as POST's
+            raise HTTPException(422, json_safe([{**err, "loc": ["body", *err["loc"]]}
+                                                for err in e.errors(include_url=False)])
+                                ) from None
+        return {"spec": spec.model_dump(mode="json"),
+                "sources": [{"field": f, "value": v, "source": src}
+                            for f, v, src in preset_sources(spec)]}
 
     @app.get("/v1/compare", tags=["jobs"], response_class=HTMLResponse,
              responses=errors(401, 404, 422))

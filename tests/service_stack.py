@@ -75,9 +75,12 @@ def postgres_url() -> str:
     if not postgres_available():
         pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set BULWARK_TEST_POSTGRES_URL)")
     url = _private_database()
-    with sqlalchemy.create_engine(url).begin() as c:
-        c.exec_driver_sql("DROP TABLE IF EXISTS attempts, models, datasets, jobs, api_keys, "
-                          "tenants, alembic_version CASCADE")
+    with sqlalchemy.create_engine(url).begin() as c:  # every table, whatever the migrations add
+        tables = [r[0] for r in c.exec_driver_sql(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        if tables:
+            c.exec_driver_sql("DROP TABLE IF EXISTS " + ", ".join(f'"{t}"' for t in tables)
+                              + " CASCADE")
     return url
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.service_stack import Stack, database_url
 from tests.test_api_docs import CHROMIUM, CHROMIUM_ARGS
@@ -60,11 +61,18 @@ def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
         expect(page.locator("#preset option")).to_have_count(19)
         page.screenshot(path=str(shots / "ui-signed-in.png"))
 
-        for name, recipe in (("one", "fgsm"), ("two", "n-fgsm")):
-            page.locator("details summary").click() if name == "one" else None
-            page.fill("#spec-json", json.dumps(digits_job(name, recipe)))
-            page.click("#submit-json")
-            expect(page.locator("#submit-result")).to_contain_text("queued job")
+        page.locator("details summary").click()
+        page.fill("#spec-json", "recipe: fgsm\nthreat: {epsilon: 7}\n")  # out of range
+        page.click("#submit-json")
+        expect(page.locator("#submit-result")).to_contain_text("threat.epsilon")
+        errors.clear()  # the 422 is the browser's own console line
+        # one job as YAML, one as JSON: the server resolves either before it is submitted
+        page.fill("#spec-json", yaml.safe_dump(digits_job("one", "fgsm")))
+        page.click("#submit-json")
+        expect(page.locator("#submit-result")).to_contain_text("queued job")
+        page.fill("#spec-json", json.dumps(digits_job("two", "n-fgsm")))
+        page.click("#submit-json")
+        expect(page.locator("#submit-result")).to_contain_text("queued job")
         rows = page.locator("#jobs tbody tr")
         expect(rows).to_have_count(2)
         expect(page.locator("#jobs td.state-succeeded")).to_have_count(2, timeout=120_000)

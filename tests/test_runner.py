@@ -67,7 +67,9 @@ def test_digits_report_is_complete_and_learns(tmp_path):
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert any(k.endswith("weight") for k in weights)
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<svg") == 2 and f"{final['clean_acc']:.4f}" in page
+    # training curves, monitor, method traces (E_lin, λ): matplotlib SVGs embedded
+    assert page.count("data:image/svg+xml;base64,") == 3
+    assert f"{final['clean_acc']:.4f}" in page
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):

@@ -156,11 +156,9 @@ async function submit(body) {
   const r = await api("/v1/jobs", {method: "POST", body: JSON.stringify(body),
                                    headers: {"Content-Type": "application/json"}});
   const out = await r.json();
-  if (r.ok) $("submit-result").textContent = `queued job ${out.id.slice(0, 8)}`;
-  else $("submit-result").textContent = Array.isArray(out.detail)
-    ? out.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ")
-    : out.detail;
-  $("submit-result").className = r.ok ? "" : "error";
+  if (!r.ok) { showError(out); return; }
+  $("submit-result").textContent = `queued job ${out.id.slice(0, 8)}`;
+  $("submit-result").className = "";
   refresh();
 }
 
@@ -197,9 +195,20 @@ $("submit-form").addEventListener("submit", (e) => {
   if ($("name").value) spec.name = $("name").value;
   submit(spec);
 });
-$("submit-json").addEventListener("click", () => {
-  try { submit(JSON.parse($("spec-json").value)); }
-  catch (err) { $("submit-result").textContent = `not JSON: ${err.message}`; }
+function showError(out) {
+  $("submit-result").textContent = Array.isArray(out.detail)
+    ? out.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ")
+    : out.detail;
+  $("submit-result").className = "error";
+}
+
+$("submit-json").addEventListener("click", async () => {
+  // YAML or JSON: the server resolves it as it would run (presets applied), then it is sent
+  const r = await api("/v1/specs/resolve", {method: "POST", body: $("spec-json").value,
+                                            headers: {"Content-Type": "application/yaml"}});
+  const out = await r.json();
+  if (!r.ok) { showError(out); return; }
+  submit(out.spec);
 });
 $("compare").addEventListener("click", compareSelected);
 $("viewer-close").addEventListener("click", () => { $("viewer").hidden = true; });

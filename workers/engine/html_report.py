@@ -249,7 +249,8 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
             spec["dataset"]["name"], spec["model"]["arch"],
             f"{threat['norm']} ε = {epsilon_text(threat['epsilon'], threat['norm'])}",
             f"preset {recipe.get('preset')}" if recipe.get("preset") else "no preset",
-            f"mode {spec.get('mode', 'train')}"))
+            f"mode {spec.get('mode', 'train')}",
+            *([f"finished {report['finished_at']}"] if report.get("finished_at") else [])))
         + f" · report_version {_esc(report['report_version'])}</p>",
         "<h2>Final evaluation</h2>", _final_table(report)]
     if hist:

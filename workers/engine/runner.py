@@ -599,6 +599,9 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
     report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
     report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
+    import datetime as dt
+
+    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_json(out / REPORT, report)
     tsv = out / CERTIFY_TSV
     write_text(out / REPORT_HTML, render_html(
