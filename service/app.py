@@ -490,7 +490,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except UnicodeDecodeError:
             raise HTTPException(400, "the request body is not UTF-8 text") from None
         except SpecError as e:
-            raise HTTPException(400, str(e)) from None
+            raise HTTPException(400, json_safe(str(e))) from None
         try:
             spec = JobSpec.model_validate(data)
         except ValidationError as e:  # 422 field by field, located in the body as POST's
@@ -736,11 +736,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float as its string ("nan", "inf"): JSON-encodable."""
+    """``value`` with every non-finite float as its string ("nan", "inf") and every lone UTF-16
+    surrogate (JSON's "\\udc80" escapes decode to them) as "?": JSON-encodable as UTF-8."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     if isinstance(value, BaseException):

@@ -58,3 +58,22 @@ def test_field_bounds_reject_absurd_counts(api):
                 {"evaluation": {"final": {"n": 10**12}}}):
         r = api["roomy"].post("/v1/jobs", json={**tiny_spec(), **bad})
         assert r.status_code == 422 and "less than or equal to" in r.text
+
+
+def test_resolve_answers_a_spec_with_its_sources_and_bad_text_with_4xx(api):
+    c = api["roomy"]
+    r = c.post("/v1/specs/resolve", content="dataset: {name: mnist}\nrecipe: n-aaer\n"
+               "threat: {epsilon: 0.3}\n", headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["spec"]["schedule"]["optimizer"] == "adam"
+    assert any(s["field"] == "recipe.regularizers.aaer" for s in body["sources"])
+    r = c.post("/v1/specs/resolve", content="threat: {epsilon: 7}",
+               headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "threat"]
+    assert c.post("/v1/specs/resolve", content="[unclosed").status_code == 400
+    assert c.post("/v1/specs/resolve", content=b"\xff\xfe").status_code == 400
+    # JSON's \\u escapes may decode to lone surrogates, which UTF-8 cannot carry: still a 4xx
+    lone = '{"a\\ud97fb": ["\\udb1e"], "threat": {"epsilon": "\\udead"}}'
+    r = c.post("/v1/specs/resolve", content=lone, headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text
