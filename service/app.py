@@ -73,6 +73,7 @@ from service.store import Store, StoreError
 
 log = logging.getLogger("bulwark.api")
 KEEPALIVE_SECONDS = 15.0
+SWEEP_GRACE_SECONDS = 5.0
 MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 SPEC_MAX_BYTES = 1024 * 1024
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -617,6 +618,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             names = {c["job_id"]: c["name"] for c in sweep.children}
             after = {stream_key(j.id): "0" for j in jobs}
             job_of = {stream_key(j.id): j.id for j in jobs}
+            # a child's row turns terminal a moment before its terminal event is published:
+            # such a child is read a while longer (SWEEP_GRACE_SECONDS) before it is let go
+            ended: dict[str, float] = {}
             r = request.app.state.aredis
             while not await request.is_disconnected():
                 if not after:
@@ -624,16 +628,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     yield ServerSentEvent(event="sweep_finished",
                                           data=current.model_dump(mode="json"))
                     return
-                res = await r.xread(dict(after), count=100,
-                                    block=int(KEEPALIVE_SECONDS * 1000))
-                if not res:  # idle: a child whose row is terminal has nothing more to say
+                block = 1.0 if ended else KEEPALIVE_SECONDS
+                res = await r.xread(dict(after), count=100, block=int(block * 1000))
+                if not res:  # idle: which children's rows are terminal (or deleted)?
                     try:
                         _s, rows = await asyncio.to_thread(store.get_sweep, tenant_id,
                                                            sweep_id)
                     except StoreError:
                         return
-                    alive = {stream_key(j.id) for j in rows if j.state not in TERMINAL}
-                    after = {k: v for k, v in after.items() if k in alive}
+                    now, live = time.monotonic(), {stream_key(j.id): j for j in rows}
+                    for k in list(after):
+                        if k not in live or live[k].state in TERMINAL:
+                            ended.setdefault(k, now)
+                    for k in [k for k, t0 in ended.items() if now - t0 >= SWEEP_GRACE_SECONDS]:
+                        after.pop(k, None)
+                        ended.pop(k, None)
                     continue
                 for key, entries in res:
                     for event_id, fields in entries:
@@ -645,6 +654,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         yield ServerSentEvent(event=fields["type"], data=data)
                         if fields["type"] in TERMINAL_EVENTS:
                             after.pop(key, None)
+                            ended.pop(key, None)
                             break
         finally:
             slot.release()
