@@ -21,6 +21,8 @@ import json
 import math
 from typing import Any
 
+from contract.export import eps_text
+
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
     "elle_e_lin": "ELLE: E_lin", "elle_lambda": "ELLE: λ", "aaer_ratio": "AAER: abnormal ratio",
@@ -33,12 +35,9 @@ STYLES = {"clean": ("-", "o", "#1f77b4"), "FGSM": ("--", "s", "#ff7f0e"),
 
 
 def epsilon_text(eps: float, norm: str) -> str:
-    """ε as people write it: 8/255 for ℓ∞ radii that are k/255, else the number."""
-    if norm == "linf" and eps > 0:
-        k = eps * 255
-        if abs(k - round(k)) < 1e-6 and round(k) >= 1:
-            return f"{round(k)}/255 ({eps:.4g})"
-    return f"{eps:.4g}"
+    """ε as people write it, with its value: "8/255 (0.03137)" for ℓ∞ radii that are k/255."""
+    text = eps_text(eps, norm)
+    return f"{text} ({eps:.4g})" if "/" in text else f"{eps:.4g}"
 
 
 def _esc(v: Any) -> str:
