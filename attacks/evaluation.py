@@ -51,7 +51,7 @@ __all__ = [
 IMAGE_RANGE_TOL = 1e-6
 _RANGE_MSG = "inputs must be images in [0,1]; normalization belongs inside the model"
 _TA_NORMS = {"linf": "Linf", "l2": "L2"}
-AA_VERSIONS = ("standard", "apgd-ce", "apgd-t")
+AA_VERSIONS = ("standard", "apgd-ce", "apgd-t", "apgd-ce+apgd-t")
 
 # An attack maps (images, labels) of clean-correct examples to adversarial images.
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -340,15 +340,20 @@ def _autoattack(
         for sub in atk._autoattack.attacks:
             if isinstance(sub, torchattacks.APGD | torchattacks.APGDT | torchattacks.FAB):
                 sub.steps = steps
-    elif version == "apgd-ce":
-        atk = torchattacks.APGD(
-            model, norm=ta_norm, eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"
-        )
     else:
-        atk = torchattacks.APGDT(
-            model, norm=ta_norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
-            n_classes=num_classes,
-        )
+        parts: list[torchattacks.attack.Attack] = []
+        if version in ("apgd-ce", "apgd-ce+apgd-t"):
+            parts.append(torchattacks.APGD(
+                model, norm=ta_norm, eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"
+            ))
+        if version in ("apgd-t", "apgd-ce+apgd-t"):
+            parts.append(torchattacks.APGDT(
+                model, norm=ta_norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
+                n_classes=num_classes,
+            ))
+        # AutoAttack's two gradient attacks without FAB-T and Square: APGD-T runs only on
+        # what APGD-CE left robust (torchattacks.MultiAttack, as AutoAttack itself chains them)
+        atk = parts[0] if len(parts) == 1 else torchattacks.MultiAttack(parts)
     atk.set_device(device)
     return atk
 
@@ -376,7 +381,7 @@ def autoattack_images(
         )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if version in ("standard", "apgd-t") and num_classes < 4:
+    if version != "apgd-ce" and num_classes < 4:
         raise ValueError(
             f"AutoAttack version {version!r} runs APGD-T, whose targeted DLR loss needs at least "
             f"4 classes (got num_classes={num_classes}); use version='apgd-ce'"
@@ -413,7 +418,9 @@ def autoattack_eval(
 
     ``version``: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square-5000, each run on what the
     previous ones left robust), ``"apgd-ce"`` (``torchattacks.APGD``, CE loss, 1 restart) or
-    ``"apgd-t"`` (``torchattacks.APGDT``, all ``num_classes - 1`` targets, 1 restart).
+    ``"apgd-t"`` (``torchattacks.APGDT``, all ``num_classes - 1`` targets, 1 restart) or
+    ``"apgd-ce+apgd-t"`` (APGD-T on what APGD-CE left robust: AutoAttack less FAB-T and
+    Square, for budgets where the standard suite's Square-5000 does not fit).
     ``steps`` is the APGD/APGD-T/FAB iteration count (100 as in the reference AutoAttack;
     torchattacks' own default is 10).
     """

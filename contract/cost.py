@@ -35,7 +35,7 @@ _WIDE_RESNET_28_10 = (10.49, 32 * 32)
 # forward-equivalents per image of AutoAttack's versions (APGD 100 iterations; APGD-T and FAB-T
 # over 9 targets; Square 5000 queries, forward only)
 _AUTOATTACK = {"standard": 3 * (100 + 900 + 900) + 5000, "apgd-ce": 3 * 100,
-               "apgd-t": 3 * 900}
+               "apgd-t": 3 * 900, "apgd-ce+apgd-t": 3 * (100 + 900)}
 
 
 def forward_gflop(spec: JobSpec, channels: int, side: int) -> float:

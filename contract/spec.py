@@ -399,7 +399,9 @@ class PGDEval(_Strict):
 
 
 class AutoAttackEval(_Strict):
-    version: Literal["standard", "apgd-ce", "apgd-t"] = "standard"
+    version: Literal["standard", "apgd-ce", "apgd-t", "apgd-ce+apgd-t"] = Field(
+        "standard", description="standard: APGD-CE, APGD-T, FAB-T, Square-5000; apgd-ce+apgd-t: "
+                                "the first two only (state it where reported)")
 
 
 class FinalEval(_Strict):

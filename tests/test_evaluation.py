@@ -236,6 +236,21 @@ def test_autoattack_apgd_versions(cnn_problem, version):
     json.dumps(res.to_dict())
 
 
+def test_apgd_ce_then_apgd_t_is_apgd_t_on_what_apgd_ce_left(cnn_problem):
+    # oracle: the two attacks run one after the other by hand
+    model, x, y = cnn_problem
+    kw = {"eps": 0.03, "num_classes": 10, "steps": 10}
+    _, ce = autoattack_images(model, x, y, version="apgd-ce", **kw)
+    _, t = autoattack_images(model, x[ce], y[ce], version="apgd-t", **kw)
+    expected = ce.clone()
+    expected[ce] = t
+    adv, robust = autoattack_images(model, x, y, version="apgd-ce+apgd-t", **kw)
+    assert 0 < int(ce.sum()) and int(expected.sum()) < int(ce.sum()), "both stages must bite"
+    assert torch.equal(robust, expected)
+    _assert_in_threat_model(x, adv, 0.03, "linf")
+    assert torch.equal(model(adv).argmax(1) == y, robust)
+
+
 def test_autoattack_standard_wires_up(cnn_problem):
     # eps large enough that APGD-CE fools every point, so the cascade stops after it.
     model, x, y = cnn_problem

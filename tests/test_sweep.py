@@ -217,3 +217,17 @@ def test_sigterm_stops_the_sweep_and_its_children_and_keeps_checkpoints(tmp_path
     ckpt = torch.load(out / "seed=0" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] >= 1
     assert os.path.exists(out / "seed=0" / "spec.json")
+
+
+def test_only_runs_the_matching_children(tmp_path):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"base": BASE, "grid": {"threat.norm": ["Linf", "L2"],
+                                                       "schedule.seed": [0, 1]}}))
+    proc = _sweep_cli(path, tmp_path / "x", "--dry-run", "--only", "*seed=1", "--only",
+                      "norm=L2_seed=0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["norm=Linf_seed=1", "norm=L2_seed=0", "norm=L2_seed=1", "3",
+                                   "children"]
+    proc = _sweep_cli(path, tmp_path / "x", "--dry-run", "--only", "nothing*")
+    assert proc.returncode == 2 and "matches none of the 4 children" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -95,6 +95,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for flag in ("parallel", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             return _fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.only:
+        from fnmatch import fnmatchcase
+        kept = [c for c in children if any(fnmatchcase(c.name, g) for g in args.only)]
+        if not kept:
+            return _fail(f"--only {' '.join(args.only)} matches none of the {len(children)} "
+                         f"children (names as --dry-run lists them, e.g. {children[0].name})")
+        children = kept
     if args.dry_run:
         for c in children:
             print(c.name)
@@ -462,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sw.add_argument("--threads", type=int, default=None,
                     help="CPU threads per child (default: the CPUs split between the children)")
+    sw.add_argument("--only", action="append", metavar="GLOB",
+                    help="run only the children whose name matches (repeatable), e.g. "
+                         "'*epsilon=0.3*'")
     sw.add_argument("--dry-run", action="store_true", help="list the children and stop")
     sw.set_defaults(func=cmd_sweep)
     v = sub.add_parser("validate", help="check a spec and print it with presets resolved")
