@@ -10,3 +10,5 @@ CHECKPOINT = "checkpoint.pt"   # the resumable training state (internal, not dow
 DOWNLOADABLE = (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
 # everything a run may leave, including the certification sidecar (<state_path>.json)
 RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_TSV + ".json")
+# what a resumed attempt needs back: the training state and a partial certification
+RESUMABLE = (CHECKPOINT, CERTIFY_TSV, CERTIFY_TSV + ".json")

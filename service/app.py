@@ -33,7 +33,7 @@ from fastapi import (
 )
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi_offline import FastAPIOffline
@@ -60,7 +60,7 @@ from contract.presets import preset_sources
 from contract.presets import presets as preset_table
 from contract.spec import JobSpec, SpecError, api_tracking_problem, parse_spec_text
 from contract.sweep import SweepSpec, expand, headline
-from service.artifacts import job_dir
+from service.artifacts import job_dir, job_key
 from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
 from service.events import TERMINAL_EVENTS, Events, stream_key
 from service.limits import BodySizeLimit, Slot, StreamSlots
@@ -69,6 +69,7 @@ from service.models import UploadRejected, store_dataset, store_upload
 from service.queue import broker_job_ids, live_workers, revoke, send
 from service.schemas import dataset_out, errors, job_out, model_out, sweep_out
 from service.settings import Settings, get_settings
+from service.storage import artifacts
 from service.store import Store, StoreError
 
 log = logging.getLogger("bulwark.api")
@@ -183,6 +184,7 @@ def _reaper_loop(store: Store, settings: Settings, events: Events,
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or get_settings()
     store = Store(s.resolved_database_url())
+    blobs = artifacts(s)  # the artifact root, or the bucket of BULWARK_ARTIFACT_URL
     store.migrate()
     events = Events.from_settings(s)
     registry = CollectorRegistry()
@@ -295,7 +297,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not any(a["name"] == REPORT for a in job.artifacts or []):
             return None
         try:
-            return json.loads((job_dir(s, job.tenant_id, job.id) / REPORT).read_text())
+            raw = blobs.read(f"{job_key(job.tenant_id, job.id)}/{REPORT}")
+            return None if raw is None else json.loads(raw)
         except (OSError, ValueError):
             return None
 
@@ -364,6 +367,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def delete(job_id: str, tenant_id: Tenant) -> Response:
         job = store.delete_job(tenant_id, job_id)
         shutil.rmtree(job_dir(s, job.tenant_id, job.id), ignore_errors=True)
+        blobs.delete_prefix(job_key(job.tenant_id, job.id))
         events.delete(job.id)
         return Response(status_code=204)
 
@@ -376,14 +380,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return found
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name}", tags=["jobs"], responses=errors(401, 404))
-    def artifact(job_id: str, name: str, tenant_id: Tenant) -> FileResponse:
+    def artifact(job_id: str, name: str, tenant_id: Tenant) -> Response:
         job = store.get_job(tenant_id, job_id)
         listed = {a["name"]: a for a in job.artifacts or []}
         if name not in listed:  # only names from the job's own list: no user paths
             raise HTTPException(404, f"job {job_id} has no artifact {name!r}; "
                                      f"it has {sorted(listed)}")
-        return FileResponse(job_dir(s, tenant_id, job_id) / name, filename=name,
-                            headers={"X-Checksum-SHA256": listed[name]["sha256"]})
+        key, checksum = f"{job_key(tenant_id, job_id)}/{name}", listed[name]["sha256"]
+        if not blobs.remote:
+            return FileResponse(blobs.local(key), filename=name,
+                                headers={"X-Checksum-SHA256": checksum})
+        size, chunks = blobs.open(key)  # streamed from the bucket, never spooled here
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers={
+            "X-Checksum-SHA256": checksum, "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse,
              responses=errors(400, 401, 404, 429, 503))

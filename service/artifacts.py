@@ -14,18 +14,29 @@ from contract.artifacts import DOWNLOADABLE
 from service.settings import Settings
 
 
+def job_key(tenant_id: str, job_id: str) -> str:
+    """A job's folder in the artifact store (its files are ``job_key(...)/<name>``)."""
+    return f"tenants/{tenant_id}/jobs/{job_id}"
+
+
+def model_key(tenant_id: str, model_id: str) -> str:
+    return f"tenants/{tenant_id}/models/{model_id}.safetensors"
+
+
+def dataset_key(tenant_id: str, dataset_id: str) -> str:
+    return f"tenants/{tenant_id}/datasets/{dataset_id}.npz"
+
+
 def job_dir(settings: Settings, tenant_id: str, job_id: str) -> Path:
-    return settings.resolved_artifact_root() / "tenants" / tenant_id / "jobs" / job_id
+    return settings.resolved_artifact_root() / job_key(tenant_id, job_id)
 
 
 def model_path(settings: Settings, tenant_id: str, model_id: str) -> Path:
-    return settings.resolved_artifact_root() / "tenants" / tenant_id / "models" / \
-        f"{model_id}.safetensors"
+    return settings.resolved_artifact_root() / model_key(tenant_id, model_id)
 
 
 def dataset_path(settings: Settings, tenant_id: str, dataset_id: str) -> Path:
-    return settings.resolved_artifact_root() / "tenants" / tenant_id / "datasets" / \
-        f"{dataset_id}.npz"
+    return settings.resolved_artifact_root() / dataset_key(tenant_id, dataset_id)
 
 
 def sha256_file(path: Path) -> str:

@@ -10,9 +10,19 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` → (bucket, prefix without slashes at its ends)."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"BULWARK_ARTIFACT_URL must look like s3://bucket/prefix, got {url!r} "
+                         "(leave it empty for the local artifact root)")
+    return parts.netloc, parts.path.strip("/")
 
 
 class Settings(BaseSettings):
@@ -22,6 +32,12 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite under home")
     redis_url: str = Field("", description="broker + event streams; empty = embedded Redis")
     artifact_root: Path | None = Field(None, description="reports, weights; default home/artifacts")
+    artifact_url: str = Field(
+        "", description="s3://bucket/prefix: artifacts in an S3-compatible bucket (the artifact "
+                        "root is then each host's scratch); empty = the artifact root itself")
+    s3_endpoint_url: str = Field("", description="the S3 endpoint (MinIO: http://minio:9000); "
+                                                 "empty = AWS")
+    s3_region: str = Field("", description="the bucket's region; empty = boto3's default")
     queue: str = Field("bulwark", description="Celery queue the API routes jobs to")
     device: str = Field("auto", description="worker device for training: auto, cpu, cuda:N")
     reaper_enabled: bool = Field(True, description="run the stale-job reaper in the API")
@@ -57,6 +73,13 @@ class Settings(BaseSettings):
     max_streams: int = Field(256, ge=1, description="open /events streams per API process")
     events_maxlen: int = Field(1000, ge=10)
     events_ttl_seconds: int = Field(7 * 86400, ge=60, description="after the terminal event")
+
+    @field_validator("artifact_url")
+    @classmethod
+    def _s3_url(cls, url: str) -> str:
+        if url:
+            parse_s3_url(url)
+        return url
 
     def limits(self, tenant_id: str) -> dict[str, float]:
         """``tenant_id``'s limits: the operator's defaults, overridden by TENANT_LIMITS."""

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -24,7 +25,8 @@ from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
-SERVICES = ("redis", "postgres", "migrate", "api", "reaper", "worker-gpu0", "flower")
+SERVICES = ("redis", "postgres", "minio", "minio-bucket", "migrate", "api", "reaper",
+            "worker-gpu0", "flower")
 APP_SERVICES = ("api", "reaper", "worker-gpu0")  # the ones that talk to DB, Redis and jobs
 WORKER = "worker-gpu0"
 PREFIX = "BULWARK_"
@@ -216,7 +218,8 @@ def test_compose_parses_with_all_services(svc):
 
 def test_env_example_holds_only_placeholders(dotenv_example):
     secrets = {k: v for k, v in dotenv_example.items() if "PASSWORD" in k}
-    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_PASSWORD"} <= set(secrets)
+    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_PASSWORD",
+            "MINIO_ROOT_PASSWORD"} <= set(secrets)
     for key, value in secrets.items():
         assert value.startswith("change-me"), f"{key} in .env.example must be a placeholder"
     ignored = (REPO / ".dockerignore").read_text().split()
@@ -367,14 +370,33 @@ def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
             duration_seconds(hc["start_period"])) == (60, 30, 60)
 
 
-def test_artifacts_and_data_are_mounted_where_the_settings_say(svc, compose):
+def test_artifacts_go_through_the_minio_bucket(svc, compose, dotenv_example, monkeypatch):
+    from service.settings import parse_s3_url
+
+    minio = env_of(svc["minio"])
+    bucket_job = " ".join(argv(svc["minio-bucket"]))
+    for name in APP_SERVICES:
+        env = env_of(svc[name])
+        s = settings_from(env, monkeypatch)
+        bucket, prefix = parse_s3_url(s.artifact_url)
+        assert bucket == env_of(svc["minio-bucket"])["S3_BUCKET"] and prefix, name
+        assert urlsplit(s.s3_endpoint_url).hostname == "minio" and "minio" in svc, name
+        assert urlsplit(s.s3_endpoint_url).port == 9000, name
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]), name
+    assert "mc mb" in bucket_job and "$S3_BUCKET" in bucket_job
+    assert minio["MINIO_ROOT_PASSWORD"] == dotenv_example["MINIO_ROOT_PASSWORD"]
+    assert "ports" not in svc["minio"], "MinIO must not be published"
+    assert "/data" in mounts(svc["minio"]), "the bucket needs a volume"
+    assert health_argv(svc["minio"])[:2] == ["mc", "ready"]
+    # no shared filesystem: each service's artifact root is a scratch volume of its own
     api_env, worker_env = env_of(svc["api"]), env_of(svc[WORKER])
     root = api_env["BULWARK_ARTIFACT_ROOT"]
     assert worker_env["BULWARK_ARTIFACT_ROOT"] == root
     api_src, _ = mounts(svc["api"])[root]
     worker_src, worker_ro = mounts(svc[WORKER])[root]
-    assert api_src == worker_src and not worker_ro, "api and worker must share the artifacts"
-    assert api_src in compose["volumes"], "a named volume, declared at the top level"
+    assert api_src != worker_src and not worker_ro
+    assert {api_src, worker_src} <= set(compose["volumes"]), "named volumes, declared on top"
     data_src, data_ro = mounts(svc[WORKER])[worker_env["BULWARK_DATA_ROOT"]]
     assert data_src and data_ro, "the data root is mounted read-only"
 
@@ -385,6 +407,8 @@ def test_startup_order(svc):
         assert deps["redis"]["condition"] == "service_healthy", name
         assert deps["postgres"]["condition"] == "service_healthy", name
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["minio-bucket"]["condition"] == "service_completed_successfully", name
+    assert svc["minio-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert svc["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert svc["flower"]["depends_on"]["redis"]["condition"] == "service_healthy"
 

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-from contract.artifacts import CHECKPOINT
-from service.artifacts import describe_artifacts, job_dir
+from contract.artifacts import CERTIFY_TSV, CHECKPOINT, DOWNLOADABLE, RESUMABLE
+from service.artifacts import (
+    dataset_key,
+    dataset_path,
+    describe_artifacts,
+    job_dir,
+    job_key,
+    model_key,
+    model_path,
+)
 from service.db import CANCELLED, FAILED, SUCCEEDED
 from service.events import Events
 from service.settings import get_settings
+from service.storage import Artifacts, artifacts
 from service.store import Store, StoreError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_ERROR = 0, 2, 3, 1
@@ -56,6 +67,36 @@ class CancelPoll:
         return self._value
 
 
+class Mirror:
+    """Copies a run folder's files to a remote artifact store as they change (a remote
+    store only; with the local root the folder is the store). ``every`` throttles the copies
+    asked for with ``throttled=True`` (the certification's per-chunk results)."""
+
+    def __init__(self, blobs: Artifacts, key: str, out: Path, every: float = 10.0):
+        self.blobs, self.key, self.out, self.every = blobs, key, out, every
+        self.seen: dict[str, tuple[int, int]] = {}
+        self._next = 0.0
+
+    def __call__(self, names: tuple[str, ...], throttled: bool = False) -> None:
+        if not self.blobs.remote or throttled and time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every
+        for name in names:
+            path = self.out / name
+            if not path.is_file():
+                continue
+            st = path.stat()
+            if self.seen.get(name) != (st.st_mtime_ns, st.st_size):
+                self.blobs.push(f"{self.key}/{name}", path)
+                self.seen[name] = (st.st_mtime_ns, st.st_size)
+
+    def forget(self, name: str) -> None:
+        """Delete ``name`` here and in the store (the checkpoint of a finished job)."""
+        (self.out / name).unlink(missing_ok=True)
+        if self.blobs.remote:
+            self.blobs.delete(f"{self.key}/{name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     job_id, owner = (argv if argv is not None else sys.argv[1:])[:2]
     settings = get_settings()
@@ -89,19 +130,48 @@ def main(argv: list[str] | None = None) -> int:
     problem = api_tracking_problem(spec.tracking)
     if problem is not None:
         return fail(f"invalid job spec: {problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
+    blobs = artifacts(settings)
+
+    def upload(key: str, local: Path, recorded: str) -> str | None:
+        """An upload's file on this host: the recorded path (local root), else fetched from
+        the bucket into this host's scratch; None when the store has lost it."""
+        if not blobs.remote:
+            return recorded
+        return str(local) if blobs.pull(key, local) else None
+
     data_path = None
     if spec.dataset.name == "npz":
+        dataset_id = spec.dataset.path.split("/", 1)[1]
         try:
-            data_path = store.get_dataset(job.tenant_id,
-                                          spec.dataset.path.split("/", 1)[1]).path
+            row = store.get_dataset(job.tenant_id, dataset_id)
         except StoreError:
             return fail(f"dataset.path {spec.dataset.path}: no such upload of yours",
                         EXIT_BAD_INPUT)
+        data_path = upload(dataset_key(job.tenant_id, dataset_id),
+                           dataset_path(settings, job.tenant_id, dataset_id), row.path)
+        if data_path is None:
+            return fail(f"dataset.path {spec.dataset.path}: the artifact store has lost the "
+                        "upload; upload it again", EXIT_BAD_INPUT)
     out = job_dir(settings, job.tenant_id, job_id)
-    weights = store.get_model(job.tenant_id, job.model_id).path if job.model_id else None
+    key = job_key(job.tenant_id, job_id)
+    weights = None
+    if job.model_id:
+        weights = upload(model_key(job.tenant_id, job.model_id),
+                         model_path(settings, job.tenant_id, job.model_id),
+                         store.get_model(job.tenant_id, job.model_id).path)
+        if weights is None:
+            return fail(f"model.weights: the artifact store has lost model {job.model_id}; "
+                        "upload it again", EXIT_BAD_INPUT)
+    for name in RESUMABLE:  # an earlier attempt's state, maybe from another host
+        blobs.pull(f"{key}/{name}", out / name)
+    mirror = Mirror(blobs, key, out)
     progress: dict[str, Any] = {"attempt": job.attempt}
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind in ("epoch", "remediated"):  # each follows a new checkpoint
+            mirror((CHECKPOINT,))
+        elif kind == "certification":
+            mirror(RESUMABLE[1:], throttled=True)
         events.publish(job_id, kind, data)
         if kind in PROGRESS_EVENTS:
             if kind == "phase":  # a new phase: the previous one's counters are done
@@ -152,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         # the task retries; its reason shows this line (paths scrubbed: tenants read it)
         store.note_error(job_id, owner, scrub_paths(f"{type(e).__name__}: {first}"))
         return EXIT_ERROR
-    artifacts = describe_artifacts(out)
-    if store.finish(job_id, owner, SUCCEEDED, artifacts=artifacts):
+    listed = describe_artifacts(out)
+    mirror(DOWNLOADABLE + (CERTIFY_TSV + ".json",))  # in the store before the row says so
+    if store.finish(job_id, owner, SUCCEEDED, artifacts=listed):
         # only now: a crash before the row said succeeded retries from this checkpoint
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        mirror.forget(CHECKPOINT)
+        if blobs.remote:  # the bucket holds the run; this host's scratch copy goes
+            shutil.rmtree(out, ignore_errors=True)
     events.publish(job_id, "succeeded", {"final": report["final"]})
     return EXIT_OK
 
