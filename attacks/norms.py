@@ -6,8 +6,9 @@ All operations are batched over the first dimension and keep the input's dtype a
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from attacks import shard
 
 
 def _expand(v: Tensor, like: Tensor) -> Tensor:
@@ -21,7 +22,7 @@ class Linf:
     @staticmethod
     def uniform(like: Tensor, radius: float) -> Tensor:
         """η ~ U[-r, r]^d."""
-        return torch.empty_like(like).uniform_(-radius, radius)
+        return shard.uniform(like, -radius, radius)
 
     @staticmethod
     def ascent(grad: Tensor) -> Tensor:
@@ -44,9 +45,9 @@ class L2:
     def uniform(like: Tensor, radius: float) -> Tensor:
         """η uniform in the ℓ2 ball of radius r: Gaussian direction, radius r·U^(1/d)."""
         d = like[0].numel()
-        direction = torch.randn_like(like)
+        direction = shard.normal(like)
         direction = direction / _expand(direction.flatten(1).norm(dim=1).clamp_min(1e-12), like)
-        r = torch.rand(like.shape[0], device=like.device, dtype=like.dtype).pow(1.0 / d) * radius
+        r = shard.rand(like.shape[0], device=like.device, dtype=like.dtype).pow(1.0 / d) * radius
         return direction * _expand(r, like)
 
     @staticmethod

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from attacks import shard
 from attacks.norms import get_norm
 from attacks.objectives import Objective, cross_entropy
 from attacks.single_step import input_gradient
@@ -35,7 +36,7 @@ class PGD:
         if self.start == "uniform":
             return self.geometry.uniform(x, self.eps)
         if self.start == "normal":
-            return self.geometry.project(0.001 * torch.randn_like(x), self.eps)
+            return self.geometry.project(0.001 * shard.normal(x), self.eps)
         return torch.zeros_like(x)
 
     def _run(self, x: Tensor, target: Tensor) -> Tensor:

@@ -453,6 +453,12 @@ class EvaluationSpec(_Strict):
 class ComputeSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
+    devices: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = Field(
+        1, description="training ranks (torch.distributed DDP): one per CUDA "
+        "device (NCCL), or CPU processes (gloo); 'all' = every visible GPU. "
+        "schedule.batch_size stays the global batch")
+    sync_batchnorm: bool = Field(False, description="with devices > 1: BatchNorm statistics "
+                                 "over the global batch (SyncBatchNorm) instead of per rank")
 
 
 class MLflowSpec(_Strict):
@@ -587,12 +593,16 @@ def load_spec_file(path: str) -> JobSpec:
 
 
 def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Equal job specs (as dumped), whatever their names: a name changes nothing a run
-    computes, so a run may resume or be reused under another name. Both are read again
-    first, so a spec dumped before a field with a default existed still equals its reading."""
+    """Equal job specs (as dumped), whatever their names and ``compute.devices``: neither
+    changes what a run computes (the batch is the global batch on any number of ranks), so a
+    run may resume or be reused under another name or on another number of devices. Both are
+    read again first, so a spec dumped before a field with a default existed still equals its
+    reading."""
     def norm(d: dict[str, Any]) -> Any:
         try:
-            return {**JobSpec.model_validate(d).model_dump(mode="json"), "name": None}
+            dumped = JobSpec.model_validate(d).model_dump(mode="json")
+            dumped["compute"] = {**dumped["compute"], "devices": None}
+            return {**dumped, "name": None}
         except ValueError:
             return {**d, "name": None}
     return norm(a) == norm(b)

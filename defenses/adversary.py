@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from attacks import FGSM, FGSM_RS, N_FGSM, PGD
+from attacks import FGSM, FGSM_RS, N_FGSM, PGD, shard
 from attacks.objectives import Objective
 from attacks.single_step import SingleStep, SingleStepResult
 
@@ -42,7 +41,7 @@ class Adversary:
         if self.spec.kind == "none":
             return AdversaryOutput(x)
         if self.spec.kind == "gaussian":  # Cohen et al.: pixel space, before normalization
-            return AdversaryOutput(x + self.spec.sigma * torch.randn_like(x))
+            return AdversaryOutput(x + self.spec.sigma * shard.normal(x))
         attack = self._attack(model, objective, start)
         was_training = model.training
         if eval_mode:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attacks import shard
+
 EPS = 1e-20
 
 
@@ -55,7 +57,8 @@ class AWP:
         model.train()
         try:
             loss = self.loss(model, x, x_adv, target).loss
-            grads = torch.autograd.grad(loss, [p for _, p in named])
+            # the global batch's gradient on every rank: one perturbation for all of them
+            grads = shard.mean_grads(torch.autograd.grad(loss, [p for _, p in named]))
         finally:
             model.train(was_training)
             with torch.no_grad():
@@ -102,6 +105,10 @@ class SAMAWP:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         loss = self.loss(model, x, x_adv, target).loss
         grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None]
+        grads = list(grads)
+        for i, g in zip(used, shard.mean_grads([grads[i] for i in used]), strict=True):
+            grads[i] = g
         e = {}
         with torch.no_grad():
             for (name, p), g in zip(params, grads, strict=True):

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from attacks import shard
 from attacks.norms import get_norm
 from attacks.objectives import cross_entropy
 from defenses.context import Regularizer, StepContext
@@ -51,7 +52,7 @@ def local_linearity_error(ctx: StepContext, *, fused: bool = True) -> Tensor:
     g = get_norm(ctx.norm)
     x, model, target = ctx.x, ctx.model, ctx.target
     x_a, x_b = x + g.uniform(x, ctx.eps), x + g.uniform(x, ctx.eps)
-    alpha = torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+    alpha = shard.rand(x.shape[0], device=x.device, dtype=x.dtype)
     if fused:
         target3 = torch.cat([target] * 3)
         loss_fn = lambda z: cross_entropy(model(z), target3)  # noqa: E731
@@ -138,7 +139,7 @@ class ELLEA(Regularizer):
         if self.controller.lam.device != ctx.x.device:
             self.controller.to(ctx.x.device)
         e_lin = local_linearity_error(ctx, fused=self.plan.fused(ctx.model, ctx.x.device))
-        self._last = e_lin.detach()
+        self._last = shard.mean(e_lin.detach())  # every rank's controller sees the global E_lin
         lam = self.controller.lam
         return lam.to(e_lin.dtype) * e_lin, {"elle_e_lin": self._last, "elle_lambda": lam.float()}
 

@@ -63,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from workers.client.progress import ProgressView
     from workers.engine.data import DataError
+    from workers.engine.distributed import RankLost
     from workers.engine.runner import run_job
 
     view = ProgressView(spec.name or spec.recipe.preset or "job", epochs=False,
@@ -72,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                          progress=not args.quiet, on_event=view)
     except (DataError, ValueError) as e:
         return _fail(str(e))
+    except RankLost as e:
+        return _fail(f"{e}: bulwark run {args.spec} --out {out} --resume", 1)
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue with: bulwark run {args.spec} --out {out} --resume",
                      130)

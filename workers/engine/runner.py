@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from attacks import shard
 from contract.artifacts import (
     BEST,
     CERTIFY_TSV,
@@ -43,6 +44,7 @@ from workers.engine.checkpoint import (
     write_text,
 )
 from workers.engine.data import DeviceLoader, load_dataset, split_validation
+from workers.engine.distributed import Ranks, join, launch
 from workers.engine.html_report import render as render_html
 from workers.engine.models import build_model
 from workers.engine.monitor import COWatchdog, monitor
@@ -130,9 +132,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
-               *, lr: float, precision: str, channels_last: bool) -> StepOutput:
+               *, lr: float, precision: str, channels_last: bool,
+               ranks: Ranks | None = None) -> StepOutput:
     """One optimizer step of ``recipe`` on (x, y) at learning rate ``lr``; NonFiniteStep
-    (nothing updated) when the loss, a term of it or the gradient is not finite."""
+    (nothing updated) when the loss, a term of it or the gradient is not finite.
+
+    With ``ranks`` (a DDP step: ``model`` is the DDP module, (x, y) this rank's shard, inside
+    ``attacks.shard.sharing``) the loss is weighted by N·b_r/B, so that DDP's average of the
+    ranks' gradients is the global batch mean, and a non-finite step on any rank is skipped on
+    all of them."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if channels_last:
@@ -140,9 +148,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     with autocast(x.device, precision):
         out = recipe.step(model, x, y)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out.loss).backward()
+    weight = shard.weight()
+    scaler.scale(out.loss if weight == 1.0 else out.loss * weight).backward()
     # fp16's loss scaler skips inf/NaN gradient steps itself (that is how it finds its scale)
     bad = nonfinite_terms(out, model, grads=precision != "fp16")
+    if ranks is not None and ranks.agree(bool(bad)) and not bad:
+        bad = ["another rank's step"]
     if bad:
         optimizer.zero_grad(set_to_none=True)
         recipe.abandon_step(model)
@@ -173,11 +184,19 @@ class EpochStats:
         for k, v in out.metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, ranks: Ranks | None = None) -> dict[str, Any]:
+        """The epoch's means (over every rank's examples with ``ranks``)."""
         keys = sorted(self.sums)
         packed = torch.stack([self.loss_sum.float(), self.correct.float()]
                              + [self.sums[k].float() for k in keys]).tolist()
         n, steps = max(self.seen, 1), max(self.steps, 1)
+        if ranks is not None:  # metrics are per-step means: averaged over the ranks
+            total = ranks.sum([packed[0], packed[1], float(self.seen),
+                               *(v / steps for v in packed[2:])])
+            n = max(total[2], 1)
+            return {"train_loss": total[0] / n, "train_acc": total[1] / n,
+                    "metrics": {k: v / ranks.world for k, v in zip(keys, total[3:],
+                                                                    strict=True)}}
         return {"train_loss": packed[0] / n, "train_acc": packed[1] / n,
                 "metrics": {k: v / steps for k, v in zip(keys, packed[2:], strict=True)}}
 
@@ -186,8 +205,11 @@ class Training:
     """One job's state, built once; the methods are the phases of ``run_job``."""
 
     def __init__(self, spec: JobSpec, out: Path, dev: torch.device, timing: Timing,
-                 weights: str | Path | None, data_path: str | Path | None = None):
+                 weights: str | Path | None, data_path: str | Path | None = None,
+                 ranks: Ranks | None = None):
         self.spec, self.out, self.dev, self.timing = spec, out, dev, timing
+        self.ranks = ranks  # None: one process; else this rank (0 writes, emits, monitors)
+        self.writes = ranks is None or ranks.main
         sched, ev = spec.schedule, spec.evaluation
         with timing.phase("data"):
             dataset = spec.dataset if data_path is None else spec.dataset.model_copy(
@@ -220,6 +242,8 @@ class Training:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        # what a training step runs: the DDP module (sharing ``model``'s parameters) or model
+        self.net = model if ranks is None else ranks.wrap(model, spec.compute.sync_batchnorm)
         self.optimizer = build_optimizer(model.parameters(), sched)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
@@ -240,6 +264,8 @@ class Training:
 
     # ---------------------------------------------------------------------- checkpoints
     def checkpoint(self, epoch: int) -> None:
+        if not self.writes:
+            return
         with self.timing.phase("checkpoint"):
             save_checkpoint(self.out / CHECKPOINT, {
                 "epoch": epoch, "spec": self.spec.model_dump_json(),
@@ -396,18 +422,27 @@ class Training:
         stats = EpochStats(self.dev)
         lr = 0.0
         skipped, first_bad = 0, None
+        ranks = self.ranks
         with self.timing.phase("train"):
             for i, (x, y) in enumerate(self.loader.epoch(gen)):
-                if should_stop is not None and should_stop():
+                stop = should_stop is not None and should_stop()
+                if stop or ranks is not None and ranks.agree(stop):
                     raise Cancelled(f"stopped during epoch {epoch + 1}")
                 t = epoch + i / self.steps_per_epoch
                 lr = lr_at(sched.lr, t, sched.epochs)
                 self.recipe.set_epsilon(epsilon_at(spec.threat.epsilon,
                                                    spec.threat.epsilon_warmup, t))
+                part = None if ranks is None else ranks.share(y.shape[0])
+                if part is not None:  # this rank's slice; an empty one steps on an example
+                    sl = slice(part.start, part.stop) if part.size else slice(0, 1)  # at weight
+                    x, y = x[sl], y[sl]  # 0: DDP needs every rank's backward
                 try:
-                    stats.add(train_step(self.model, self.optimizer, self.scaler, self.recipe,
+                    with shard.sharing(part):
+                        out = train_step(self.net, self.optimizer, self.scaler, self.recipe,
                                          x, y, lr=lr, precision=spec.compute.precision,
-                                         channels_last=self.channels_last), y)
+                                         channels_last=self.channels_last, ranks=ranks)
+                    if part is None or part.size:
+                        stats.add(out, y)
                 except NonFiniteStep as e:
                     skipped += 1
                     first_bad = first_bad or {"epoch": epoch + 1, "step": i + 1,
@@ -417,18 +452,24 @@ class Training:
                 if bar is not None:
                     bar.update(1)
         train_seconds = time.perf_counter() - t_epoch
-        summary = stats.summary()
+        summary = stats.summary(ranks)
         mon = None
         if self.n_mon:
             with self.timing.phase("monitor"):
-                mon = monitor(self.model, self.mon_x, self.mon_y, eps=spec.threat.epsilon,
-                              norm=spec.threat.norm, steps=ev.monitor.pgd_steps,
-                              alpha=ev.monitor.pgd_alpha, batch_size=max(sched.batch_size, 256))
+                if self.writes:
+                    mon = monitor(self.model, self.mon_x, self.mon_y, eps=spec.threat.epsilon,
+                                  norm=spec.threat.norm, steps=ev.monitor.pgd_steps,
+                                  alpha=ev.monitor.pgd_alpha,
+                                  batch_size=max(sched.batch_size, 256))
+                if ranks is not None:  # one set of figures: every watchdog decides alike
+                    mon = ranks.broadcast(mon)
         co = self.watchdog.check(epoch + 1, mon) if mon else False
         if mon and (self.best is None or mon["pgd_acc"] > self.best["monitor_pgd_acc"]):
             self.best = {"epoch": epoch + 1, "monitor_pgd_acc": mon["pgd_acc"],
                          "monitor_clean_acc": mon["clean_acc"]}
-            save_weights(self.out / BEST, self.model, {**self.meta, "epoch": str(epoch + 1)})
+            if self.writes:
+                save_weights(self.out / BEST, self.model,
+                             {**self.meta, "epoch": str(epoch + 1)})
         if bar is not None and mon:
             bar.set_postfix(epoch=epoch + 1, clean=f"{mon['clean_acc']:.3f}",
                             pgd=f"{mon['pgd_acc']:.3f}")
@@ -585,11 +626,17 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
         if should_stop is not None and should_stop():
             raise Cancelled("stopped on request")
 
-    job = Training(spec, out, resolve_device(device), timing, weights, data_path)
-    check()
-    if resume and job.restore():
-        emit("resumed", {"epoch": job.start_epoch})
-    job.fit(emit, should_stop, progress)
+    dev = resolve_device(device)
+    with launch(spec, dev, train_as_rank, out=out, resume=resume, weights=weights,
+                data_path=data_path) as ranks:  # None, or rank 0 of compute.devices ranks
+        job = Training(spec, out, dev if ranks is None else ranks.device, timing, weights,
+                       data_path, ranks=ranks)
+        check()
+        if resume and job.restore():
+            emit("resumed", {"epoch": job.start_epoch})
+        job.fit(emit, should_stop, progress)
+    world = 1 if ranks is None else ranks.world
+    job.ranks, job.net = None, job.model  # the other ranks are gone: rank 0 evaluates alone
     check()
     emit("phase", {"phase": "final_evaluation"})
     finals = job.evaluate(emit, check)
@@ -599,6 +646,7 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
     report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
     report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
+    report["environment"]["training_ranks"] = world
     import datetime as dt
 
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -608,6 +656,23 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
         report, tsv.read_text() if certification is not None and tsv.is_file() else None))
     emit("finished", {"final": report["final"]})
     return report
+
+
+def train_as_rank(rank: int, world: int, port: int, payload: dict[str, Any]) -> None:
+    """Ranks 1..N-1 of a ``compute.devices`` job (processes ``launch`` starts): train
+    alongside rank 0, then leave (rank 0 evaluates)."""
+    import torch.distributed as dist
+
+    ranks = join(rank, world, port, payload)
+    try:
+        job = Training(JobSpec.model_validate_json(payload["spec"]), Path(payload["out"]),
+                       ranks.device, Timing(), payload["weights"], payload["data_path"],
+                       ranks=ranks)
+        if payload["resume"]:
+            job.restore()
+        job.fit(lambda kind, data: None, None, False)
+    finally:
+        dist.destroy_process_group()
 
 
 def run(spec, out: str | Path, *, device: str | None = None, resume: bool = False,
