@@ -47,6 +47,8 @@ from defenses.precision import autocast
 ABSTAIN = -1
 PRECISIONS = ("fp32", "bf16", "fp16")
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+Row = tuple[int, int, int, float, int, float]  # one line of certify.tsv
+Exchange = Callable[[list[Row]], list[Row]]    # every rank's rows of a round, in chunk order
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -278,7 +280,8 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
                     state_path: Path | str | None = None,
                     on_progress: Callable[[dict[str, Any]], None] | None = None,
                     seed: int | None = None,
-                    idx: Sequence[int] | None = None) -> CertifyResult:
+                    idx: Sequence[int] | None = None,
+                    ranks: tuple[int, int, Exchange] | None = None) -> CertifyResult:
     """CERTIFY every input of ``x`` [M, C, H, W] (labels ``y``), ``chunk`` inputs per call.
 
     Each returned row carries CERTIFY's guarantee for its own input (with probability at least
@@ -299,6 +302,13 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
 
     ``idx``: the dataset index of each input (default 0..M−1), e.g. every 20th test image.
 
+    ``ranks``: (rank, world, exchange) when several processes certify together (a
+    ``compute.devices`` job): the chunks are dealt round-robin, chunk c to rank c mod world,
+    each drawn from its own seeded generator as above, so the rows are those of one process;
+    after every round ``exchange(rows)`` returns every rank's rows of the round (a collective:
+    every rank calls it the same number of times). Rank 0 alone writes ``state_path``; every
+    rank reads it to resume.
+
     ``on_progress`` receives {"done", "total", "samples_per_second", "eta_seconds"} after each
     chunk (``done`` counts resumed rows too); ``eta_seconds`` is None until a first (warm-up)
     chunk has been timed, and the rate leaves that chunk out once there is another.
@@ -314,12 +324,14 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
         raise ValueError("idx must not repeat")
     label_of = dict(zip(indices, labels, strict=True))
 
+    rank, world, exchange = ranks if ranks is not None else (0, 1, None)
+    writer = rank == 0
     path = Path(state_path) if state_path is not None else None
-    done: dict[int, tuple[int, int, int, float, int, float]] = {}
+    done: dict[int, Row] = {}
     if path is not None:
         _check_meta(path, {"sigma": smooth.sigma, "n0": n0, "n": n, "alpha": alpha,
-                           "num_classes": smooth.num_classes})
-        for row in _read_tsv(path):
+                           "num_classes": smooth.num_classes}, write=writer)
+        for row in _read_tsv(path, repair=writer):
             if row[0] not in label_of:
                 raise ValueError(f"{path} has a row for idx {row[0]}, not an input of this run")
             if row[1] != label_of[row[0]]:
@@ -330,25 +342,31 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
     per_input = n0 + n
     timed: list[tuple[int, float]] = []  # (samples, seconds) per chunk computed in this run
     saved_generator = smooth.generator
+    starts = list(range(0, m, chunk))
     try:
-        for lo in range(0, m, chunk):
-            todo = [p for p in range(lo, min(lo + chunk, m)) if indices[p] not in done]
-            if not todo:
+        for first in range(0, len(starts), world):  # a round: one chunk per rank
+            rows: list[Row] = []
+            lo = starts[first + rank] if first + rank < len(starts) else None
+            todo = [] if lo is None else [p for p in range(lo, min(lo + chunk, m))
+                                          if indices[p] not in done]
+            if todo:
+                if seed is not None:
+                    smooth.generator = torch.Generator(device=smooth.device).manual_seed(
+                        _chunk_seed(seed, indices[lo]))
+                t0 = time.perf_counter()
+                preds, radii = smooth.certify_batch(x[todo], n0, n, alpha, batch_size)
+                elapsed = time.perf_counter() - t0
+                timed.append((len(todo) * per_input, elapsed))
+                for p, c, r in zip(todo, preds.tolist(), radii.tolist(), strict=True):
+                    i = indices[p]
+                    rows.append((i, label_of[i], c, r, int(c == label_of[i]),
+                                 elapsed / len(todo)))
+            if exchange is not None:
+                rows = exchange(rows)
+            if not rows:
                 continue
-            if seed is not None:
-                smooth.generator = torch.Generator(device=smooth.device).manual_seed(
-                    _chunk_seed(seed, indices[lo]))
-            t0 = time.perf_counter()
-            preds, radii = smooth.certify_batch(x[todo], n0, n, alpha, batch_size)
-            elapsed = time.perf_counter() - t0
-            timed.append((len(todo) * per_input, elapsed))
-            rows = []
-            for p, c, r in zip(todo, preds.tolist(), radii.tolist(), strict=True):
-                i = indices[p]
-                row = (i, label_of[i], c, r, int(c == label_of[i]), elapsed / len(todo))
-                done[i] = row
-                rows.append(row)
-            if path is not None:
+            done.update((row[0], row) for row in rows)
+            if path is not None and writer:
                 _append_tsv(path, rows)
             if on_progress is not None:
                 on_progress(_progress(timed, len(done), m, per_input))
@@ -375,13 +393,15 @@ def _progress(timed: list[tuple[int, float]], done: int, total: int,
     return {"done": done, "total": total, "samples_per_second": rate, "eta_seconds": eta}
 
 
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+def _check_meta(path: Path, meta: dict[str, Any], write: bool = True) -> None:
     meta_path = path.with_name(path.name + ".json")
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{path} was written with other settings (was, now): {diff}")
+        return
+    if not write:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = meta_path.with_name(meta_path.name + ".tmp")
@@ -397,15 +417,17 @@ def _parse_seconds(s: str) -> float:
     return _dt.timedelta(hours=int(h), minutes=int(mnt), seconds=float(sec)).total_seconds()
 
 
-def _read_tsv(path: Path) -> list[tuple[int, int, int, float, int, float]]:
+def _read_tsv(path: Path, repair: bool = True) -> list[Row]:
     """The complete rows of ``path`` (a missing file has none). A trailing line cut short by a
-    crash is dropped from the file so that the next append starts on a fresh line."""
+    crash is dropped (``repair``: from the file too, so that the next append starts on a
+    fresh line)."""
     if not path.exists():
         return []
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        _write_atomic(path, text)
+        if repair:
+            _write_atomic(path, text)
     lines = text.splitlines()
     if not lines:
         return []
@@ -428,7 +450,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _append_tsv(path: Path, rows: list[tuple[int, int, int, float, int, float]]) -> None:
+def _append_tsv(path: Path, rows: list[Row]) -> None:
     if not path.exists() or path.stat().st_size == 0:
         _write_atomic(path, "\t".join(TSV_COLUMNS) + "\n")
     with open(path, "a") as f:

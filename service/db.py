@@ -89,6 +89,8 @@ class Job(Base):
                                                  index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # compute.devices: a worker claims the job only when it has this many (0 = "all": any)
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

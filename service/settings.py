@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     s3_region: str = Field("", description="the bucket's region; empty = boto3's default")
     queue: str = Field("bulwark", description="Celery queue the API routes jobs to")
     device: str = Field("auto", description="worker device for training: auto, cpu, cuda:N")
+    worker_devices: int = Field(
+        1, ge=1, le=64, description="devices a worker gives one job (its GPUs, or CPU ranks): "
+                                    "it claims jobs whose compute.devices fits; 'all' = these")
     reaper_enabled: bool = Field(True, description="run the stale-job reaper in the API")
     mlflow_uri: str = Field("", description="an MLflow tracking URI every job is logged to "
                             "(jobs may name their own http(s) server); needs bulwark[mlflow]")

@@ -43,6 +43,12 @@ from service.db import (
 KEY_PREFIX = "bwk_"
 
 
+
+def devices_of(spec: dict[str, Any]) -> int:
+    """The device count a job spec (as dumped) needs: compute.devices, 0 for "all"."""
+    n = (spec.get("compute") or {}).get("devices", 1)
+    return 0 if n == "all" else int(n)
+
 class StoreError(Exception):
     status = 400
 
@@ -252,8 +258,9 @@ class Store:
                 if old is not None:
                     return old, False
             job = Job(tenant_id=tenant_id, spec=spec, name=spec.get("name"), state=QUEUED,
-                      max_attempts=max_attempts, idempotency_key=idempotency_key,
-                      request_hash=digest, model_id=model_id, progress={}, artifacts=[])
+                      max_attempts=max_attempts, devices=devices_of(spec),
+                      idempotency_key=idempotency_key, request_hash=digest, model_id=model_id,
+                      progress={}, artifacts=[])
             s.add(job)
             s.flush()
             queued = s.scalar(select(func.count()).select_from(Job).where(
@@ -284,7 +291,8 @@ class Store:
             jobs = []
             for (name, _overrides, spec), model_id in zip(children, model_ids, strict=True):
                 job = Job(tenant_id=tenant_id, spec=spec, name=name, state=QUEUED,
-                          max_attempts=max_attempts, model_id=model_id, sweep_id=row.id,
+                          max_attempts=max_attempts, devices=devices_of(spec),
+                          model_id=model_id, sweep_id=row.id,
                           request_hash=request_hash({"spec": spec, "model_id": model_id}),
                           progress={}, artifacts=[])
                 s.add(job)
@@ -467,7 +475,8 @@ class Store:
 
     # ------------------------------------------------------------------ worker side
     def claim(self, job_id: str, owner: str, *, stale_after: float,
-              max_running: Callable[[str], int] | None = None) -> Claim | None:
+              max_running: Callable[[str], int] | None = None,
+              devices: int | None = None) -> Claim | None:
         """The lease for the job this delivery runs, or None when there is nothing to run.
 
         A broker message is a token, the database decides what it runs: ``job_id`` itself
@@ -475,14 +484,16 @@ class Store:
         after a lost worker takes it over), else the fairest queued job (``pick``) among the
         tenants under their running cap ``max_running(tenant)`` (0: no cap). Compare-and-set:
         a duplicate delivery finds the job taken; on PostgreSQL the chosen tenant's row is
-        locked, so racing workers never pass its cap."""
-        taken = self._take(job_id, owner, stale_after=stale_after)
+        locked, so racing workers never pass its cap. ``devices``: the worker's device count;
+        only jobs whose ``compute.devices`` fits are considered (None: every job)."""
+        fit = self._fits(devices)
+        taken = self._take(job_id, owner, stale_after=stale_after, fit=fit)
         if taken is not None:
             return taken
         excluded: set[str] = set()
         for _ in range(8):  # each try is its own short transaction (no lock is held across)
             with self.session() as s:
-                tenant = self._fairest_tenant(s, max_running, excluded)
+                tenant = self._fairest_tenant(s, max_running, excluded, fit)
                 if tenant is None:
                     return None
                 s.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())
@@ -490,7 +501,8 @@ class Store:
                 if cap and self._running(s, tenant) >= cap:  # another worker got there first
                     excluded.add(tenant)
                     continue
-                candidate = s.scalar(select(Job.id).where(*self._claimable(), Job.state == QUEUED,
+                candidate = s.scalar(select(Job.id).where(*self._claimable(), *fit,
+                                                          Job.state == QUEUED,
                                                           Job.tenant_id == tenant)
                                      .order_by(Job.created_at, Job.id).limit(1))
                 claim = None if candidate is None else self._lease(s, candidate, owner, QUEUED)
@@ -506,17 +518,21 @@ class Store:
         return (Job.attempt < Job.max_attempts, Job.cancel_requested.is_(False))
 
     @staticmethod
+    def _fits(devices: int | None) -> tuple:
+        return () if devices is None else (Job.devices <= devices,)
+
+    @staticmethod
     def _running(s: Session, tenant: str) -> int:
         return int(s.scalar(select(func.count()).select_from(Job).where(
             Job.tenant_id == tenant, Job.state == RUNNING)) or 0)
 
     def _fairest_tenant(self, s: Session, max_running: Callable[[str], int] | None,
-                        excluded: set[str]) -> str | None:
+                        excluded: set[str], fit: tuple = ()) -> str | None:
         """Fair share: of the tenants with claimable queued jobs and a free slot under their
         cap, the one running the fewest jobs; ties go to the one served longest ago (never
         served first), then to the oldest waiting job. Within a tenant, first in first out."""
         waiting = s.execute(select(Job.tenant_id, func.min(Job.created_at))
-                            .where(*self._claimable(), Job.state == QUEUED)
+                            .where(*self._claimable(), *fit, Job.state == QUEUED)
                             .group_by(Job.tenant_id)).all()
         if not waiting:
             return None
@@ -538,11 +554,12 @@ class Store:
         return min(free, key=lambda t: (running.get(t, 0), aware(served.get(t)),
                                         aware(oldest[t]), t))
 
-    def _take(self, job_id: str, owner: str, *, stale_after: float) -> Claim | None:
+    def _take(self, job_id: str, owner: str, *, stale_after: float,
+              fit: tuple = ()) -> Claim | None:
         """Take over ``job_id`` when it is running on a stale lease (a lost worker)."""
         stale = utcnow() - dt.timedelta(seconds=stale_after)
         with self.session() as s:
-            return self._lease(s, job_id, owner, RUNNING, Job.heartbeat_at < stale)
+            return self._lease(s, job_id, owner, RUNNING, Job.heartbeat_at < stale, *fit)
 
     def _lease(self, s: Session, job_id: str, owner: str, state: str, *extra) -> Claim | None:
         now = utcnow()

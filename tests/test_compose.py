@@ -503,3 +503,16 @@ def test_worker_image_keeps_a_cuda_torch_and_no_torchvision():
     deps = [w for w in installs if "-r" in w]
     assert deps and all("-c" in w for w in deps), "dependencies install under the torch pin"
     assert ["--no-deps", "-e", "."] in installs
+
+
+def test_the_multi_gpu_worker_gives_a_job_every_gpu_it_reserves(svc, monkeypatch):
+    multi = svc["worker-gpus01"]
+    assert multi["profiles"] == ["multi-gpu"], "opt-in: it shares GPUs with the per-GPU workers"
+    env = env_of(multi)
+    s = settings_from(env, monkeypatch)
+    gpus = multi["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+    assert s.worker_devices == len(gpus) == len(env["CUDA_VISIBLE_DEVICES"].split(",")) > 1
+    node = option(argv(multi), "-n").split("@")[0]
+    assert f"-d {node}@" in " ".join(health_argv(multi))
+    before_name = [argv(w)[:argv(w).index("-n")] for w in (multi, svc[WORKER])]
+    assert before_name[0] == before_name[1], "the same worker flags as the per-GPU worker"

@@ -156,6 +156,33 @@ def test_two_ranks_follow_the_one_process_run(name, pretrained, tmp_path):
     assert abs(two["final"]["clean_acc"] - one["final"]["clean_acc"]) <= 0.011
 
 
+def test_certification_shared_by_two_ranks_gives_the_one_process_rows(pretrained, tmp_path):
+    def job(devices: int) -> dict:
+        s = spec("standard", devices, weights=pretrained)
+        s["mode"] = "evaluate"
+        s["evaluation"]["final"] = {"n": 50, "models": ["last"], "fgsm": False, "pgd": None,
+                                    "autoattack": None}
+        s["evaluation"]["certification"] = {"sigma": 0.25, "n0": 16, "n": 200, "alpha": 0.01,
+                                            "batch_size": 100, "num_points": 22, "chunk": 4,
+                                            "empirical": None}
+        return s
+
+    one = run_job(JobSpec.model_validate(job(1)), tmp_path / "one", device="cpu",
+                  progress=False)
+    two = run_job(JobSpec.model_validate(job(2)), tmp_path / "two", device="cpu",
+                  progress=False)
+
+    def rows(run: Path) -> list[list[str]]:  # every column but the per-point time
+        lines = (run / "certify.tsv").read_text().splitlines()
+        return [line.split("\t")[:5] for line in lines]
+
+    assert len(rows(tmp_path / "one")) == 23  # the header and 22 points (6 chunks, 3 rounds)
+    assert rows(tmp_path / "two") == rows(tmp_path / "one")
+    c1, c2 = one["certification"], two["certification"]
+    assert c2["certified_accuracy"] == c1["certified_accuracy"] and c2["acr"] == c1["acr"]
+    assert c1["certified_accuracy"][0] > 0.3, "the smoothed classifier must classify"
+
+
 # ------------------------------------------------------------------ a rank dies
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")

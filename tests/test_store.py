@@ -209,3 +209,15 @@ def test_racing_claims_never_pass_a_tenant_cap(store):
     assert len(won) == 2 == len(set(won))
     assert store.list_jobs("capped", state=RUNNING)[1] == 2
     assert sorted(won) == sorted(jobs[:2]), "first in first out"
+
+
+def test_a_worker_claims_only_jobs_that_fit_its_devices(store):
+    big = new_job(store, "big", spec={"compute": {"devices": 4}})
+    every = new_job(store, "every", spec={"compute": {"devices": "all"}})
+    small = new_job(store, "small")
+    assert (big.devices, every.devices, small.devices) == (4, 0, 1)
+    # a one-device worker holding the big job's message runs what fits: never the big job
+    got = {store.claim(big.id, f"w{i}", stale_after=60, devices=1).job_id for i in range(2)}
+    assert got == {every.id, small.id}
+    assert store.claim(big.id, "w3", stale_after=60, devices=2) is None, "4 do not fit in 2"
+    assert store.claim(big.id, "w4", stale_after=60, devices=4).job_id == big.id

@@ -250,12 +250,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import get_settings
     from workers.jobs.serve import worker_command
 
+    devices = args.devices
     if args.device:
         os.environ["BULWARK_DEVICE"] = args.device
         if args.device.startswith("cuda:"):
-            os.environ["CUDA_VISIBLE_DEVICES"] = args.device.split(":", 1)[1]
+            gpus = args.device.split(":", 1)[1]
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
             os.environ["BULWARK_DEVICE"] = "cuda"
-    name = args.name or f"{(args.device or 'auto').replace(':', '')}@%h"
+            devices = devices or len(gpus.split(","))
+    if devices is not None:
+        if not 1 <= devices <= 64:
+            return _fail(f"--devices must be 1 to 64, got {devices}")
+        os.environ["BULWARK_WORKER_DEVICES"] = str(devices)  # it claims jobs that fit
+    name = args.name or f"{(args.device or 'auto').replace(':', '').replace(',', '-')}@%h"
     cmd = worker_command(queue=args.queue or get_settings().queue, name=name)
     os.execvpe(cmd[0], cmd, dict(os.environ))
     return 0
@@ -493,8 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1)
     sv.add_argument("--device", default=None, help="training device for the workers")
     sv.set_defaults(func=cmd_serve)
-    w = sub.add_parser("worker", help="start a Celery worker for one device")
-    w.add_argument("--device", default=None, help="cpu, cuda:N (pins CUDA_VISIBLE_DEVICES)")
+    w = sub.add_parser("worker", help="start a Celery worker for one device (or several)")
+    w.add_argument("--device", default=None,
+                   help="cpu, cuda:N or cuda:N,M,... (pins CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--devices", type=int, default=None,
+                   help="devices one job may use here (default: the GPUs of --device, else 1); "
+                        "the worker claims jobs whose compute.devices fits")
     w.add_argument("--queue", default=None)
     w.add_argument("--name", default=None)
     w.set_defaults(func=cmd_worker)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from contract.artifacts import CERTIFY_TSV
-from defenses.smoothing import Smooth, certify_dataset, summarize
+from defenses.smoothing import Exchange, Smooth, certify_dataset, summarize
 
 
 def select_points(n_test: int, plan) -> Tensor:
@@ -52,9 +52,12 @@ def smoothed_pgd_accuracy(model: nn.Module, smooth: Smooth, x: Tensor, y: Tensor
 def run_certification(model: nn.Module, x: Tensor, y: Tensor, plan, *, num_classes: int,
                       out: Path, precision: str, channels_last: bool, seed: int,
                       emit: Callable[[str, dict], None],
-                      check: Callable[[], None] | None = None) -> dict[str, Any]:
+                      check: Callable[[], None] | None = None,
+                      ranks: tuple[int, int, Exchange] | None = None) -> dict[str, Any] | None:
     """CERTIFY every selected test point (resumable through ``certify.tsv``), then the
-    smoothed-PGD attack; ``check()`` runs every few noise batches and may raise to stop."""
+    smoothed-PGD attack; ``check()`` runs every few noise batches and may raise to stop.
+    ``ranks`` (rank, world, exchange): certify with the job's other ranks (see
+    ``certify_dataset``); rank 0 alone then runs the attack and returns the report."""
     idx = select_points(len(x), plan)
     smooth = Smooth(model, num_classes, plan.sigma, precision=precision,
                     channels_last=channels_last, check=check)
@@ -62,7 +65,9 @@ def run_certification(model: nn.Module, x: Tensor, y: Tensor, plan, *, num_class
     result = certify_dataset(smooth, x[idx], y[idx], n0=plan.n0, n=plan.n, alpha=plan.alpha,
                              batch_size=plan.batch_size, chunk=plan.chunk,
                              state_path=out / CERTIFY_TSV, seed=seed, idx=idx.tolist(),
-                             on_progress=lambda p: emit("certification", p))
+                             on_progress=lambda p: emit("certification", p), ranks=ranks)
+    if ranks is not None and ranks[0] != 0:
+        return None
     seconds = time.perf_counter() - t0
     summary = summarize(result, plan.radii)
     samples = len(idx) * (plan.n0 + plan.n)

@@ -1,16 +1,17 @@
 """One job on several devices: ``compute.devices: N`` trains with torch.distributed and
 DistributedDataParallel (NCCL on GPUs, gloo on the CPU).
 
-``launch(spec, device, ...)`` makes this process rank 0 and starts ranks 1..N-1 as fresh processes
-(the ``spawn`` start method: never a fork of a process that holds torch state). Every rank
-loads the data, builds the same model from the same seed, restores the same checkpoint and
+``launch(spec, device, ...)`` makes this process rank 0 and starts ranks 1..N-1 as fresh
+processes (the ``spawn`` start method: never a fork of a process that holds torch state). Every
+rank loads the data, builds the same model from the same seed, restores the same checkpoint and
 steps on its contiguous slice of each global batch (``attacks.shard``): the global batch is
 ``schedule.batch_size``, as in a one-process run, and the learning rate means what it means
 there. Rank 0 alone emits events, runs the monitor (its figures are broadcast, so that every
-rank's watchdog takes the same decisions), writes checkpoints and, after training, evaluates
-and certifies. A rank that dies makes the others' next collective fail: the job fails with
-its last checkpoint intact and an attempt on any number of devices resumes from it.
-"""
+rank's watchdog takes the same decisions) and writes checkpoints. Certification is shared too
+(chunks dealt round-robin, each from its own seeded generator: the rows of a one-process run,
+gathered in order); then the other ranks leave and rank 0 runs the final evaluation. A rank
+that dies makes the others' next collective fail: the job fails with its last checkpoint intact
+and an attempt on any number of devices resumes from it."""
 
 from __future__ import annotations
 
@@ -83,6 +84,12 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type ==
                                    "cuda" else None)
         return box[0]
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items``, concatenated in rank order (on every rank)."""
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
 
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

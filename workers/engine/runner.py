@@ -524,7 +524,8 @@ class Training:
                 self.data.test_y.to(self.dev), plan, num_classes=self.data.num_classes,
                 out=self.out, precision=self.spec.compute.precision,
                 channels_last=self.channels_last, seed=self.spec.schedule.seed, emit=emit,
-                check=check)
+                check=check, ranks=None if self.ranks is None else (
+                    self.ranks.rank, self.ranks.world, self.ranks.gather))
 
     # ---------------------------------------------------------------------- report
     def selection(self) -> dict[str, Any] | None:
@@ -635,13 +636,13 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
         if resume and job.restore():
             emit("resumed", {"epoch": job.start_epoch})
         job.fit(emit, should_stop, progress)
+        check()
+        certification = job.certify(emit, check)  # shared by the ranks
     world = 1 if ranks is None else ranks.world
     job.ranks, job.net = None, job.model  # the other ranks are gone: rank 0 evaluates alone
     check()
     emit("phase", {"phase": "final_evaluation"})
     finals = job.evaluate(emit, check)
-    check()
-    certification = job.certify(emit, check)
     check()
     report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
@@ -660,7 +661,7 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
 
 def train_as_rank(rank: int, world: int, port: int, payload: dict[str, Any]) -> None:
     """Ranks 1..N-1 of a ``compute.devices`` job (processes ``launch`` starts): train
-    alongside rank 0, then leave (rank 0 evaluates)."""
+    alongside rank 0, certify their share, then leave (rank 0 evaluates)."""
     import torch.distributed as dist
 
     ranks = join(rank, world, port, payload)
@@ -671,6 +672,7 @@ def train_as_rank(rank: int, world: int, port: int, payload: dict[str, Any]) -> 
         if payload["resume"]:
             job.restore()
         job.fit(lambda kind, data: None, None, False)
+        job.certify(lambda kind, data: None, lambda: None)
     finally:
         dist.destroy_process_group()
 

@@ -100,7 +100,7 @@ def run_job(self, message_job_id: str) -> str:
     owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
     # the message is a token: the store picks the job it runs (its own, or a fairer one)
     claim = store().claim(message_job_id, owner, stale_after=s.stale_after_seconds,
-                          max_running=s.max_running)
+                          max_running=s.max_running, devices=s.worker_devices)
     own = store().get_job_or_none(message_job_id)
     waiting = own is not None and own.state == QUEUED
     if waiting and (claim is None or claim.job_id != message_job_id):

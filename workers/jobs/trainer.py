@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as e:
         return fail(f"invalid job spec: {format_validation_error(e)}", EXIT_BAD_INPUT)
 
+    if spec.compute.devices == "all":  # every device this worker gives a job
+        spec = spec.model_copy(update={"compute": spec.compute.model_copy(
+            update={"devices": settings.worker_devices})})
+
     from contract.datasets import DataError, DataNotFound, api_dataset_problem
     from contract.spec import api_tracking_problem
     from workers.engine.runner import Cancelled, run_job
