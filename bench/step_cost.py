@@ -58,13 +58,17 @@ from workers.engine.models import build_model  # noqa: E402
 from workers.engine.report import cpu_model  # noqa: E402
 from workers.engine.runner import EpochStats, train_step  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_steps import reference_step  # noqa: E402
+
 ALL_RECIPES = ("standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a",
                "n-fgsm-elle-a", "rs-aaer", "n-aaer", "fgsm-gradalign", "pgd-at", "trades",
                "pgd-awp", "pgd-adr", "pgd-adr-awp", "trades-awp", "trades-adr")
 EPSILON = "8/255"
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 SEED = 0
-NAIVE_FGSM, NAIVE_ELLE = "naive-fgsm", "naive-fgsm-elle"
+REF = "ref:"  # the official-style step of a recipe (bench/reference_steps.py)
+NAIVE_FGSM, NAIVE_ELLE = REF + "fgsm", REF + "fgsm-elle"
 PROBE = "(probe)"
 # model -> (in_channels, image_size, mean, std); 10 classes for both.
 MODELS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
@@ -81,36 +85,6 @@ def bulwark_step(model, optimizer, scaler, recipe, x, y, *, lr: float, precision
     bookkeeping."""
     acc.add(train_step(model, optimizer, scaler, recipe, x, y, lr=lr, precision=precision,
                        channels_last=channels_last), y)
-
-
-def naive_step(model, optimizer, x, y, *, eps: float, lam: float, elle: bool,
-               dev: torch.device, precision: str, channels_last: bool,
-               acc: dict[str, Any]) -> None:
-    """The paper's FGSM(+ELLE) step as a plain eager user writes it (the reference rows)."""
-    for group in optimizer.param_groups:
-        group["lr"] = LR
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(dev, precision):
-        delta = torch.zeros_like(x, requires_grad=True)
-        loss = F.cross_entropy(model(x + delta), y)
-        loss.backward()  # the input gradient, and (wasted) weight gradients with it
-        x_adv = (x + eps * delta.grad.sign()).clamp(0, 1).detach()
-        loss = F.cross_entropy(model(x_adv), y)
-        if elle:
-            x_a = x + (torch.rand_like(x) * 2 - 1) * eps
-            x_b = x + (torch.rand_like(x) * 2 - 1) * eps
-            a = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
-            x_c = (1 - a) * x_a + a * x_b
-            l_a = F.cross_entropy(model(x_a), y, reduction="none")
-            l_b = F.cross_entropy(model(x_b), y, reduction="none")
-            l_c = F.cross_entropy(model(x_c), y, reduction="none")
-            a = a.view(-1)
-            loss = loss + lam * (l_c - (1 - a) * l_a - a * l_b).pow(2).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    acc["loss_sum"] += loss.detach() * y.shape[0]
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -198,18 +172,20 @@ def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, ref
                                  precision=precision, channels_last=channels_last, acc=acc)
         subjects.append(Subject(name, step, acc=acc, base=base_recipe(name),
                                 optimizer_steps=recipe.optimizer_steps))
-    if reference:
-        ref = JobSpec.model_validate({"recipe": "fgsm-elle", "threat": {"epsilon": EPSILON}})
-        eps = ref.threat.epsilon
-        lam = next(r.lam for r in ref.recipe.regularizers if r.kind == "elle")
-        for name, elle in ((NAIVE_FGSM, False), (NAIVE_ELLE, True)):
-            model = make_model(arch, init, dev, channels_last)
+    if reference:  # the yardstick: each recipe as its official code writes the step
+        for name in recipes:
+            spec = JobSpec.model_validate({"recipe": name, "threat": {"epsilon": EPSILON}})
+            model = make_model(arch, init, dev, channels_last=False)  # plain fp32 eager
             opt = make_optimizer(model)
             acc = new_acc(dev)
-            subjects.append(Subject(name, lambda m=model, o=opt, a=acc, e=elle: naive_step(
-                m, o, x, y, eps=eps, lam=lam, elle=e, dev=dev, precision=precision,
-                channels_last=channels_last, acc=a), acc=acc,
-                base=NAIVE_FGSM if elle else None))
+            ref = reference_step(spec, model, opt)
+
+            def step(ref=ref, acc=acc):
+                acc["loss_sum"] += ref(x, y) * y.shape[0]
+
+            base = base_recipe(name)
+            subjects.append(Subject(REF + name, step, acc=acc,
+                                    base=REF + base if base else None))
     return subjects
 
 
@@ -299,7 +275,7 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
     if why is not None:
         return [], None, [f"skipped {arch} {precision}: {why}"]
 
-    reference = args.reference and any(reg_kinds(r) & {"elle", "elle_a"} for r in recipes)
+    reference = args.reference
     torch.manual_seed(SEED)
     subjects = build_subjects(arch, init, recipes, x, y, dev, precision, channels_last,
                               reference)
@@ -367,6 +343,7 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
         base_t = med.get(s.base) if s.base else None
         std_t = med.get("standard")
         m = med[s.name]
+        ref_t = med.get(REF + s.name)
         rows.append({
             "model": arch, "precision": precision,
             "layout": "channels_last" if channels_last else "contiguous", "batch": batch,
@@ -376,6 +353,7 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
             "x_standard": m / std_t if std_t else None,
             "base": s.base, "x_base": m / base_t if base_t else None,
             "x_base_expected": exp,
+            "speedup_vs_reference": ref_t / m if ref_t else None,
             "optimizer_steps": s.optimizer_steps,
             "nonfinite_loss": nonfinite,
         })
@@ -421,7 +399,8 @@ def print_table(rows: list[dict]) -> None:
             ("recipe", "recipe", "s"), ("median ms", "median_s", "ms"),
             ("min ms", "min_s", "ms"), ("p90 ms", "p90_s", "ms"), ("img/s", "images_per_s", ".0f"),
             ("x std", "x_standard", ".2f"), ("base", "base", "s"), ("x base", "x_base", ".2f"),
-            ("expect", "x_base_expected", ".2f"), ("n", "n", "d")]
+            ("expect", "x_base_expected", ".2f"), ("vs ref", "speedup_vs_reference", ".2f"),
+            ("n", "n", "d")]
     cells = []
     for r in rows:
         r = dict(r, mem="CL" if r["layout"] == "channels_last" else "NCHW")
@@ -497,7 +476,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     ap.add_argument("--json", default=None, metavar="OUT.json", help="also write the rows here")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
-                    help="leave out the naive eager FGSM / ELLE reference rows")
+                    help="leave out the reference rows (each recipe as its official code "
+                         "writes the step: bench/reference_steps.py) and the speed-up column")
     ap.add_argument("--progress", action="store_true", help="print each round to stderr")
     return ap.parse_args(argv)
 
