@@ -74,7 +74,20 @@ from service.store import Store, StoreError
 
 log = logging.getLogger("bulwark.api")
 KEEPALIVE_SECONDS = 15.0
-SWEEP_GRACE_SECONDS = 5.0
+# a job's row turns terminal a moment before its terminal event is published: a stream that
+# finds the row terminal reads this long more before it ends
+GRACE_SECONDS = 5.0
+
+
+def stream_event(fields: dict[str, str], *, event_id: str | None = None,
+                 **extra: Any) -> ServerSentEvent:
+    """An entry of a job's Redis event stream as a server-sent event (its time in ``at``,
+    ``extra`` merged into its data)."""
+    data = json.loads(fields.get("data", "{}"))
+    if "at" in fields:
+        data["at"] = fields["at"]
+    data.update(extra)
+    return ServerSentEvent(event=fields["type"], data=data, id=event_id)
 MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 SPEC_MAX_BYTES = 1024 * 1024
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -410,22 +423,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             after = last_event_id or "0"
             key = stream_key(job.id)
             r = request.app.state.aredis
+            ended: float | None = None  # when the row was first seen terminal
             while not await request.is_disconnected():
-                res = await r.xread({key: after}, count=100, block=int(KEEPALIVE_SECONDS * 1000))
+                block = GRACE_SECONDS if ended is not None else KEEPALIVE_SECONDS
+                res = await r.xread({key: after}, count=100, block=int(block * 1000))
                 if not res:
                     try:
                         current = await asyncio.to_thread(store.get_job, None, job.id)
                     except StoreError:  # deleted meanwhile
                         return
-                    if current.state in TERMINAL:  # finished, and nothing more arrived: done
-                        return
+                    if current.state in TERMINAL:  # its terminal event follows the row
+                        now = time.monotonic()  # closely: read a while longer for it
+                        ended = ended or now
+                        if now - ended >= GRACE_SECONDS:
+                            return
                     continue  # FastAPI sends the keep-alive comments
                 for event_id, fields in res[0][1]:
                     after = event_id
-                    data = json.loads(fields.get("data", "{}"))
-                    if "at" in fields:
-                        data["at"] = fields["at"]
-                    yield ServerSentEvent(event=fields["type"], data=data, id=event_id)
+                    yield stream_event(fields, event_id=event_id)
                     if fields["type"] in TERMINAL_EVENTS:
                         return
         finally:
@@ -629,7 +644,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             after = {stream_key(j.id): "0" for j in jobs}
             job_of = {stream_key(j.id): j.id for j in jobs}
             # a child's row turns terminal a moment before its terminal event is published:
-            # such a child is read a while longer (SWEEP_GRACE_SECONDS) before it is let go
+            # such a child is read a while longer (GRACE_SECONDS) before it is let go
             ended: dict[str, float] = {}
             r = request.app.state.aredis
             while not await request.is_disconnected():
@@ -650,18 +665,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     for k in list(after):
                         if k not in live or live[k].state in TERMINAL:
                             ended.setdefault(k, now)
-                    for k in [k for k, t0 in ended.items() if now - t0 >= SWEEP_GRACE_SECONDS]:
+                    for k in [k for k, t0 in ended.items() if now - t0 >= GRACE_SECONDS]:
                         after.pop(k, None)
                         ended.pop(k, None)
                     continue
                 for key, entries in res:
                     for event_id, fields in entries:
                         after[key] = event_id
-                        data = json.loads(fields.get("data", "{}"))
-                        if "at" in fields:
-                            data["at"] = fields["at"]
-                        data.update(job_id=job_of[key], child=names.get(job_of[key]))
-                        yield ServerSentEvent(event=fields["type"], data=data)
+                        yield stream_event(fields, job_id=job_of[key],
+                                           child=names.get(job_of[key]))
                         if fields["type"] in TERMINAL_EVENTS:
                             after.pop(key, None)
                             ended.pop(key, None)
