@@ -156,6 +156,26 @@ def test_two_ranks_follow_the_one_process_run(name, pretrained, tmp_path):
     assert abs(two["final"]["clean_acc"] - one["final"]["clean_acc"]) <= 0.011
 
 
+def test_the_final_evaluation_shared_by_two_ranks_pools_every_test_image(pretrained, tmp_path):
+    def job(devices: int) -> dict:
+        s = spec("standard", devices, weights=pretrained)
+        s["mode"] = "evaluate"
+        s["evaluation"]["final"] = {"n": 101, "models": ["last"], "fgsm": True,
+                                    "pgd": {"steps": 5, "restarts": 2}, "autoattack": None}
+        return s
+
+    one = run_job(JobSpec.model_validate(job(1)), tmp_path / "one", device="cpu",
+                  progress=False)["final"]
+    two = run_job(JobSpec.model_validate(job(2)), tmp_path / "two", device="cpu",
+                  progress=False)["final"]
+    assert one["n"] == two["n"] == 101 and two["attacks"]["fgsm"]["n"] == 101
+    # clean and FGSM are deterministic: the pooled counts are the one-process counts
+    assert two["clean_acc"] == one["clean_acc"] > 0.5
+    assert two["attacks"]["fgsm"]["acc"] == one["attacks"]["fgsm"]["acc"]
+    pgd1, pgd2 = one["attacks"]["pgd5-2"]["acc"], two["attacks"]["pgd5-2"]["acc"]
+    assert two["attacks"]["pgd5-2"]["n"] == 101 and abs(pgd1 - pgd2) <= 0.05
+
+
 def test_certification_shared_by_two_ranks_gives_the_one_process_rows(pretrained, tmp_path):
     def job(devices: int) -> dict:
         s = spec("standard", devices, weights=pretrained)

@@ -9,9 +9,10 @@ steps on its contiguous slice of each global batch (``attacks.shard``): the glob
 there. Rank 0 alone emits events, runs the monitor (its figures are broadcast, so that every
 rank's watchdog takes the same decisions) and writes checkpoints. Certification is shared too
 (chunks dealt round-robin, each from its own seeded generator: the rows of a one-process run,
-gathered in order); then the other ranks leave and rank 0 runs the final evaluation. A rank
-that dies makes the others' next collective fail: the job fails with its last checkpoint intact
-and an attempt on any number of devices resumes from it."""
+gathered in order), and so is the final evaluation (each rank attacks a contiguous share of the
+test images; the counts are pooled). A rank that dies makes the others' next collective fail:
+the job fails with its last checkpoint intact and an attempt on any number of devices resumes
+from it."""
 
 from __future__ import annotations
 

@@ -201,6 +201,26 @@ class EpochStats:
                 "metrics": {k: v / steps for k, v in zip(keys, packed[2:], strict=True)}}
 
 
+def merge_finals(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The final figures of the whole test set from each rank's figures on its share (in rank
+    order): counts add up, accuracies are recomputed from them."""
+    def pooled(figures: list[tuple[float, int]]) -> tuple[float, int]:
+        n = sum(k for _, k in figures)
+        return sum(round(a * k) for a, k in figures) / max(n, 1), n
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, first in parts[0].items():
+        ours = [p[name] for p in parts]
+        clean, n = pooled([(f["clean_acc"], f["n"]) for f in ours])
+        attacks = {}
+        for attack, res in first["attacks"].items():
+            acc, m = pooled([(f["attacks"][attack]["acc"], f["attacks"][attack]["n"])
+                             for f in ours])
+            attacks[attack] = {**res, "acc": acc, "n": m}
+        out[name] = {**first, "clean_acc": clean, "n": n, "attacks": attacks}
+    return out
+
+
 class Training:
     """One job's state, built once; the methods are the phases of ``run_job``."""
 
@@ -486,6 +506,9 @@ class Training:
         test_x, test_y = data.test_x, data.test_y
         if ev.final.n is not None:
             test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
+        if self.ranks is not None:  # this rank's contiguous share of the test images
+            part = self.ranks.share(int(test_x.shape[0]))
+            test_x, test_y = test_x[part.start:part.stop], test_y[part.start:part.stop]
         test_x, test_y = test_x.to(self.dev).float().div_(255), test_y.to(self.dev)
         candidates = {"last": self.model}
         if self.recipe.weight_average is not None:
@@ -509,7 +532,7 @@ class Training:
                                                                  "attack": p, "model": m,
                                                                  "n": n}),
                     on_progress=lambda p: emit("evaluation", p), check=check)
-        return finals
+        return finals if self.ranks is None else merge_finals(self.ranks.gather([finals]))
 
     def certify(self, emit: Event, check: Callable[[], None]) -> dict[str, Any] | None:
         plan = self.spec.evaluation.certification
@@ -637,12 +660,12 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
             emit("resumed", {"epoch": job.start_epoch})
         job.fit(emit, should_stop, progress)
         check()
-        certification = job.certify(emit, check)  # shared by the ranks
+        certification = job.certify(emit, check)  # shared by the ranks, as the evaluation
+        check()
+        emit("phase", {"phase": "final_evaluation"})
+        finals = job.evaluate(emit, check)
     world = 1 if ranks is None else ranks.world
-    job.ranks, job.net = None, job.model  # the other ranks are gone: rank 0 evaluates alone
-    check()
-    emit("phase", {"phase": "final_evaluation"})
-    finals = job.evaluate(emit, check)
+    job.ranks, job.net = None, job.model
     check()
     report = job.report(finals, certification)
     timing.seconds["total"] = time.perf_counter() - t_start
@@ -661,7 +684,7 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
 
 def train_as_rank(rank: int, world: int, port: int, payload: dict[str, Any]) -> None:
     """Ranks 1..N-1 of a ``compute.devices`` job (processes ``launch`` starts): train
-    alongside rank 0, certify their share, then leave (rank 0 evaluates)."""
+    alongside rank 0, certify and evaluate their share of the test images, then leave."""
     import torch.distributed as dist
 
     ranks = join(rank, world, port, payload)
@@ -673,6 +696,7 @@ def train_as_rank(rank: int, world: int, port: int, payload: dict[str, Any]) -> 
             job.restore()
         job.fit(lambda kind, data: None, None, False)
         job.certify(lambda kind, data: None, lambda: None)
+        job.evaluate(lambda kind, data: None, lambda: None)
     finally:
         dist.destroy_process_group()
 
