@@ -115,6 +115,13 @@ def test_more_ranks_than_the_batch_is_refused(tmp_path):
         run_job(JobSpec.model_validate(s), tmp_path, device="cpu", progress=False)
 
 
+def test_sync_batchnorm_on_the_cpu_is_refused_before_any_rank_starts(tmp_path):
+    s = spec("fgsm", 2)
+    s["compute"]["sync_batchnorm"] = True
+    with pytest.raises(ValueError, match="needs CUDA"):
+        run_job(JobSpec.model_validate(s), tmp_path, device="cpu", progress=False)
+
+
 # ------------------------------------------------------------------ 2 ranks = 1 process
 # λ at this model's scale (the CIFAR table's 10 000 at ε = 0.1 diverges from these weights)
 RECIPES = {

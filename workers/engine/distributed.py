@@ -149,6 +149,9 @@ def launch(spec: JobSpec, device: torch.device, train: Callable[..., None], *, o
     if world <= 1:
         yield None
         return
+    if spec.compute.sync_batchnorm and device.type != "cuda":
+        raise ValueError("compute.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm is "
+                         "GPU-only); on the CPU each rank keeps its own BatchNorm statistics")
     if world > spec.schedule.batch_size:
         raise ValueError(f"compute.devices: {world} ranks need schedule.batch_size >= {world} "
                          f"(got {spec.schedule.batch_size}); the batch is the global batch")
