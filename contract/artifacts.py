@@ -7,8 +7,9 @@ BEST = "best.safetensors"      # weights of the best monitor-PGD epoch, kept apa
 WA = "wa.safetensors"          # the weight-averaged model, when the recipe keeps one
 CERTIFY_TSV = "certify.tsv"    # per-point certification results (Cohen's columns)
 CHECKPOINT = "checkpoint.pt"   # the resumable training state (internal, not downloadable)
+CERTIFY_STATE = CERTIFY_TSV + ".json"  # certify.tsv's settings, which a resume must match
 DOWNLOADABLE = (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
 # everything a run may leave, including the certification sidecar (<state_path>.json)
-RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_TSV + ".json")
+RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_STATE)
 # what a resumed attempt needs back: the training state and a partial certification
-RESUMABLE = (CHECKPOINT, CERTIFY_TSV, CERTIFY_TSV + ".json")
+RESUMABLE = (CHECKPOINT, CERTIFY_TSV, CERTIFY_STATE)

@@ -77,6 +77,12 @@ KEEPALIVE_SECONDS = 15.0
 # a job's row turns terminal a moment before its terminal event is published: a stream that
 # finds the row terminal reads this long more before it ends
 GRACE_SECONDS = 5.0
+MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+SPEC_MAX_BYTES = 1024 * 1024
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_ASSETS = ("app.js", "app.css")
 
 
 def stream_event(fields: dict[str, str], *, event_id: str | None = None,
@@ -88,11 +94,6 @@ def stream_event(fields: dict[str, str], *, event_id: str | None = None,
         data["at"] = fields["at"]
     data.update(extra)
     return ServerSentEvent(event=fields["type"], data=data, id=event_id)
-MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
-SPEC_MAX_BYTES = 1024 * 1024
-STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
-UI_DIR = Path(__file__).resolve().parent / "ui"
-UI_ASSETS = ("app.js", "app.css")
 
 
 BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -708,7 +709,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            image_size: Annotated[int, Form(ge=4, le=512)] = 32) -> ModelOut:
         try:
             row = await asyncio.to_thread(
-                store_upload, store, s, tenant_id, file.file, arch=arch,
+                store_upload, store, s, blobs, tenant_id, file.file, arch=arch,
                 meta={"num_classes": num_classes, "in_channels": in_channels,
                       "image_size": image_size})
         except UploadRejected as e:
@@ -723,7 +724,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         float in [0, 1], NHWC or NHW; integer labels), read with numpy alone (no pickles).
         Jobs use it as ``{"dataset": {"name": "npz", "path": "datasets/<id>"}}``."""
         try:
-            row = await asyncio.to_thread(store_dataset, store, s, tenant_id, file.file)
+            row = await asyncio.to_thread(store_dataset, store, s, blobs, tenant_id, file.file)
         except UploadRejected as e:
             raise HTTPException(e.status, str(e)) from e
         return dataset_out(row)

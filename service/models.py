@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from service.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
 from service.db import new_id
-from service.storage import artifacts
+from service.storage import Artifacts
 
 ALLOWED_ARCHS = ("small_cnn", "preact_resnet18", "wide_resnet")
 _DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
@@ -93,14 +93,14 @@ def spool(stream: BinaryIO, dest: Path, limit: int, check) -> Any:
         raise
 
 
-def store_upload(store, settings, tenant_id: str, stream: BinaryIO, *, arch: str,
-                 meta: dict[str, Any]):
+def store_upload(store, settings, blobs: Artifacts, tenant_id: str, stream: BinaryIO, *,
+                 arch: str, meta: dict[str, Any]):
     if arch not in ALLOWED_ARCHS:
         raise UploadRejected(f"arch must be one of {list(ALLOWED_ARCHS)}, got {arch!r}")
     model_id = new_id()
     dest = model_path(settings, tenant_id, model_id)
     tensors = spool(stream, dest, settings.max_upload_bytes, check_safetensors)
-    artifacts(settings).push(model_key(tenant_id, model_id), dest)  # for workers elsewhere
+    blobs.push(model_key(tenant_id, model_id), dest)  # for workers on other hosts
     meta = {**meta, "tensors": len(tensors)}
     return store.add_model(tenant_id, arch=arch, meta=meta, path=str(dest),
                            sha256=sha256_file(dest), size=dest.stat().st_size,
@@ -122,10 +122,10 @@ def check_npz(path: str) -> dict[str, Any]:
             "num_classes": classes}
 
 
-def store_dataset(store, settings, tenant_id: str, stream: BinaryIO):
+def store_dataset(store, settings, blobs: Artifacts, tenant_id: str, stream: BinaryIO):
     dataset_id = new_id()
     dest = dataset_path(settings, tenant_id, dataset_id)
     meta = spool(stream, dest, settings.max_upload_bytes, check_npz)
-    artifacts(settings).push(dataset_key(tenant_id, dataset_id), dest)
+    blobs.push(dataset_key(tenant_id, dataset_id), dest)
     return store.add_dataset(tenant_id, meta=meta, path=str(dest), sha256=sha256_file(dest),
                              size=dest.stat().st_size, dataset_id=dataset_id)

@@ -7,7 +7,7 @@ Both speak in keys, the relative paths ``service.artifacts`` builds from ids the
 works in a local folder (``service.artifacts.job_dir``); with a bucket, ``Artifacts.pull``
 fills it from the bucket before a run (a resume on another host reads its checkpoint back) and
 ``push`` copies the run's files there as they are written. The bucket is reached with boto3
-(``pip install bulwark[s3]``); its endpoint and region come from settings, the credentials from
+(a dependency of Bulwark's); its endpoint and region come from settings, the credentials from
 boto3's own chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a profile, a role).
 """
 

@@ -43,11 +43,11 @@ from service.db import (
 KEY_PREFIX = "bwk_"
 
 
-
 def devices_of(spec: dict[str, Any]) -> int:
     """The device count a job spec (as dumped) needs: compute.devices, 0 for "all"."""
     n = (spec.get("compute") or {}).get("devices", 1)
     return 0 if n == "all" else int(n)
+
 
 class StoreError(Exception):
     status = 400

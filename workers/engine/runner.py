@@ -189,16 +189,15 @@ class EpochStats:
         keys = sorted(self.sums)
         packed = torch.stack([self.loss_sum.float(), self.correct.float()]
                              + [self.sums[k].float() for k in keys]).tolist()
-        n, steps = max(self.seen, 1), max(self.steps, 1)
-        if ranks is not None:  # metrics are per-step means: averaged over the ranks
-            total = ranks.sum([packed[0], packed[1], float(self.seen),
-                               *(v / steps for v in packed[2:])])
-            n = max(total[2], 1)
-            return {"train_loss": total[0] / n, "train_acc": total[1] / n,
-                    "metrics": {k: v / ranks.world for k, v in zip(keys, total[3:],
-                                                                    strict=True)}}
-        return {"train_loss": packed[0] / n, "train_acc": packed[1] / n,
-                "metrics": {k: v / steps for k, v in zip(keys, packed[2:], strict=True)}}
+        steps = max(self.steps, 1)
+        # loss and correct sums, examples seen, per-step metric means
+        totals = [packed[0], packed[1], float(self.seen), *(v / steps for v in packed[2:])]
+        world = 1
+        if ranks is not None:  # summed over the ranks; the metric means averaged over them
+            totals, world = ranks.sum(totals), ranks.world
+        n = max(totals[2], 1)
+        return {"train_loss": totals[0] / n, "train_acc": totals[1] / n,
+                "metrics": {k: v / world for k, v in zip(keys, totals[3:], strict=True)}}
 
 
 def merge_finals(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from contract.artifacts import CERTIFY_TSV, CHECKPOINT, DOWNLOADABLE, RESUMABLE
+from contract.artifacts import CERTIFY_STATE, CHECKPOINT, DOWNLOADABLE, RESUMABLE
 from service.artifacts import (
     dataset_key,
     dataset_path,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"invalid job spec: {problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
     blobs = artifacts(settings)
 
-    def upload(key: str, local: Path, recorded: str) -> str | None:
+    def local_copy(key: str, local: Path, recorded: str) -> str | None:
         """An upload's file on this host: the recorded path (local root), else fetched from
         the bucket into this host's scratch; None when the store has lost it."""
         if not blobs.remote:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError:
             return fail(f"dataset.path {spec.dataset.path}: no such upload of yours",
                         EXIT_BAD_INPUT)
-        data_path = upload(dataset_key(job.tenant_id, dataset_id),
+        data_path = local_copy(dataset_key(job.tenant_id, dataset_id),
                            dataset_path(settings, job.tenant_id, dataset_id), row.path)
         if data_path is None:
             return fail(f"dataset.path {spec.dataset.path}: the artifact store has lost the "
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     key = job_key(job.tenant_id, job_id)
     weights = None
     if job.model_id:
-        weights = upload(model_key(job.tenant_id, job.model_id),
+        weights = local_copy(model_key(job.tenant_id, job.model_id),
                          model_path(settings, job.tenant_id, job.model_id),
                          store.get_model(job.tenant_id, job.model_id).path)
         if weights is None:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         store.note_error(job_id, owner, scrub_paths(f"{type(e).__name__}: {first}"))
         return EXIT_ERROR
     listed = describe_artifacts(out)
-    mirror(DOWNLOADABLE + (CERTIFY_TSV + ".json",))  # in the store before the row says so
+    mirror((*DOWNLOADABLE, CERTIFY_STATE))  # in the store before the row says so
     if store.finish(job_id, owner, SUCCEEDED, artifacts=listed):
         # only now: a crash before the row said succeeded retries from this checkpoint
         mirror.forget(CHECKPOINT)
