@@ -70,6 +70,7 @@ SEED = 0
 REF = "ref:"  # the official-style step of a recipe (bench/reference_steps.py)
 NAIVE_FGSM, NAIVE_ELLE = REF + "fgsm", REF + "fgsm-elle"
 PROBE = "(probe)"
+COMPILED = "+compile"  # the same recipe's step through torch.compile (compute.compile: on)
 # model -> (in_channels, image_size, mean, std); 10 classes for both.
 MODELS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
     "small_cnn": (1, 28, (0.1307,), (0.3081,)),
@@ -96,6 +97,7 @@ class Subject:
     acc: EpochStats | dict[str, Any] | None = None
     base: str | None = None          # the row this one is compared with ("x base")
     optimizer_steps: int = 1
+    first_s: float | None = None     # the first step's time (torch.compile's compilation)
 
 
 def new_acc(dev: torch.device) -> dict[str, Any]:
@@ -157,9 +159,11 @@ def make_optimizer(model):
                            weight_decay=WEIGHT_DECAY)
 
 
-def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, reference):
+def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, reference,
+                   compiled=False):
     subjects: list[Subject] = []
-    for name in recipes:
+    for name, compile_ in [(n, False) for n in recipes] + [(n, True) for n in recipes
+                                                             if compiled]:
         spec = JobSpec.model_validate({"recipe": name, "threat": {"epsilon": EPSILON}})
         model = make_model(arch, init, dev, channels_last)
         opt = make_optimizer(model)
@@ -168,9 +172,12 @@ def build_subjects(arch, init, recipes, x, y, dev, precision, channels_last, ref
         recipe.bind(model, total_steps=10_000)  # EMA copies (ADR teacher, WA) as the runner
         recipe.begin_epoch(10_000)  # past any warm-up (TRADES-AWP starts at epoch 10)
         acc = EpochStats(dev)
-        step = functools.partial(bulwark_step, model, opt, scaler, recipe, x, y, lr=LR,
+        # as the runner with compute.compile on: the step's network compiled, the rest eager
+        net = torch.compile(model) if compile_ else model
+        step = functools.partial(bulwark_step, net, opt, scaler, recipe, x, y, lr=LR,
                                  precision=precision, channels_last=channels_last, acc=acc)
-        subjects.append(Subject(name, step, acc=acc, base=base_recipe(name),
+        subjects.append(Subject(name + COMPILED if compile_ else name, step, acc=acc,
+                                base=name if compile_ else base_recipe(name),
                                 optimizer_steps=recipe.optimizer_steps))
     if reference:  # the yardstick: each recipe as its official code writes the step
         for name in recipes:
@@ -278,7 +285,7 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
     reference = args.reference
     torch.manual_seed(SEED)
     subjects = build_subjects(arch, init, recipes, x, y, dev, precision, channels_last,
-                              reference)
+                              reference, compiled=args.compile)
     probe = Probe(arch, init, x, y, dev, precision, channels_last, sync)
 
     # warm-up: every subject, round robin; a recipe whose step fails is dropped with a note
@@ -286,7 +293,9 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
     for i in range(max(1, args.warmup)):
         for s in list(subjects):
             try:
-                s.step()
+                t = timed(s.step, sync)
+                if s.first_s is None:
+                    s.first_s = t
             except Exception as e:  # report it and carry on with the other recipes
                 if i:
                     raise
@@ -354,6 +363,7 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
             "base": s.base, "x_base": m / base_t if base_t else None,
             "x_base_expected": exp,
             "speedup_vs_reference": ref_t / m if ref_t else None,
+            "first_step_s": s.first_s,
             "optimizer_steps": s.optimizer_steps,
             "nonfinite_loss": nonfinite,
         })
@@ -400,7 +410,7 @@ def print_table(rows: list[dict]) -> None:
             ("min ms", "min_s", "ms"), ("p90 ms", "p90_s", "ms"), ("img/s", "images_per_s", ".0f"),
             ("x std", "x_standard", ".2f"), ("base", "base", "s"), ("x base", "x_base", ".2f"),
             ("expect", "x_base_expected", ".2f"), ("vs ref", "speedup_vs_reference", ".2f"),
-            ("n", "n", "d")]
+            ("1st s", "first_step_s", ".1f"), ("n", "n", "d")]
     cells = []
     for r in rows:
         r = dict(r, mem="CL" if r["layout"] == "channels_last" else "NCHW")
@@ -478,6 +488,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="leave out the reference rows (each recipe as its official code "
                          "writes the step: bench/reference_steps.py) and the speed-up column")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a '<recipe>+compile' row per recipe: its step with the network "
+                    "through torch.compile (compute.compile: on); 'x base' is then its ratio "
+                    "to the eager row and '1st s' the first step, compilation included")
     ap.add_argument("--progress", action="store_true", help="print each round to stderr")
     return ap.parse_args(argv)
 
@@ -549,7 +563,9 @@ def main(argv=None) -> int:
               "x std: / standard step (same model, precision, batch).  base / x base: the "
               "recipe's base attack (ELLE, GradAlign: fgsm or n-fgsm; AAER: fgsm-rs or n-fgsm; "
               "naive-fgsm-elle: naive-fgsm).  expect: FLOP-bound x base from measured parts "
-              "(ELLE), 1.00 (AAER).")
+              "(ELLE), 1.00 (AAER).  <recipe>+compile (--compile): the step through "
+              "torch.compile, its x base against the eager row; 1st s: the first step "
+              "(compilation).")
         if any(r["nonfinite_loss"] for r in all_rows):
             print("(!nan): the loss went non-finite during the run; its timing may be off.")
         print()

@@ -459,6 +459,10 @@ class ComputeSpec(_Strict):
         "schedule.batch_size stays the global batch")
     sync_batchnorm: bool = Field(False, description="with devices > 1: BatchNorm statistics "
                                  "over the global batch (SyncBatchNorm) instead of per rank")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training step's network. auto: on only on "
+        "device types where the recorded step-cost figures show a win (none yet: on the CPU "
+        "it loses; see docs/benchmarks.md)")
 
 
 class MLflowSpec(_Strict):
@@ -513,6 +517,11 @@ class JobSpec(_Strict):
                              "fp16 (the loss scaler steps once per batch); use fp32 or bf16, or "
                              "set official_double_step: false on the regularizer (the ELLE "
                              "presets turn it on, as the official code steps twice)")
+        if self.compute.compile == "on" and any(r.kind == "gradalign"
+                                                for r in self.recipe.regularizers):
+            raise ValueError("compute.compile: 'on' cannot train GradAlign (its gradient "
+                             "alignment term needs a double backward, which torch.compile "
+                             "does not support); use 'auto' or 'off'")
         if self.threat.epsilon_warmup > self.schedule.epochs:
             raise ValueError(f"threat.epsilon_warmup must be in [0, schedule.epochs = "
                              f"{self.schedule.epochs}], got {self.threat.epsilon_warmup:g}")
@@ -593,15 +602,17 @@ def load_spec_file(path: str) -> JobSpec:
 
 
 def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Equal job specs (as dumped), whatever their names and ``compute.devices``: neither
-    changes what a run computes (the batch is the global batch on any number of ranks), so a
-    run may resume or be reused under another name or on another number of devices. Both are
+    """Equal job specs (as dumped), whatever their names, ``compute.devices`` and
+    ``compute.compile``: none changes what a run computes (the batch is the global batch on any
+    number of ranks; a compiled step computes the eager one's figures up to float rounding), so
+    a run may resume or be reused under another name, on another number of devices, compiled
+    or not. Both are
     read again first, so a spec dumped before a field with a default existed still equals its
     reading."""
     def norm(d: dict[str, Any]) -> Any:
         try:
             dumped = JobSpec.model_validate(d).model_dump(mode="json")
-            dumped["compute"] = {**dumped["compute"], "devices": None}
+            dumped["compute"] = {**dumped["compute"], "devices": None, "compile": None}
             return {**dumped, "name": None}
         except ValueError:
             return {**d, "name": None}

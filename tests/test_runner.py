@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from contract.spec import JobSpec
+from workers.engine.models import build_model
 from workers.engine.runner import Cancelled, run_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,3 +319,42 @@ def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path)
     assert max(len(f) for f in frames) <= 100, "the 100-column fallback"
     assert "64/64" in proc.stderr, "attack bars count test points"
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_compiled_step_follows_the_eager_run(tmp_path):
+    """compute.compile on: the training step runs through torch.compile (inductor, C++ on the
+    CPU) and takes the eager run's steps to float rounding; auto stays eager on the CPU, where
+    the recorded figures show compilation losing."""
+    # 900 training images = 9 full batches of 100: one batch shape, no recompilation. SGD at a
+    # small lr: on the loss plateau of a fresh net Adam (or a large lr) turns rounding into
+    # another trajectory, and the comparison would test chaos rather than equality.
+    over = {"dataset": {"name": "digits", "val_size": 100, "train_limit": 900},
+            "recipe": {"preset": "fgsm-elle-a", "regularizers": [
+                {"kind": "elle_a", "lam_max": 100}]},
+            "schedule": {"epochs": 2, "batch_size": 100, "seed": 3, "optimizer": "sgd",
+                         "lr": {"kind": "cyclic", "lr_max": 0.05}}}
+    eager = run_job(digits_spec(**over), tmp_path / "eager", device="cpu", progress=False)
+    spec = digits_spec(**over, compute={"compile": "on"})
+    compiled = run_job(spec, tmp_path / "compiled", device="cpu", progress=False)
+    assert eager["environment"]["compile"] is False
+    assert compiled["environment"]["compile"] is True
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["metrics"]["elle_e_lin"] == pytest.approx(a["metrics"]["elle_e_lin"],
+                                                           rel=1e-2, abs=1e-6)
+    wa = load_file(str(tmp_path / "eager" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "compiled" / "model.safetensors"))
+    assert wa.keys() == wb.keys(), "the weights are saved under the eager module's names"
+    torch.manual_seed(3)  # the runner's initialisation: how far training moved the weights
+    start = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8,
+                        mean=(0.0,), std=(1.0,)).state_dict()
+    params = [k for k in wa if k.startswith("net.")]  # not the Normalize layer's constants
+    moved = max(float((wa[k] - start[k]).abs().max()) for k in params)
+    apart = max(float((wa[k] - wb[k]).abs().max()) for k in params)
+    assert apart * 1000 < moved, f"the runs differ by {apart:.2e}; training moved {moved:.2e}"
+
+
+def test_compile_on_refuses_gradalign_double_backward():
+    with pytest.raises(ValueError, match="compute.compile: 'on' cannot train GradAlign"):
+        digits_spec(recipe="fgsm-gradalign", compute={"compile": "on"})
+    assert digits_spec(recipe="fgsm-gradalign").compute.compile == "auto"

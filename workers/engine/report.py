@@ -40,7 +40,7 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device, seed: int, channels_last: bool,
-                precision: str) -> dict[str, Any]:
+                precision: str, compiled: bool = False) -> dict[str, Any]:
     return {
         "bulwark": _version("bulwark"),
         "torch": torch.__version__,
@@ -53,6 +53,7 @@ def environment(device: torch.device, seed: int, channels_last: bool,
         "threads": torch.get_num_threads(),
         "precision": precision,
         "channels_last": channels_last,
+        "compile": compiled,
         "seed": seed,
     }
 

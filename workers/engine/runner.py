@@ -130,6 +130,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
 
 
+# device types whose recorded step-cost figures (docs/benchmarks.md) show torch.compile's
+# training step winning over the eager one: compute.compile "auto" turns it on there. None yet:
+# on the CPU the compiled step is 1.1-1.7x slower on SmallCNN (every recipe measured) and mixed
+# on PreActResNet-18 (ELLE 0.86x, FGSM 1.26x), after 13-29 s of compilation; GPU figures owed.
+COMPILE_WINS: frozenset[str] = frozenset()
+
+
+def compile_on(setting: str, device: torch.device) -> bool:
+    """compute.compile resolved for ``device``: on, off, or auto (on where it wins)."""
+    return setting == "on" or (setting == "auto" and device.type in COMPILE_WINS)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                *, lr: float, precision: str, channels_last: bool,
@@ -263,6 +275,9 @@ class Training:
         self.model = model
         # what a training step runs: the DDP module (sharing ``model``'s parameters) or model
         self.net = model if ranks is None else ranks.wrap(model, spec.compute.sync_batchnorm)
+        self.compiled = compile_on(spec.compute.compile, dev)
+        if self.compiled:  # the training step only: evaluation and the EMA copies stay eager
+            self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(model.parameters(), sched)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
@@ -573,7 +588,7 @@ class Training:
             "report_version": REPORT_VERSION,
             "spec": spec.model_dump(mode="json"),
             "environment": environment(self.dev, spec.schedule.seed, self.channels_last,
-                                       spec.compute.precision),
+                                       spec.compute.precision, self.compiled),
             "dataset": {"name": data.name, "num_classes": data.num_classes, **self.sizes,
                         "test": int(data.test_x.shape[0]), "monitor": self.n_mon,
                         "shape": list(data.train_x.shape[1:])},
