@@ -606,9 +606,8 @@ def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
     ``compute.compile``: none changes what a run computes (the batch is the global batch on any
     number of ranks; a compiled step computes the eager one's figures up to float rounding), so
     a run may resume or be reused under another name, on another number of devices, compiled
-    or not. Both are
-    read again first, so a spec dumped before a field with a default existed still equals its
-    reading."""
+    or not. Both are read again first, so a spec dumped before a field with a default existed
+    still equals its reading."""
     def norm(d: dict[str, Any]) -> Any:
         try:
             dumped = JobSpec.model_validate(d).model_dump(mode="json")

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"dataset.path {spec.dataset.path}: no such upload of yours",
                         EXIT_BAD_INPUT)
         data_path = local_copy(dataset_key(job.tenant_id, dataset_id),
-                           dataset_path(settings, job.tenant_id, dataset_id), row.path)
+                               dataset_path(settings, job.tenant_id, dataset_id), row.path)
         if data_path is None:
             return fail(f"dataset.path {spec.dataset.path}: the artifact store has lost the "
                         "upload; upload it again", EXIT_BAD_INPUT)
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = None
     if job.model_id:
         weights = local_copy(model_key(job.tenant_id, job.model_id),
-                         model_path(settings, job.tenant_id, job.model_id),
-                         store.get_model(job.tenant_id, job.model_id).path)
+                             model_path(settings, job.tenant_id, job.model_id),
+                             store.get_model(job.tenant_id, job.model_id).path)
         if weights is None:
             return fail(f"model.weights: the artifact store has lost model {job.model_id}; "
                         "upload it again", EXIT_BAD_INPUT)
