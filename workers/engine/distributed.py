@@ -131,6 +131,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def leave() -> None:
+    """The end of a rank 1..N-1 that finished its work: meet the others, close the group and
+    exit at once. Leaving through the interpreter's finalization instead can abort the process
+    (gloo's worker threads outlive the interpreter: "terminate called without an active
+    exception", exit code -6) after all of its work was done."""
+    import sys
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def join(rank: int, world: int, port: int, payload: dict[str, Any]) -> Ranks:
     """In ranks 1..N-1 (the ``train`` that ``launch`` starts): threads, device, the group."""
     _die_with_parent()
@@ -172,6 +186,7 @@ def launch(spec: JobSpec, device: torch.device, train: Callable[..., None], *, o
         me = _init(0, world, port, device)
         try:
             yield me
+            dist.barrier()  # every rank is done with its collectives: tear down together
         except Exception as e:
             for p in procs:
                 p.join(timeout=2)  # a peer's death is what broke the collective?

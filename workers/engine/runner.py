@@ -44,7 +44,7 @@ from workers.engine.checkpoint import (
     write_text,
 )
 from workers.engine.data import DeviceLoader, load_dataset, split_validation
-from workers.engine.distributed import Ranks, join, launch
+from workers.engine.distributed import Ranks, join, launch, leave
 from workers.engine.html_report import render as render_html
 from workers.engine.models import build_model
 from workers.engine.monitor import COWatchdog, monitor
@@ -711,8 +711,10 @@ def train_as_rank(rank: int, world: int, port: int, payload: dict[str, Any]) -> 
         job.fit(lambda kind, data: None, None, False)
         job.certify(lambda kind, data: None, lambda: None)
         job.evaluate(lambda kind, data: None, lambda: None)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave()
 
 
 def run(spec, out: str | Path, *, device: str | None = None, resume: bool = False,
