@@ -14,9 +14,14 @@ Conventions shared by every function here:
   ``torch.no_grad()`` block is fine.
 * An example counts as robust only if it is classified correctly clean *and* after every
   attack run. Misclassified clean examples are never attacked.
-* Randomized evaluations seed torch's RNG from ``seed`` inside ``torch.random.fork_rng()``:
-  results are reproducible for a given (seed, batch_size) and the caller's RNG stream is left
-  untouched (torchattacks' APGD/APGD-T/FAB call ``torch.manual_seed`` themselves).
+* Randomized evaluations seed torch's RNG inside ``torch.random.fork_rng()``, PGD afresh for
+  every batch from (``seed``, the batch's first index): results are reproducible for a given
+  (seed, batch_size), a batch's result does not depend on the batches before it, and the
+  caller's RNG stream is left untouched (torchattacks' APGD/APGD-T/FAB call
+  ``torch.manual_seed`` themselves, at every call).
+* ``ledger`` (a :class:`Ledger`): each finished batch's robust mask is handed to it, and a
+  batch it already holds is not attacked again: an evaluation stopped half-way resumes where
+  it stopped, with the result of an uninterrupted one.
 
 torchattacks notes (3.5.1): ``AutoAttack`` does not forward a step count, so its APGD-CE,
 APGD-T and FAB run 10 iterations instead of the 100 of the reference implementation
@@ -30,7 +35,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torchattacks
@@ -38,6 +43,7 @@ from torch import nn
 
 __all__ = [
     "AttackResult",
+    "Ledger",
     "autoattack_eval",
     "autoattack_images",
     "check_image_range",
@@ -57,6 +63,19 @@ AA_VERSIONS = ("standard", "apgd-ce", "apgd-t", "apgd-ce+apgd-t")
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # progress(done, total): called after each batch with the points evaluated so far
 Progress = Callable[[int, int], None]
+
+
+class Ledger(Protocol):
+    """Where an attack's finished batches are kept: the robust mask of inputs
+    [start, stop)."""
+
+    def get(self, start: int, stop: int) -> list[bool] | None: ...
+
+    def put(self, start: int, stop: int, robust: list[bool]) -> None: ...
+
+
+def _slice_seed(seed: int, start: int) -> int:
+    return (seed * 1_000_003 + start * 7_919 + 17) % (2**63 - 1)
 
 
 @dataclass
@@ -171,17 +190,29 @@ def _run_attack(
     restarts: int,
     batch_size: int,
     progress: Progress | None = None,
+    seed: int | None = None,
+    ledger: Ledger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Worst case over ``restarts`` runs of ``attack``, per example.
 
     Restart r is run only on the examples that are still classified correctly after restarts
     0..r-1; examples misclassified clean are not attacked. Returns the adversarial images
-    (the clean image where nothing was attacked; the fooling image where an attack
-    succeeded; the last restart's image otherwise) and the boolean robust mask.
+    (the clean image where nothing was attacked, or the batch came from ``ledger``; the
+    fooling image where an attack succeeded; the last restart's image otherwise) and the
+    boolean robust mask. ``seed``: torch's RNG is seeded from it and the batch's first index
+    before each batch.
     """
     x_adv = x.clone()
     robust = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for sl in _slices(x.shape[0], batch_size):
+        kept = None if ledger is None else ledger.get(sl.start, sl.stop)
+        if kept is not None:
+            robust[sl] = torch.tensor(kept, dtype=torch.bool, device=x.device)
+            if progress is not None:
+                progress(sl.stop, x.shape[0])
+            continue
+        if seed is not None:
+            torch.manual_seed(_slice_seed(seed, sl.start))
         xb, yb = x[sl], y[sl]
         rob = _correct(model, xb, yb)
         adv = xb.clone()
@@ -197,6 +228,8 @@ def _run_attack(
                 progress(sl.start, x.shape[0])  # between restarts too: a caller may stop here
         x_adv[sl] = adv
         robust[sl] = rob
+        if ledger is not None:
+            ledger.put(sl.start, sl.stop, rob.tolist())
         if progress is not None:
             progress(sl.stop, x.shape[0])
     return x_adv, robust
@@ -239,6 +272,7 @@ def fgsm_attack_images(
     norm: str = "linf",
     batch_size: int = 256,
     progress: Progress | None = None,
+    ledger: Ledger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FGSM adversarial images and the robust mask (see :func:`fgsm_eval`)."""
     x, y = _check_inputs(model, x, y, batch_size, images=True)
@@ -246,7 +280,7 @@ def fgsm_attack_images(
     with _frozen_eval(model):
         attack = _fgsm_attack(model, float(eps), ta_norm, x.device)
         return _run_attack(model, attack, x, y, restarts=1, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, ledger=ledger)
 
 
 def fgsm_eval(
@@ -258,11 +292,12 @@ def fgsm_eval(
     norm: str = "linf",
     batch_size: int = 256,
     progress: Progress | None = None,
+    ledger: Ledger | None = None,
 ) -> AttackResult:
     """Accuracy under FGSM: ``torchattacks.FGSM`` (L∞) or one L2 step (``PGDL2``, steps=1,
     alpha=eps, no random start). Deterministic."""
     _, robust = fgsm_attack_images(model, x, y, eps=eps, norm=norm, batch_size=batch_size,
-                                   progress=progress)
+                                   progress=progress, ledger=ledger)
     return _result("fgsm", robust, {"eps": float(eps), "norm": norm})
 
 
@@ -280,6 +315,7 @@ def pgd_attack_images(
     batch_size: int = 256,
     seed: int = 0,
     progress: Progress | None = None,
+    ledger: Ledger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD adversarial images and the robust mask (see :func:`pgd_eval`)."""
     x, y = _check_inputs(model, x, y, batch_size, images=True)
@@ -295,7 +331,7 @@ def pgd_attack_images(
         atk = cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
         atk.set_device(x.device)
         return _run_attack(model, atk, x, y, restarts=restarts, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, seed=seed, ledger=ledger)
 
 
 def pgd_eval(
@@ -311,12 +347,13 @@ def pgd_eval(
     batch_size: int = 256,
     seed: int = 0,
     progress: Progress | None = None,
+    ledger: Ledger | None = None,
 ) -> AttackResult:
     """Accuracy under PGD (``torchattacks.PGD`` / ``PGDL2``, random start), worst case over
     ``restarts`` per example. ``alpha`` is the absolute step size (default ``eps / 4``)."""
     _, robust = pgd_attack_images(
         model, x, y, eps=eps, norm=norm, steps=steps, alpha=alpha, restarts=restarts,
-        batch_size=batch_size, seed=seed, progress=progress,
+        batch_size=batch_size, seed=seed, progress=progress, ledger=ledger,
     )
     alpha_v = float(eps) / 4 if alpha is None else float(alpha)
     params = {
@@ -371,6 +408,7 @@ def autoattack_images(
     seed: int = 0,
     steps: int = 100,
     progress: Progress | None = None,
+    ledger: Ledger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAttack adversarial images and the robust mask (see :func:`autoattack_eval`)."""
     x, y = _check_inputs(model, x, y, batch_size, images=True)
@@ -397,7 +435,7 @@ def autoattack_images(
                 num_classes=num_classes, steps=steps, seed=seed, device=x.device,
             )
             return _run_attack(model, atk, x, y, restarts=1, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, ledger=ledger)
 
 
 def autoattack_eval(
@@ -413,6 +451,7 @@ def autoattack_eval(
     seed: int = 0,
     steps: int = 100,
     progress: Progress | None = None,
+    ledger: Ledger | None = None,
 ) -> AttackResult:
     """Accuracy under AutoAttack via torchattacks.
 
@@ -427,6 +466,7 @@ def autoattack_eval(
     _, robust = autoattack_images(
         model, x, y, eps=eps, norm=norm, version=version, num_classes=num_classes,
         batch_size=batch_size, seed=seed, steps=steps, progress=progress,
+        ledger=ledger,
     )
     params = {
         "eps": float(eps), "norm": norm, "version": version, "num_classes": int(num_classes),

@@ -8,8 +8,10 @@ WA = "wa.safetensors"          # the weight-averaged model, when the recipe keep
 CERTIFY_TSV = "certify.tsv"    # per-point certification results (Cohen's columns)
 CHECKPOINT = "checkpoint.pt"   # the resumable training state (internal, not downloadable)
 CERTIFY_STATE = CERTIFY_TSV + ".json"  # certify.tsv's settings, which a resume must match
+FINAL_STATE = "final.partial.json"  # the final suite's finished batches (gone with the report)
 DOWNLOADABLE = (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
 # everything a run may leave, including the certification sidecar (<state_path>.json)
-RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_STATE)
-# what a resumed attempt needs back: the training state and a partial certification
-RESUMABLE = (CHECKPOINT, CERTIFY_TSV, CERTIFY_STATE)
+RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_STATE, FINAL_STATE)
+# what a resumed attempt needs back: the training state, a partial certification and a
+# partial final evaluation
+RESUMABLE = (CHECKPOINT, CERTIFY_TSV, CERTIFY_STATE, FINAL_STATE)

@@ -196,6 +196,52 @@ def test_more_restarts_never_increase_robust_accuracy(cnn_problem):
     assert r1.correct < clean.correct  # the attack does something on this model
 
 
+class _Book:
+    """A ledger in a dict, recording which batches were handed to it."""
+
+    def __init__(self):
+        self.batches: dict[tuple[int, int], list[bool]] = {}
+        self.puts: list[tuple[int, int]] = []
+
+    def get(self, start, stop):
+        return self.batches.get((start, stop))
+
+    def put(self, start, stop, robust):
+        self.batches[(start, stop)] = list(robust)
+        self.puts.append((start, stop))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_pgd_evaluation_resumes_from_its_ledger(cnn_problem):
+    model, x, y = cnn_problem
+    kw = dict(eps=0.03, steps=5, restarts=2, batch_size=6, seed=0)
+    _, whole = pgd_attack_images(model, x, y, **kw)
+    assert 0 < whole.sum() < len(x) - 2, "some points robust, some not: the mask says something"
+
+    def stop_at_12(done, total):
+        if done >= 12:
+            raise _Stop
+
+    book = _Book()
+    with pytest.raises(_Stop):
+        pgd_attack_images(model, x, y, progress=stop_at_12, ledger=book, **kw)
+    assert book.puts == [(0, 6), (6, 12)]
+    _, resumed = pgd_attack_images(model, x, y, ledger=book, **kw)
+    assert book.puts[2:] == [(12, 18), (18, 24)], "only the unfinished batches are attacked"
+    assert torch.equal(resumed, whole)
+    # a batch's result does not depend on the batches before it: a ledger that claims every
+    # point of the first batch robust changes that batch alone
+    forged = _Book()
+    forged.batches[(0, 6)] = [True] * 6
+    _, mixed = pgd_attack_images(model, x, y, ledger=forged, **kw)
+    assert mixed[:6].all() and torch.equal(mixed[6:], whole[6:])
+    r = pgd_eval(model, x, y, ledger=book, **kw)
+    assert r.correct == int(whole.sum())
+
+
 def _assert_in_threat_model(x, x_adv, eps, norm):
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert x_adv.min() >= 0 and x_adv.max() <= 1

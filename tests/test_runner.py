@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,8 +75,13 @@ def test_digits_report_is_complete_and_learns(tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    """Stop after epoch 1, resume: final weights and ELLE-A state equal an uninterrupted run."""
-    spec = digits_spec()
+    """Stop after epoch 1, resume: final weights and ELLE-A state equal an uninterrupted run.
+    Stop again inside the final suite, resume: the finished batches come from the ledger and
+    the report equals the uninterrupted run's."""
+    spec = digits_spec(evaluation={
+        "monitor": {"size": 128, "pgd_steps": 3},
+        "final": {"n": 128, "batch_size": 32, "pgd": {"steps": 5, "restarts": 2},
+                  "autoattack": {"version": "apgd-ce"}}})
     full = tmp_path / "full"
     run_job(spec, full, device="cpu", progress=False)
 
@@ -95,7 +101,29 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     elle_a = ckpt["recipe"]["regularizers"]["elle_a"]
     assert float(elle_a["n"]) > 0, "ELLE-A history is checkpointed"
 
+    # the second attempt stops at its first check inside AutoAttack (one batch done there)
+    phases: list[str] = []
+    with pytest.raises(Cancelled):
+        run_job(spec, part, device="cpu", progress=False, resume=True,
+                on_event=lambda kind, data: phases.append(data.get("attack", "")),
+                should_stop=lambda: "autoattack-apgd-ce" in phases)
+    ledger = json.loads((part / "final.partial.json").read_text())["models"]["last"]
+    assert ledger["identity"]["n"] == 128
+    assert {k: sorted(v) for k, v in ledger["attacks"].items()} == {
+        "fgsm": ["0:32", "32:64", "64:96", "96:128"],
+        "pgd5-2": ["0:32", "32:64", "64:96", "96:128"], "autoattack-apgd-ce": ["0:32"]}
+    # the ledger is read, not recomputed: a copy whose first PGD batch says "none robust"
+    # resumes to a PGD count short of exactly that batch's robust points
+    tampered = tmp_path / "tampered"
+    shutil.copytree(part, tampered)
+    first = ledger["attacks"]["pgd5-2"]["0:32"]
+    book = json.loads((tampered / "final.partial.json").read_text())
+    book["models"]["last"]["attacks"]["pgd5-2"]["0:32"] = "0" * 32
+    (tampered / "final.partial.json").write_text(json.dumps(book))
+    short = run_job(spec, tampered, device="cpu", progress=False, resume=True)
+
     report = run_job(spec, part, device="cpu", progress=False, resume=True)
+    assert not (part / "final.partial.json").exists(), "the report replaces the ledger"
     a = load_file(str(full / "model.safetensors"))
     b = load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -103,6 +131,11 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
     full_report = json.loads((full / "report.json").read_text())
     assert report["final"] == full_report["final"]
+    attacks = full_report["final"]["attacks"]
+    assert round(128 * short["final"]["attacks"]["pgd5-2"]["acc"]) == \
+        round(128 * attacks["pgd5-2"]["acc"]) - first.count("1")
+    assert first.count("1") > 0, "the tampered batch had robust points to lose"
+    assert short["final"]["attacks"]["autoattack-apgd-ce"] == attacks["autoattack-apgd-ce"]
     assert [h["train_loss"] for h in report["history"]] == \
         [h["train_loss"] for h in full_report["history"]]
 

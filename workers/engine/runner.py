@@ -25,6 +25,7 @@ from contract.artifacts import (
     BEST,
     CERTIFY_TSV,
     CHECKPOINT,
+    FINAL_STATE,
     REPORT,
     REPORT_HTML,
     WA,
@@ -48,7 +49,13 @@ from workers.engine.distributed import Ranks, join, launch, leave
 from workers.engine.html_report import render as render_html
 from workers.engine.models import build_model
 from workers.engine.monitor import COWatchdog, monitor
-from workers.engine.report import REPORT_VERSION, environment, final_evaluation
+from workers.engine.report import (
+    REPORT_VERSION,
+    FinalLedger,
+    environment,
+    final_evaluation,
+    weights_digest,
+)
 from workers.engine.schedule import build_optimizer, epsilon_at, lr_at
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -531,6 +538,8 @@ class Training:
             candidates["best"] = load_weights(self.out / BEST, copy.deepcopy(self.model),
                                               device=self.dev)
         finals = {}
+        # one process keeps a ledger of finished batches: a stopped evaluation resumes
+        ledger = FinalLedger(self.out / FINAL_STATE) if self.ranks is None else None
         with self.timing.phase("final_evaluation"):
             for name in ev.final.models:
                 if name not in candidates:
@@ -538,6 +547,11 @@ class Training:
                 emit("phase", {"phase": "final_evaluation", "model": name,
                                "n": int(test_x.shape[0])})
                 torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
+                book = None if ledger is None else ledger.model(name, {
+                    "weights": weights_digest(candidates[name]), "dataset": data.name,
+                    "n": int(test_x.shape[0]), "eps": self.spec.threat.epsilon,
+                    "norm": self.spec.threat.norm, "seed": sched.seed,
+                    "plan": ev.final.model_dump(mode="json")})
                 finals[name] = final_evaluation(
                     candidates[name], test_x, test_y, ev.final, eps=self.spec.threat.epsilon,
                     norm=self.spec.threat.norm, num_classes=data.num_classes, seed=sched.seed,
@@ -545,7 +559,7 @@ class Training:
                     on_phase=lambda p, n, m=name: emit("phase", {"phase": "final_evaluation",
                                                                  "attack": p, "model": m,
                                                                  "n": n}),
-                    on_progress=lambda p: emit("evaluation", p), check=check)
+                    on_progress=lambda p: emit("evaluation", p), check=check, ledger=book)
         return finals if self.ranks is None else merge_finals(self.ranks.gather([finals]))
 
     def certify(self, emit: Event, check: Callable[[], None]) -> dict[str, Any] | None:
@@ -689,6 +703,7 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
 
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_json(out / REPORT, report)
+    (out / FINAL_STATE).unlink(missing_ok=True)  # the report holds what it kept
     tsv = out / CERTIFY_TSV
     write_text(out / REPORT_HTML, render_html(
         report, tsv.read_text() if certification is not None and tsv.is_file() else None))

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from contract.artifacts import CERTIFY_STATE, CHECKPOINT, DOWNLOADABLE, RESUMABLE
+from contract.artifacts import CERTIFY_STATE, CHECKPOINT, DOWNLOADABLE, FINAL_STATE, RESUMABLE
 from service.artifacts import (
     dataset_key,
     dataset_path,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_event(kind: str, data: dict[str, Any]) -> None:
         if kind in ("epoch", "remediated"):  # each follows a new checkpoint
             mirror((CHECKPOINT,))
-        elif kind == "certification":
+        elif kind in ("certification", "evaluation"):  # partial results, every 10 s at most
             mirror(RESUMABLE[1:], throttled=True)
         events.publish(job_id, kind, data)
         if kind in PROGRESS_EVENTS:
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if store.finish(job_id, owner, SUCCEEDED, artifacts=listed):
         # only now: a crash before the row said succeeded retries from this checkpoint
         mirror.forget(CHECKPOINT)
+        mirror.forget(FINAL_STATE)  # the runner removed it here; the store's copy goes too
         if blobs.remote:  # the bucket holds the run; this host's scratch copy goes
             shutil.rmtree(out, ignore_errors=True)
     events.publish(job_id, "succeeded", {"final": report["final"]})
