@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     defer_seconds: float = Field(
         5.0, gt=0, description="a worker whose message finds only capped tenants' jobs waits "
                                "this long, then puts the message back")
+    standby_trainer: bool = Field(
+        True, description="each worker child keeps a trainer process that has already "
+                          "imported torch and the engine waiting for its job (~3 s sooner a "
+                          "job; ~300 MB while idle)")
     heartbeat_seconds: float = Field(30.0, gt=0)
     stale_after_seconds: float = Field(300.0, gt=0, description="heartbeat age before reaping")
     reaper_interval_seconds: float = Field(60.0, gt=0)

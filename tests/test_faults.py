@@ -94,6 +94,38 @@ def row_spec_epochs(client: httpx.Client, job_id: str) -> int:
     return client.get(f"/v1/jobs/{job_id}").json()["spec"]["schedule"]["epochs"]
 
 
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def _started(pid: int) -> float:
+    """The process's start, in seconds since boot (/proc/PID/stat field 22)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+@pytest.mark.parametrize("standby", [True, False])
+def test_a_job_runs_in_the_trainer_started_before_it(workers, alice, standby):
+    """Each pool child starts its trainer before its job: the job runs in that process (no
+    import time in the job's path); with BULWARK_STANDBY_TRAINER=false the trainer starts
+    when the job is claimed."""
+    workers.start_worker("w-standby", env={"BULWARK_STANDBY_TRAINER": str(standby).lower()})
+    time.sleep(8)  # the worker is up and its child idle: a standby has done its imports
+    store = Store(workers.database_url)
+    submitted = _uptime()
+    job = alice.post("/v1/jobs", json=tiny_spec(3, name="standby")).json()["id"]
+    wait_epoch(alice, job, 1)
+    pid = trainer_pid(store, job)
+    assert ("--standby" in _cmdline(pid)) is standby, _cmdline(pid)
+    assert (_started(pid) < submitted) is standby
+    row = assert_quiet(workers, alice, [job])[job]
+    assert row["state"] == "succeeded"
+
+
 def test_trainer_sigkill_mid_epoch_resumes_from_its_checkpoint(workers, alice):
     workers.start_worker("w-trainer")
     store = Store(workers.database_url)

@@ -1,8 +1,11 @@
 """The Celery task: win the lease, run the trainer in its own process, supervise it.
 
+    worker_process_init: Popen python -m workers.jobs.trainer --standby   (the standby: it
+      imports torch, the engine and the store, then waits for a job on its stdin)
     run_job(job_id)
       claim the job row (compare-and-set; a duplicate delivery finds it taken and returns)
-      Popen python -m workers.jobs.trainer JOB OWNER   (new process group, dies with this process)
+      hand JOB OWNER to the standby (or, without one, Popen python -m workers.jobs.trainer
+      JOB OWNER); either way a new process group that dies with this process
       every heartbeat: refresh the lease, read the cancel flag (cancel → SIGTERM, then SIGKILL)
       trainer exit 0 / 3 / 2: it wrote succeeded / cancelled / failed itself
       any other exit (a crash, a kill): back to queued and re-enqueued while attempts remain
@@ -23,6 +26,7 @@ import time
 from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 
 from service.db import CANCELLED, FAILED, QUEUED
 from service.events import Events
@@ -66,6 +70,51 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _trainer(*args: str, stdin: int | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workers.jobs.trainer", *args], stdin=stdin,
+                            preexec_fn=_die_with_parent, env=dict(os.environ))
+
+
+_standby: subprocess.Popen | None = None
+
+
+@worker_process_init.connect
+def _warm_trainer(**_kwargs) -> None:
+    """In each pool child (one job each), before its job arrives: start the trainer that will
+    run it, so that its imports (torch, torchattacks, the engine, SQLAlchemy: ~3 s) are done by
+    the time the job is claimed."""
+    global _standby
+    if get_settings().standby_trainer:
+        try:
+            _standby = _trainer("--standby", stdin=subprocess.PIPE)
+        except OSError as e:
+            log.warning("no standby trainer (%s); jobs start cold", e)
+
+
+def _drop_standby() -> None:
+    """No job for this child: its standby goes now, not after its imports."""
+    global _standby
+    proc, _standby = _standby, None
+    if proc is not None:
+        _kill_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def start_trainer(job_id: str, owner: str) -> subprocess.Popen:
+    """The trainer of ``job_id``: the standby, told its job, when it is alive; else a new one."""
+    global _standby
+    proc, _standby = _standby, None
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.stdin.write(f"{job_id}\n{owner}\n".encode())
+            proc.stdin.close()
+            return proc
+        except OSError:  # it died between poll and write
+            _kill_group(proc, signal.SIGKILL)
+            proc.wait()
+    return _trainer(job_id, owner)
+
+
 def supervise(proc: subprocess.Popen, job_id: str, owner: str) -> int:
     """Heartbeat until the trainer exits; returns its exit code."""
     s = get_settings()
@@ -103,6 +152,8 @@ def run_job(self, message_job_id: str) -> str:
                           max_running=s.max_running, devices=s.worker_devices)
     own = store().get_job_or_none(message_job_id)
     waiting = own is not None and own.state == QUEUED
+    if claim is None:
+        _drop_standby()
     if waiting and (claim is None or claim.job_id != message_job_id):
         # its job still waits (its tenant is at its cap, or another tenant's job went
         # first): put the message back so that no queued job is left without one
@@ -117,8 +168,7 @@ def run_job(self, message_job_id: str) -> str:
     log.info("job %s: attempt %d by %s (message for %s)", job_id, claim.attempt, owner,
              message_job_id)
     events().publish(job_id, "running", {"attempt": claim.attempt, "worker": owner})
-    proc = subprocess.Popen([sys.executable, "-m", "workers.jobs.trainer", job_id, owner],
-                            preexec_fn=_die_with_parent, env=dict(os.environ))
+    proc = start_trainer(job_id, owner)
     try:
         code = supervise(proc, job_id, owner)
     except SoftTimeLimitExceeded:

@@ -1,4 +1,6 @@
-"""One job's training process: ``python -m workers.jobs.trainer JOB_ID OWNER``.
+"""One job's training process: ``python -m workers.jobs.trainer JOB_ID OWNER``, or
+``python -m workers.jobs.trainer --standby`` (imports first, then reads JOB_ID and OWNER from
+stdin: the standby each Celery pool child keeps ready).
 
 Started by the Celery task (``workers.jobs.tasks``), which holds the lease and heartbeats. This
 process re-validates the spec, runs the job in the job's artifact folder (resuming from its
@@ -97,8 +99,23 @@ class Mirror:
             self.blobs.delete(f"{self.key}/{name}")
 
 
+def standby() -> list[str] | None:
+    """``--standby``: import what a job needs, then wait for its id and owner, one line each,
+    on stdin (the Celery task's hand-off). None at end of input: the task had no job."""
+    import contract.spec  # noqa: F401
+    import workers.engine.runner  # noqa: F401  (torch, torchattacks, the engine)
+
+    lines = [sys.stdin.readline().strip() for _ in range(2)]
+    return lines if all(lines) else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    job_id, owner = (argv if argv is not None else sys.argv[1:])[:2]
+    args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["--standby"]:
+        args = standby()
+        if args is None:
+            return EXIT_OK
+    job_id, owner = args[:2]
     settings = get_settings()
     store = Store(settings.resolved_database_url())
     events = Events.from_settings(settings)
