@@ -56,7 +56,7 @@ from defenses import Recipe  # noqa: E402
 from defenses.precision import autocast as _autocast  # noqa: E402
 from workers.engine.models import build_model  # noqa: E402
 from workers.engine.report import cpu_model  # noqa: E402
-from workers.engine.runner import EpochStats, train_step  # noqa: E402
+from workers.engine.runner import EpochStats, channels_last_on, train_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_steps import reference_step  # noqa: E402
@@ -266,9 +266,10 @@ def precision_supported(arch, init, x, y, dev, precision, channels_last) -> str 
 
 
 def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args,
-                 dev: torch.device) -> tuple[list[dict], dict | None, list[str]]:
+                 dev: torch.device, layout: str = "auto",
+                 ) -> tuple[list[dict], dict | None, list[str]]:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    channels_last = precision != "fp32" or dev.type == "cuda"  # runner: "auto" = on for CUDA
+    channels_last = channels_last_on({"cl": "on", "nchw": "off"}.get(layout, "auto"), dev)
     cin, size, _, _ = MODELS[arch]
     gen = torch.Generator().manual_seed(SEED)
     x = torch.rand(batch, cin, size, size, generator=gen).to(dev)
@@ -355,7 +356,9 @@ def bench_config(arch: str, precision: str, batch: int, recipes: list[str], args
         ref_t = med.get(REF + s.name)
         rows.append({
             "model": arch, "precision": precision,
-            "layout": "channels_last" if channels_last else "contiguous", "batch": batch,
+            # the reference rows are the official code's: contiguous fp32 whatever the config
+            "layout": "channels_last" if channels_last and not s.name.startswith(REF)
+            else "contiguous", "batch": batch,
             "recipe": s.name, "median_s": m, "min_s": min(s.times),
             "p90_s": sorted(s.times)[max(0, math.ceil(0.9 * len(s.times)) - 1)],
             "n": len(s.times), "images_per_s": batch / m,
@@ -482,6 +485,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--round-iters", type=int, default=2,
                     help="steps per recipe in one interleaving round")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of: fp32, bf16")
+    ap.add_argument("--layouts", default="auto",
+                    help="comma list of: auto (the runner's compute.channels_last: auto), "
+                         "nchw (contiguous), cl (channels_last)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     ap.add_argument("--json", default=None, metavar="OUT.json", help="also write the rows here")
@@ -507,6 +513,11 @@ def main(argv=None) -> int:
         return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    layouts = [t.strip() for t in args.layouts.split(",") if t.strip()]
+    for t in layouts:
+        if t not in ("auto", "nchw", "cl"):
+            print(f"unknown layout {t!r}; choose auto, nchw or cl", file=sys.stderr)
+            return 2
     wanted = [r.strip() for r in args.recipes.split(",") if r.strip()]
     for m in models:
         if m not in MODELS:
@@ -548,13 +559,15 @@ def main(argv=None) -> int:
         batch = args.batch_small if arch == "small_cnn" else (
             args.batch_prn or (128 if dev.type == "cuda" else 32))
         for precision in precisions:
-            rows, probe, skipped = bench_config(arch, precision, batch, recipes, args, dev)
-            notes += skipped
-            if probe is None:
-                print(f"note: {skipped[0]}")
-                continue
-            all_rows += rows
-            probes.append(probe)
+            for layout in layouts:
+                rows, probe, skipped = bench_config(arch, precision, batch, recipes, args, dev,
+                                                    layout)
+                notes += skipped
+                if probe is None:
+                    print(f"note: {skipped[0]}")
+                    continue
+                all_rows += rows
+                probes.append(probe)
     print()
     if all_rows:
         print_table(all_rows)

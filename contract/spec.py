@@ -452,7 +452,8 @@ class EvaluationSpec(_Strict):
 
 class ComputeSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on for CUDA and the CPU")
     devices: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = Field(
         1, description="training ranks (torch.distributed DDP): one per CUDA "
         "device (NCCL), or CPU processes (gloo); 'all' = every visible GPU. "
