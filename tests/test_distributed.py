@@ -149,7 +149,9 @@ def test_two_ranks_follow_the_one_process_run(name, pretrained, tmp_path):
     assert (one["environment"]["training_ranks"], two["environment"]["training_ranks"]) == (1, 2)
     l1 = [h["train_loss"] for h in one["history"]]
     l2 = [h["train_loss"] for h in two["history"]]
-    assert l2 == pytest.approx(l1, rel=1e-4, abs=1e-5)
+    # float rounding of two half batches against one whole (channels_last kernels on the CPU
+    # pick their algorithm by batch size): measured up to 1.1e-4 relative after 2 epochs
+    assert l2 == pytest.approx(l1, rel=3e-4, abs=1e-5)
     for h1, h2 in zip(one["history"], two["history"], strict=True):
         assert h2["train_acc"] == pytest.approx(h1["train_acc"], abs=1e-9)
         assert h2["monitor"]["clean_acc"] == pytest.approx(h1["monitor"]["clean_acc"], abs=0.011)

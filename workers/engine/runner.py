@@ -255,6 +255,7 @@ class Training:
         self.spec, self.out, self.dev, self.timing = spec, out, dev, timing
         self.ranks = ranks  # None: one process; else this rank (0 writes, emits, monitors)
         self.writes = ranks is None or ranks.main
+        self.channels_last = channels_last_on(spec.compute.channels_last, dev)
         sched, ev = spec.schedule, spec.evaluation
         with timing.phase("data"):
             dataset = spec.dataset if data_path is None else spec.dataset.model_copy(
@@ -275,7 +276,6 @@ class Training:
                             in_channels=data.channels, image_size=data.image_size,
                             mean=data.mean, std=data.std, depth=spec.model.depth,
                             widen_factor=spec.model.widen_factor).to(dev)
-        self.channels_last = channels_last_on(spec.compute.channels_last, dev)
         weights = weights or spec.model.weights
         if weights:
             try:
