@@ -1,6 +1,6 @@
 """Single-step attacks: one signed-gradient step from a (possibly noisy) start.
 
-    x' = clip_[0,1](x + η),            η ~ U[-kε, kε]        (k = 0: FGSM)
+    x' = clip_[0,1](x + η),            η ~ U[-kε, kε]        (k = 0: FGSM; clip optional: FGSM-RS)
     x'' = clip_[0,1](x + Π(x' - x + α·sign(∇ℓ(x'))))    Π = projection onto the ε-ball, or none
 
 | attack  | k | α     | Π   |
@@ -50,15 +50,22 @@ class SingleStep:
     """One ascent step of size α·ε from x + U[-kε, kε], optionally projected onto the ε-ball."""
 
     def __init__(self, model: nn.Module, eps: float, *, k: float, alpha: float, project: bool,
-                 norm: str = "linf", objective: Objective = cross_entropy):
+                 norm: str = "linf", objective: Objective = cross_entropy,
+                 clip_start: bool = True):
         self.model, self.eps, self.k, self.alpha, self.project = model, eps, k, alpha, project
+        self.clip_start = clip_start
         self.geometry = get_norm(norm)
         self.objective = objective
 
     def perturb(self, x: Tensor, target: Tensor) -> SingleStepResult:
         g = self.geometry
         x = x.detach()
-        x_init = x if self.k == 0 else (x + g.uniform(x, self.k * self.eps)).clamp(0, 1)
+        if self.k == 0:
+            x_init = x
+        else:
+            x_init = x + g.uniform(x, self.k * self.eps)
+            if self.clip_start:
+                x_init = x_init.clamp(0, 1)
         grad, logits, loss = input_gradient(self.model, x_init, target, self.objective)
         delta = x_init - x + self.alpha * self.eps * g.ascent(grad)
         if self.project:
@@ -78,9 +85,12 @@ def FGSM(model: nn.Module, eps: float, *, alpha: float = 1.0, norm: str = "linf"
 
 
 def FGSM_RS(model: nn.Module, eps: float, *, alpha: float = 1.25, norm: str = "linf",
-            objective: Objective = cross_entropy) -> SingleStep:
-    """RS-FGSM (Wong et al. 2020): η ~ U[-ε, ε], step 1.25ε, projected."""
-    return SingleStep(model, eps, k=1.0, alpha=alpha, project=True, norm=norm, objective=objective)
+            objective: Objective = cross_entropy, clip_start: bool = True) -> SingleStep:
+    """RS-FGSM (Wong et al. 2020): η ~ U[-ε, ε], step 1.25ε, projected. ``clip_start=False``
+    takes the gradient at the unclipped x + η, as their MNIST code does (their CIFAR-10 code
+    clips the start to the image box first)."""
+    return SingleStep(model, eps, k=1.0, alpha=alpha, project=True, norm=norm, objective=objective,
+                      clip_start=clip_start)
 
 
 def N_FGSM(model: nn.Module, eps: float, *, k: float = 2.0, alpha: float = 1.0,

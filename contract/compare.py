@@ -2,7 +2,8 @@
 
 Runs are grouped by method (the sweep variant, else the recipe preset) and ε; each group has
 the mean ± std over its seeds of clean, PGD and AutoAttack accuracy and of seconds per epoch,
-and how many of its runs the watchdog flagged for catastrophic overfitting (CO). The page is
+how many of its runs the watchdog flagged for catastrophic overfitting (CO) and how many were
+still overfit at their last epoch (the others recovered). The page is
 self-contained: one table and three matplotlib figures embedded as SVG data URIs (robust
 accuracy against ε per method with CO runs marked, clean against robust accuracy per run,
 seconds per epoch per method). Every string from a run is escaped.
@@ -49,6 +50,7 @@ def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for m in METRICS:
             g[m], g[m + "_std"] = _mean_std([r.get(m) for r in runs])
         g["co_runs"] = sum(bool(r.get("co_epochs")) for r in runs)
+        g["co_end_runs"] = sum(bool(r.get("co_at_end")) for r in runs)
         g["n"] = len(runs)
     return list(out.values())
 
@@ -146,13 +148,15 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
     grouped = groups(rows)
     figs = figures(rows, grouped) if grouped else {}
     head = ("<tr><th>method</th><th>ε</th><th>runs</th><th>clean</th><th>PGD</th>"
-            "<th>AutoAttack</th><th>CO runs</th><th>s/epoch</th></tr>")
+            "<th>AutoAttack</th><th>CO runs</th><th>CO at end</th><th>s/epoch</th></tr>")
     body = "".join(
         f"<tr><td>{html.escape(g['method'])}</td><td>{_cell(g['epsilon'])}</td>"
         f"<td>{g['n']}</td><td>{_cell(g['clean_acc'], g['clean_acc_std'])}</td>"
         f"<td>{_cell(g['pgd_acc'], g['pgd_acc_std'])}</td>"
         f"<td>{_cell(g['autoattack_acc'], g['autoattack_acc_std'])}</td>"
         f"<td class='{'co' if g['co_runs'] else ''}'>{g['co_runs']} / {g['n']}</td>"
+        f"<td class='{'co' if g.get('co_end_runs') else ''}'>{g.get('co_end_runs', 0)} / "
+        f"{g['n']}</td>"
         f"<td>{_cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)}</td></tr>"
         for g in grouped)
     failed = [r for r in rows if r.get("state") == "failed"]
@@ -173,7 +177,8 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{len(rows)} runs; accuracies are mean ± std over the seeds of each method and ε; "CO runs"
-counts the runs the watchdog flagged for catastrophic overfitting.</p>
+counts the runs the watchdog flagged for catastrophic overfitting at some epoch, "CO at end"
+those still overfit at their last epoch (the rest recovered).</p>
 <table>{head}{body}</table>
 {imgs}
 {failed_html}

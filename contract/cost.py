@@ -29,6 +29,7 @@ DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
 
 # forward GFLOP of one image at the reference input (side², channels) of each architecture
 _SMALL_CNN = (0.0199, 28 * 28)        # TRADES' MNIST net, 1×28×28
+_MNIST_NET = (0.00122, 28 * 28)       # Wong et al.'s MNIST net, 1×28×28
 _PREACT_RESNET18 = (1.111, 32 * 32)   # 3×32×32
 _WIDE_RESNET_28_10 = (10.49, 32 * 32)
 
@@ -45,6 +46,9 @@ def forward_gflop(spec: JobSpec, channels: int, side: int) -> float:
     if arch == "small_cnn":
         g, ref = _SMALL_CNN
         return g * area / ref * (channels + 20) / 21  # only the first conv sees the channels
+    if arch == "mnist_net":
+        g, ref = _MNIST_NET
+        return g * area / ref * (channels + 11) / 12  # the first conv: ~1/12 of the FLOPs
     if arch == "preact_resnet18":
         g, ref = _PREACT_RESNET18
         return g * area / ref

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-ARCH_NAMES = {"small_cnn": "SmallCNN", "preact_resnet18": "PreActResNet-18",
+ARCH_NAMES = {"small_cnn": "SmallCNN", "mnist_net": "MNIST-Net (Wong et al. 2020)",
+              "preact_resnet18": "PreActResNet-18",
               "wide_resnet": "WideResNet"}
 METRICS = ("autoattack", "pgd", "certified")
 

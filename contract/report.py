@@ -73,8 +73,9 @@ class HistoryRow(_Open):
 
 
 class Event(_Open):
-    """A watchdog event: the onset of ``catastrophic_overfitting`` or of an
-    ``accuracy_collapse`` (clean accuracy under half its best)."""
+    """A watchdog event: the onset of ``catastrophic_overfitting``, its end
+    (``co_recovered``, with the ``onset_epoch``) or the onset of an ``accuracy_collapse``
+    (clean accuracy under half its best)."""
 
     type: str
     epoch: int
@@ -151,6 +152,12 @@ class Report(_Open):
     def co_epochs(self) -> list[int]:
         """Epochs at which the watchdog saw catastrophic overfitting begin."""
         return [e.epoch for e in self.events if e.type == "catastrophic_overfitting"]
+
+    @property
+    def co_at_end(self) -> bool:
+        """The CO rule held at the last trained epoch (the final model is overfit), as
+        opposed to an episode the run recovered from."""
+        return bool(self.history) and self.history[-1].catastrophic_overfitting
 
     def summary(self) -> str:
         """The few lines ``bulwark run`` and ``bulwark report`` print."""

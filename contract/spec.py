@@ -71,12 +71,23 @@ class DatasetSpec(_Strict):
 
 
 # ---------------------------------------------------------------------------------- model
+# The architectures (workers/engine/models.py builds them; uploads name one of them).
+ARCHS = ("small_cnn", "mnist_net", "preact_resnet18", "wide_resnet")
+
+
 class ModelSpec(_Strict):
-    arch: Literal["small_cnn", "preact_resnet18", "wide_resnet"] = "small_cnn"
+    arch: Literal["small_cnn", "mnist_net", "preact_resnet18", "wide_resnet"] = Field(
+        "small_cnn", description="small_cnn: TRADES' 4-conv 3-fc net; mnist_net: Wong et al. "
+        "2020's MNIST net (2 strided convs, 2 fc; ~16x fewer FLOPs); preact_resnet18; "
+        "wide_resnet")
     weights: str | None = Field(
         None, max_length=500,
         description="initial weights: a .safetensors file (bulwark run) or an uploaded model "
                     "'models/<id>' (the API); required when mode is 'evaluate'")
+    normalization: Literal["dataset", "none"] = Field(
+        "dataset", description="dataset: (x - mean) / std with the dataset's statistics as the "
+        "network's first layer; none: the network sees [0, 1] pixels, as many published "
+        "checkpoints expect (e.g. Wong et al.'s MNIST models)")
     depth: int = Field(28, ge=10, le=70, description="WideResNet depth (6n+4)")
     widen_factor: int = Field(10, ge=1, le=20, description="WideResNet widen factor")
 
@@ -135,6 +146,10 @@ class FGSMRSAdversary(_Strict):
 
     kind: Literal["fgsm_rs"] = "fgsm_rs"
     alpha: float = Field(1.25, gt=0, le=4, description="step size as a multiple of ε")
+    clip_start: bool = Field(
+        True, description="clip the random start x + η to [0, 1] before its gradient (Wong et "
+        "al.'s CIFAR-10 code); false: the gradient is taken at the unclipped x + η and only "
+        "the final point is clipped (their MNIST code)")
 
 
 class NFGSMAdversary(_Strict):

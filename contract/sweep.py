@@ -157,6 +157,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "n": final.get("n"),
         "co_epochs": [e["epoch"] for e in report.get("events", [])
                       if e.get("type") == "catastrophic_overfitting"],
+        "co_at_end": bool(history) and bool(history[-1].get("catastrophic_overfitting")),
         "epochs_run": len(history),
         "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
                         for h in history],

@@ -28,7 +28,8 @@ class Adversary:
         if s.kind == "fgsm":
             return FGSM(model, eps, alpha=s.alpha, norm=norm, objective=objective)
         if s.kind == "fgsm_rs":
-            return FGSM_RS(model, eps, alpha=s.alpha, norm=norm, objective=objective)
+            return FGSM_RS(model, eps, alpha=s.alpha, norm=norm, objective=objective,
+                           clip_start=s.clip_start)
         if s.kind == "n_fgsm":
             return N_FGSM(model, eps, k=s.k, alpha=s.alpha, norm=norm, objective=objective)
         if s.kind == "pgd":

@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from contract.spec import ARCHS
 from service.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
 from service.db import new_id
 from service.storage import Artifacts
 
-ALLOWED_ARCHS = ("small_cnn", "preact_resnet18", "wide_resnet")
+ALLOWED_ARCHS = ARCHS
 _DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 
 

@@ -130,6 +130,36 @@ def test_fgsm_rs_step_is_projected_sign_step_from_the_noisy_start():
     assert np.isclose(np.abs(res.x_adv.numpy() - x), eps, atol=1e-12).any()
 
 
+def test_fgsm_rs_unclipped_start_as_wong_et_al_mnist_code():
+    """clip_start=False (locuslab/fast_adversarial MNIST/train_mnist.py): the gradient is taken
+    at x + η even outside [0, 1]; δ = clip(η + 1.25ε·sign g, −ε, ε); only x + δ is clipped. The
+    same draw with clip_start=True starts from clip(x + η) instead."""
+    w, b, x, y = toy_problem(seed=5)
+    eps = 0.3
+    model = linear_model(w, b)
+    torch.manual_seed(7)
+    res = FGSM_RS(model, eps, clip_start=False).perturb(t(x), t(y))
+    torch.manual_seed(7)
+    clipped = FGSM_RS(model, eps).perturb(t(x), t(y))
+    x_init = res.x_init.numpy()
+    eta = x_init - x
+    assert np.all(np.abs(eta) <= eps + 1e-12)
+    outside = (x_init < 0) | (x_init > 1)
+    assert outside.any(), "the pixels at 0 and 1 put some starts outside the box"
+    np.testing.assert_allclose(clipped.x_init.numpy(), np.clip(x_init, 0, 1), atol=1e-12)
+    g = hand_grad(w, b, x_init, y).reshape(x.shape)
+    np.testing.assert_allclose(res.grad_init.numpy(), g, rtol=1e-6, atol=1e-9)
+    expected = np.clip(x + np.clip(eta + 1.25 * eps * np.sign(g), -eps, eps), 0.0, 1.0)
+    np.testing.assert_allclose(res.x_adv.numpy(), expected, rtol=0, atol=1e-12)
+    # on a pixel at 0 whose η < −0.075 and whose gradient is positive the two differ: the
+    # unclipped start gives η + 0.375 < 0.3, the clipped one 0 + 0.375 → ε
+    gc = hand_grad(w, b, clipped.x_init.numpy(), y).reshape(x.shape)
+    differ = (x == 0) & (eta < -0.075) & (g > 0) & (gc > 0)
+    assert differ.any()
+    np.testing.assert_allclose(res.x_adv.numpy()[differ], (eta + 0.375)[differ], atol=1e-12)
+    np.testing.assert_allclose(clipped.x_adv.numpy()[differ], eps, atol=1e-12)
+
+
 def test_n_fgsm_step_is_unprojected_sign_step_from_wide_noise():
     w, b, x, y = toy_problem(seed=4)
     eps = 0.1

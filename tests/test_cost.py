@@ -14,6 +14,7 @@ from workers.engine.models import build_model
 
 @pytest.mark.parametrize("arch, channels, side, extra", [
     ("small_cnn", 1, 28, {}), ("small_cnn", 3, 32, {}), ("small_cnn", 1, 8, {}),
+    ("mnist_net", 1, 28, {}), ("mnist_net", 3, 32, {}),
     ("preact_resnet18", 3, 32, {}), ("preact_resnet18", 1, 28, {}),
     ("wide_resnet", 3, 32, {"depth": 28, "widen_factor": 10}),
     ("wide_resnet", 3, 32, {"depth": 16, "widen_factor": 4}),

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workers.engine.models import (
+    MNISTNet,
     Normalize,
     PreActResNet18,
     SmallCNN,
@@ -20,8 +21,8 @@ RGB = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 
 def _build(arch, **kw):
     defaults = dict(num_classes=10, in_channels=3, image_size=32, **RGB)
-    if arch == "small_cnn":
-        defaults.update(in_channels=1, image_size=8, **GRAY)
+    if arch in ("small_cnn", "mnist_net"):
+        defaults.update(in_channels=1, image_size=8 if arch == "small_cnn" else 28, **GRAY)
     if arch == "wide_resnet":
         defaults.update(depth=10, widen_factor=1)
     defaults.update(kw)
@@ -34,6 +35,9 @@ def _build(arch, **kw):
         ("small_cnn", (3, 1, 8, 8), 10),
         ("small_cnn", (2, 1, 28, 28), 7),
         ("small_cnn", (2, 3, 4, 4), 10),
+        ("mnist_net", (2, 1, 28, 28), 10),
+        ("mnist_net", (2, 3, 32, 32), 10),
+        ("mnist_net", (2, 1, 8, 8), 5),
         ("preact_resnet18", (2, 3, 32, 32), 10),
         ("wide_resnet", (2, 3, 32, 32), 100),
         ("wide_resnet", (2, 1, 16, 16), 10),
@@ -55,6 +59,7 @@ def test_build_model_structure():
     assert isinstance(model.normalize, Normalize)
     assert isinstance(model.net, SmallCNN)
     assert isinstance(_build("preact_resnet18").net, PreActResNet18)
+    assert isinstance(_build("mnist_net").net, MNISTNet)
     wrn = _build("wide_resnet")
     assert isinstance(wrn.net, WideResNet)
     x = torch.rand(2, 1, 8, 8)
@@ -97,6 +102,9 @@ def test_parameter_counts_match_reference_architectures():
         (1 * 9 + 1) * 32 + (32 * 9 + 1) * 32 + (32 * 9 + 1) * 64 + (64 * 9 + 1) * 64
         + (64 * 4 * 4 + 1) * 200 + (200 + 1) * 200 + (200 + 1) * 10
     )
+    # Wong et al.'s mnist_net: conv4x4 1→16 and 16→32 (stride 2), fc 32·7·7→100→10
+    assert count_parameters(_build("mnist_net")) == (
+        (1 * 16 + 1) * 16 + (16 * 16 + 1) * 32 + (32 * 7 * 7 + 1) * 100 + (100 + 1) * 10)
     # WRN-16-2 (cheap stand-in for 28-10 / 34-10: same formula, n = 2)
     wrn = _build("wide_resnet", depth=16, widen_factor=2)
     expected = 3 * 9 * 16

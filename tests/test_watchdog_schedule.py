@@ -24,8 +24,31 @@ def test_watchdog_flags_a_collapse_after_robustness():
         [m(0.6, 0.4, 0.30), m(0.8, 0.5, 0.40), m(0.9, 0.9, 0.05), m(0.95, 0.95, 0.0),
          m(0.9, 0.5, 0.41)], start=1)]
     assert flags == [False, False, True, True, False]
-    assert [e["epoch"] for e in w.events] == [3], "one event at the onset"
+    assert [(e["type"], e["epoch"]) for e in w.events] == [
+        ("catastrophic_overfitting", 3), ("co_recovered", 5)], "an event at the onset and the end"
     assert w.events[0]["best_pgd_acc"] == 0.40
+    assert w.events[1]["onset_epoch"] == 3 and w.events[1]["pgd_acc"] == 0.41
+
+
+def test_watchdog_tells_a_passing_episode_from_a_lasting_collapse():
+    """FGSM-RS on MNIST at ε = 0.3 (experiments/mnist-recipe): flagged after epoch 1 (PGD 0.08
+    against FGSM 0.73), then robust; plain FGSM: flagged at epoch 1 and never again clear."""
+    passing = COWatchdog()
+    flags = [passing.check(e, x) for e, x in enumerate(
+        [m(0.945, 0.729, 0.083), m(0.977, 0.834, 0.579), m(0.981, 0.866, 0.726)], start=1)]
+    assert flags == [True, False, False]
+    assert [(e["type"], e["epoch"]) for e in passing.events] == [
+        ("catastrophic_overfitting", 1), ("co_recovered", 2)]
+    lasting = COWatchdog()
+    flags = [lasting.check(e, x) for e, x in enumerate(
+        [m(0.931, 0.562, 0.002), m(0.959, 0.815, 0.006), m(0.93, 0.96, 0.0)], start=1)]
+    assert flags == [True, True, True]
+    assert [e["type"] for e in lasting.events] == ["catastrophic_overfitting"]
+    again = COWatchdog()  # a second episode after a recovery is a second onset
+    for e, x in enumerate([m(0.9, 0.6, 0.05), m(0.95, 0.7, 0.6), m(0.95, 0.95, 0.01)], start=1):
+        again.check(e, x)
+    assert [(e["type"], e["epoch"]) for e in again.events] == [
+        ("catastrophic_overfitting", 1), ("co_recovered", 2), ("catastrophic_overfitting", 3)]
 
 
 def test_watchdog_flags_a_model_that_was_never_robust():

@@ -586,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = client_parser("upload", "upload weights (.safetensors, for evaluation-only jobs) or a "
                       "dataset (.npz)", cmd_upload, job=False)
     c.add_argument("model", help="a .safetensors file, or an .npz dataset")
-    c.add_argument("--arch", default=None, help="small_cnn, preact_resnet18 or wide_resnet "
-                                                "(default: from the file's metadata)")
+    c.add_argument("--arch", default=None, help="small_cnn, mnist_net, preact_resnet18 or "
+                                                "wide_resnet (default: from the file's metadata)")
     c.add_argument("--num-classes", type=int, default=None)
     c.add_argument("--in-channels", type=int, default=None)
     c.add_argument("--image-size", type=int, default=None)

@@ -61,6 +61,10 @@ class ProgressView:
             self.write(f"{self.label}: catastrophic overfitting at epoch {data.get('epoch')} "
                        f"(monitor PGD {data.get('pgd_acc', 0):.3f} vs FGSM "
                        f"{data.get('fgsm_acc', 0):.3f})")
+        elif kind == "co_recovered":
+            self.write(f"{self.label}: recovered from the overfitting of epoch "
+                       f"{data.get('onset_epoch')} at epoch {data.get('epoch')} (monitor PGD "
+                       f"{data.get('pgd_acc', 0):.3f} vs FGSM {data.get('fgsm_acc', 0):.3f})")
         elif kind == "accuracy_collapse":
             self.write(f"{self.label}: clean accuracy collapsed at epoch {data.get('epoch')} "
                        f"({data.get('clean_acc', 0):.3f}, "

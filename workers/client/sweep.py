@@ -148,6 +148,8 @@ def collect(folder: Path) -> list[dict[str, Any]]:
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.3f}"
     if isinstance(v, list):
@@ -158,10 +160,11 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """An aligned text table: child, state, clean, FGSM, PGD, AutoAttack, CO epochs, seconds."""
+    """An aligned text table: child, state, clean, FGSM, PGD, AutoAttack, CO epochs, whether
+    CO held at the last epoch, seconds."""
     cols = [("child", "name"), ("state", "state"), ("clean", "clean_acc"), ("fgsm", "fgsm_acc"),
             ("pgd", "pgd_acc"), ("autoattack", "autoattack_acc"), ("CO at", "co_epochs"),
-            ("s/epoch", "seconds_per_epoch"), ("seconds", "seconds"),
+            ("CO at end", "co_at_end"), ("s/epoch", "seconds_per_epoch"), ("seconds", "seconds"),
             ("monitor PGD by epoch", "monitor_pgd")]
     cells = [[h for h, _ in cols]] + [
         [f"{r[k]:.{SECONDS_DIGITS[k]}f}" if k in SECONDS_DIGITS and r.get(k) is not None

@@ -1,4 +1,5 @@
-"""Model zoo: TRADES SmallCNN, PreAct ResNet-18 and WideResNet, each behind a normalization layer.
+"""Model zoo: TRADES SmallCNN, Wong et al.'s MNIST net, PreAct ResNet-18 and WideResNet, each
+behind a normalization layer.
 
 Every model built here takes images in [0, 1] and returns logits. Per-dataset normalization
 (``(x - mean) / std``) is the first layer *inside* the model, so attacks (torchattacks assumes
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("small_cnn", "preact_resnet18", "wide_resnet")
+from contract.spec import ARCHS
 
 
 # ------------------------------------------------------------------------------ normalization
@@ -111,6 +112,38 @@ class SmallCNN(nn.Module):
             nn.Linear(200, 200),
             nn.ReLU(),
             nn.Linear(200, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# --------------------------------------------------------------------------------- MNISTNet
+class MNISTNet(nn.Module):
+    """The MNIST network of Wong et al. 2020 (locuslab/fast_adversarial, MNIST/mnist_net.py;
+    Wong & Kolter 2018's small convolutional net): conv4x4(16, stride 2, pad 1)-ReLU-
+    conv4x4(32, stride 2, pad 1)-ReLU-fc100-ReLU-fc(num_classes). 28x28 → 32x7x7 features;
+    about 1/16 of SmallCNN's FLOPs. PyTorch's default init, as in their code."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise ValueError(f"MNISTNet needs image_size >= 4 (two stride-2 convs), "
+                             f"got {image_size}")
+        side = image_size
+        for _ in range(2):
+            side = (side + 2 - 4) // 2 + 1
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * side * side, 100),
+            nn.ReLU(),
+            nn.Linear(100, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,7 +323,7 @@ def build_model(
 ) -> NormalizedNet:
     """Build ``arch`` behind a :class:`Normalize` layer; the result maps [0, 1] images to logits.
 
-    ``arch`` is one of ``"small_cnn"``, ``"preact_resnet18"``, ``"wide_resnet"`` (``depth`` and
+    ``arch`` is one of ``contract.spec.ARCHS`` (``depth`` and
     ``widen_factor`` apply to the last one only). ``mean``/``std`` need one entry per input
     channel.
     """
@@ -310,6 +343,8 @@ def build_model(
     net: nn.Module
     if arch == "small_cnn":
         net = SmallCNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    elif arch == "mnist_net":
+        net = MNISTNet(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     elif arch == "preact_resnet18":
         net = PreActResNet18(num_classes=num_classes, in_channels=in_channels)
     else:

@@ -12,7 +12,11 @@ it is under half the FGSM accuracy of the same epoch — the second catches a mo
 overfits before it was ever robust (seen on MNIST at ε = 0.3, where plain FGSM with Adam has
 PGD accuracy 0.00 against FGSM 0.93 after its first epoch). An event is recorded at the onset
 (the first flagged epoch after an unflagged one), with the epoch and the figures; every
-epoch's history row says whether the rule held.
+epoch's history row says whether the rule held. A run can come back: when the rule stops
+holding after a flagged epoch a ``co_recovered`` event says so (FGSM-RS on MNIST at ε = 0.3
+is flagged after its first epoch, at PGD 0.08 against FGSM 0.73, then learns to PGD 0.90 —
+the recovery Li et al. 2020 describe), so a report tells a passing episode from a collapse
+that lasts to the end.
 """
 
 from __future__ import annotations
@@ -87,6 +91,12 @@ class COWatchdog:
                 "rule": f"pgd_acc < {self.co_drop} x max(best_pgd_acc, fgsm_acc) and "
                         f"fgsm_acc - pgd_acc >= {self.co_gap}",
             })
+        elif self.flagged and not holds:
+            onset = next(e["epoch"] for e in reversed(self.events)
+                         if e["type"] == "catastrophic_overfitting")
+            self.events.append({
+                "type": "co_recovered", "epoch": epoch, "onset_epoch": onset, "pgd_acc": pgd,
+                "fgsm_acc": fgsm, "clean_acc": m["clean_acc"]})
         self.flagged = holds
         self.best_pgd = pgd if self.best_pgd is None else max(self.best_pgd, pgd)
         return holds

@@ -272,9 +272,11 @@ class Training:
             self.mon_y = val_y[:self.n_mon].to(dev)
 
         torch.manual_seed(sched.seed)
+        mean, std = ((data.mean, data.std) if spec.model.normalization == "dataset"
+                     else ((0.0,) * data.channels, (1.0,) * data.channels))
         model = build_model(spec.model.arch, num_classes=data.num_classes,
                             in_channels=data.channels, image_size=data.image_size,
-                            mean=data.mean, std=data.std, depth=spec.model.depth,
+                            mean=mean, std=std, depth=spec.model.depth,
                             widen_factor=spec.model.widen_factor).to(dev)
         weights = weights or spec.model.weights
         if weights:
@@ -305,7 +307,7 @@ class Training:
         # what load_model needs to rebuild the network (safetensors metadata is str -> str)
         self.meta = {"arch": spec.model.arch, "num_classes": str(data.num_classes),
                      "in_channels": str(data.channels), "image_size": str(data.image_size),
-                     "mean": json.dumps(list(data.mean)), "std": json.dumps(list(data.std)),
+                     "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
                      "depth": str(spec.model.depth), "widen_factor": str(spec.model.widen_factor),
                      "dataset": data.name, "format": "bulwark-v1"}
 

@@ -114,8 +114,8 @@ class MLflowTracker:
             return
         if kind == "epoch":
             self._guard("epoch", lambda: self._metrics(epoch_metrics(data), data["epoch"]))
-        elif kind in ("catastrophic_overfitting", "accuracy_collapse", "remediated",
-                      "diverged", "stopped_early"):
+        elif kind in ("catastrophic_overfitting", "co_recovered", "accuracy_collapse",
+                      "remediated", "diverged", "stopped_early"):
             self._guard(kind, lambda: self.client.set_tag(
                 self.run_id, f"event.{kind}.epoch_{data.get('epoch')}", str(data)[:5000]))
 
