@@ -5,7 +5,7 @@ the mean ± std over its seeds of clean, PGD and AutoAttack accuracy and of seco
 how many of its runs the watchdog flagged for catastrophic overfitting (CO) and how many were
 still overfit at their last epoch (the others recovered). The page is
 self-contained: one table and three matplotlib figures embedded as SVG data URIs (robust
-accuracy against ε per method with CO runs marked, clean against robust accuracy per run,
+accuracy against ε per method with the runs still overfit at their end marked, clean against robust accuracy per run,
 seconds per epoch per method). Every string from a run is escaped.
 """
 
@@ -77,7 +77,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
     out = {}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    co = [r for r in done if r.get("co_epochs") and r.get("pgd_acc") is not None]
+    co = [r for r in done if r.get("co_at_end") and r.get("pgd_acc") is not None]
     if len({g["epsilon"] for g in grouped}) > 1:
         for m in methods:
             gs = sorted((g for g in grouped if g["method"] == m and g["pgd_acc"] is not None),
@@ -88,7 +88,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
                             label=m, color=colors[m])
         if co:
             ax.scatter([r["epsilon"] for r in co], [r["pgd_acc"] for r in co], marker="x",
-                       s=70, color="#d62728", zorder=5, label="run with CO")
+                       s=70, color="#d62728", zorder=5, label="run overfit at its end")
         ax.set(xlabel="ε", title="Robust accuracy against ε (mean ± std over seeds)")
         ax.legend(fontsize=8)
     else:  # one ε: a bar per method, every run a dot, CO runs a red cross
@@ -101,12 +101,12 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
                     and r.get("pgd_acc") is not None]
             ax.scatter([x] * len(runs), [r["pgd_acc"] for r in runs], s=14, color="black",
                        zorder=4)
-            bad = [r for r in runs if r.get("co_epochs")]
+            bad = [r for r in runs if r.get("co_at_end")]
             ax.scatter([x] * len(bad), [r["pgd_acc"] for r in bad], marker="x", s=70,
                        color="#d62728", zorder=5)
         ax.set_xticks(list(xs), [g["method"] for g in gs], rotation=30, ha="right")
         eps = gs[0]["epsilon"] if gs else None
-        ax.set(title=f"Robust accuracy at ε = {eps:g} (runs: dots; CO: red ×)"
+        ax.set(title=f"Robust accuracy at ε = {eps:g} (runs: dots; CO at end: red ×)"
                if isinstance(eps, float | int) else "Robust accuracy per method")
     ax.set(ylabel="PGD accuracy", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)

@@ -162,14 +162,14 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
 def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     from contract.compare import groups, render
 
-    def run(name, variant, eps, seed, pgd, co=()):
+    def run(name, variant, eps, seed, pgd, co=(), end=False):
         return {"name": name, "overrides": {"variant": variant}, "state": "succeeded",
                 "epsilon": eps, "seed": seed, "clean_acc": 0.9, "pgd_acc": pgd,
                 "autoattack_acc": None, "seconds_per_epoch": 10.0 + seed,
-                "co_epochs": list(co)}
+                "co_epochs": list(co), "co_at_end": end}
 
     rows = [run("a0", "a", 0.1, 0, 0.5), run("a1", "a", 0.1, 1, 0.7, co=[2]),
-            run("b0", "b", 0.1, 0, 0.2), run("a2", "a", 0.3, 0, 0.1),
+            run("b0", "b", 0.1, 0, 0.2, co=[1], end=True), run("a2", "a", 0.3, 0, 0.1),
             {"name": "x", "state": "failed", "error": "<boom>"}]
     g = {(x["method"], x["epsilon"]): x for x in groups(rows)}
     assert set(g) == {("a", 0.1), ("b", 0.1), ("a", 0.3)}
@@ -177,6 +177,8 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert a["n"] == 2 and a["pgd_acc"] == pytest.approx(0.6)
     assert a["pgd_acc_std"] == pytest.approx(0.1414213562, rel=1e-6)  # sample std of 0.5, 0.7
     assert a["co_runs"] == 1 and a["seconds_per_epoch"] == pytest.approx(10.5)
+    assert a["co_end_runs"] == 0, "a1 recovered from its episode"
+    assert (g[("b", 0.1)]["co_runs"], g[("b", 0.1)]["co_end_runs"]) == (1, 1)
     assert g[("b", 0.1)]["pgd_acc_std"] == 0.0 and g[("a", 0.3)]["seeds"] == [0]
     page = render(rows, "t")
     assert "&lt;boom&gt;" in page and "<boom>" not in page, "run text is escaped"

@@ -44,6 +44,10 @@ def test_watchdog_tells_a_passing_episode_from_a_lasting_collapse():
         [m(0.931, 0.562, 0.002), m(0.959, 0.815, 0.006), m(0.93, 0.96, 0.0)], start=1)]
     assert flags == [True, True, True]
     assert [e["type"] for e in lasting.events] == ["catastrophic_overfitting"]
+    dead = COWatchdog()  # GradAlign at lr 5e-3: flagged, then a constant prediction
+    for e, x in enumerate([m(0.9, 0.94, 0.0), m(0.95, 0.62, 0.07), m(0.10, 0.10, 0.10)], 1):
+        dead.check(e, x)
+    assert [e["type"] for e in dead.events] == ["catastrophic_overfitting", "accuracy_collapse"]
     again = COWatchdog()  # a second episode after a recovery is a second onset
     for e, x in enumerate([m(0.9, 0.6, 0.05), m(0.95, 0.7, 0.6), m(0.95, 0.95, 0.01)], start=1):
         again.check(e, x)

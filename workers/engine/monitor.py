@@ -91,7 +91,7 @@ class COWatchdog:
                 "rule": f"pgd_acc < {self.co_drop} x max(best_pgd_acc, fgsm_acc) and "
                         f"fgsm_acc - pgd_acc >= {self.co_gap}",
             })
-        elif self.flagged and not holds:
+        elif self.flagged and not holds and not down:  # a fall to chance is no recovery
             onset = next(e["epoch"] for e in reversed(self.events)
                          if e["type"] == "catastrophic_overfitting")
             self.events.append({
