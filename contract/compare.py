@@ -3,10 +3,10 @@
 Runs are grouped by method (the sweep variant, else the recipe preset) and ε; each group has
 the mean ± std over its seeds of clean, PGD and AutoAttack accuracy and of seconds per epoch,
 how many of its runs the watchdog flagged for catastrophic overfitting (CO) and how many were
-still overfit at their last epoch (the others recovered). The page is
-self-contained: one table and three matplotlib figures embedded as SVG data URIs (robust
-accuracy against ε per method with the runs still overfit at their end marked, clean against robust accuracy per run,
-seconds per epoch per method). Every string from a run is escaped.
+still overfit at their last epoch (the others recovered). The page is self-contained: one
+table and three matplotlib figures embedded as SVG data URIs (robust accuracy against ε per
+method with the runs still overfit at their end marked, clean against robust accuracy per
+run, seconds per epoch per method). Every string from a run is escaped.
 """
 
 from __future__ import annotations
