@@ -94,6 +94,9 @@ def FGSM_RS(model: nn.Module, eps: float, *, alpha: float = 1.25, norm: str = "l
 
 
 def N_FGSM(model: nn.Module, eps: float, *, k: float = 2.0, alpha: float = 1.0,
-           norm: str = "linf", objective: Objective = cross_entropy) -> SingleStep:
-    """N-FGSM (de Jorge et al. 2022): η ~ U[-kε, kε], step ε, no projection."""
-    return SingleStep(model, eps, k=k, alpha=alpha, project=False, norm=norm, objective=objective)
+           norm: str = "linf", objective: Objective = cross_entropy,
+           clip_start: bool = True) -> SingleStep:
+    """N-FGSM (de Jorge et al. 2022): η ~ U[-kε, kε], step ε, no projection; their code clips
+    the start to the image box (``clip_start=False`` does not)."""
+    return SingleStep(model, eps, k=k, alpha=alpha, project=False, norm=norm, objective=objective,
+                      clip_start=clip_start)

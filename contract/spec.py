@@ -141,15 +141,18 @@ class FGSMAdversary(_Strict):
     alpha: float = Field(1.0, gt=0, le=4, description="step size as a multiple of ε")
 
 
+CLIP_START = ("clip the random start x + η to [0, 1] before its gradient (Wong et al.'s "
+              "CIFAR-10 code, N-FGSM's code); false: the gradient is taken at the unclipped "
+              "x + η and only the final point is clipped (Wong et al.'s MNIST code: on images "
+              "whose pixels sit at 0 or 1, clipping removes half the noise)")
+
+
 class FGSMRSAdversary(_Strict):
     """RS-FGSM (Wong'20): η ~ U[-ε, ε], step α = 1.25ε, projected back onto the ε-ball."""
 
     kind: Literal["fgsm_rs"] = "fgsm_rs"
     alpha: float = Field(1.25, gt=0, le=4, description="step size as a multiple of ε")
-    clip_start: bool = Field(
-        True, description="clip the random start x + η to [0, 1] before its gradient (Wong et "
-        "al.'s CIFAR-10 code); false: the gradient is taken at the unclipped x + η and only "
-        "the final point is clipped (their MNIST code)")
+    clip_start: bool = Field(True, description=CLIP_START)
 
 
 class NFGSMAdversary(_Strict):
@@ -158,6 +161,7 @@ class NFGSMAdversary(_Strict):
     kind: Literal["n_fgsm"] = "n_fgsm"
     k: float = Field(2.0, ge=0, le=8, description="noise magnitude as a multiple of ε")
     alpha: float = Field(1.0, gt=0, le=4, description="step size as a multiple of ε")
+    clip_start: bool = Field(True, description=CLIP_START)
 
 
 class PGDAdversary(_Strict):

@@ -31,7 +31,8 @@ class Adversary:
             return FGSM_RS(model, eps, alpha=s.alpha, norm=norm, objective=objective,
                            clip_start=s.clip_start)
         if s.kind == "n_fgsm":
-            return N_FGSM(model, eps, k=s.k, alpha=s.alpha, norm=norm, objective=objective)
+            return N_FGSM(model, eps, k=s.k, alpha=s.alpha, norm=norm, objective=objective,
+                          clip_start=s.clip_start)
         if s.kind == "pgd":
             return PGD(model, eps, alpha=s.alpha * eps, steps=s.steps, restarts=s.restarts,
                        start=start if s.random_start else "zero", norm=norm, objective=objective)

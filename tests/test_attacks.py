@@ -160,6 +160,21 @@ def test_fgsm_rs_unclipped_start_as_wong_et_al_mnist_code():
     np.testing.assert_allclose(clipped.x_adv.numpy()[differ], eps, atol=1e-12)
 
 
+def test_n_fgsm_unclipped_start():
+    """N-FGSM with clip_start=False: the gradient at x + η even outside [0, 1], the step ε
+    unprojected, only x + η + ε·sign g clipped."""
+    w, b, x, y = toy_problem(seed=6)
+    eps = 0.3
+    torch.manual_seed(3)
+    res = N_FGSM(linear_model(w, b), eps, clip_start=False).perturb(t(x), t(y))
+    eta = res.x_init.numpy() - x
+    assert ((res.x_init.numpy() < 0) | (res.x_init.numpy() > 1)).any()
+    assert np.all(np.abs(eta) <= 2 * eps + 1e-12)
+    g = hand_grad(w, b, res.x_init.numpy(), y).reshape(x.shape)
+    np.testing.assert_allclose(res.x_adv.numpy(), np.clip(x + eta + eps * np.sign(g), 0, 1),
+                               rtol=0, atol=1e-12)
+
+
 def test_n_fgsm_step_is_unprojected_sign_step_from_wide_noise():
     w, b, x, y = toy_problem(seed=4)
     eps = 0.1
