@@ -10,6 +10,7 @@ A sweep file::
     variants:                              # optional named overrides, each crossed with the grid
       elle-lam-100: {recipe: {preset: fgsm-elle, regularizers: [{kind: elle, lam: 100}]}}
     stop_on_catastrophic_overfitting: false
+    out: runs                              # optional: `bulwark sweep FILE` writes there
 
 Children are the product of the variants (or the base alone) and every grid combination, in
 file order; each is a complete, validated ``JobSpec``. A child's name joins the variant name
@@ -42,6 +43,10 @@ class SweepSpec(_Strict):
     stop_on_catastrophic_overfitting: bool = Field(
         False, description="children stop training at the watchdog's first CO event and go "
                            "straight to their final evaluation")
+    out: str | None = Field(
+        None, max_length=500,
+        description="`bulwark sweep` only: the children's folder when no --out is given, "
+                    "relative to the sweep file (a study keeps its results beside it)")
 
     @field_validator("grid")
     @classmethod
@@ -100,6 +105,14 @@ def load_sweep(path: str | Path) -> SweepSpec:
             base_path = Path(path).parent / base_path
         sweep.base = read_spec_file(str(base_path))
     return sweep
+
+
+def sweep_out(path: str | Path, sweep: SweepSpec) -> Path | None:
+    """The folder a sweep file names for its children (``out``, relative to the file)."""
+    if sweep.out is None:
+        return None
+    out = Path(sweep.out)
+    return out if out.is_absolute() else Path(path).parent / out
 
 
 def expand(sweep: SweepSpec) -> list[Child]:

@@ -34,6 +34,9 @@ def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str,
         elif ev.type == "catastrophic_overfitting":
             line = (f"!! catastrophic overfitting at epoch {d['epoch']}: PGD {d['pgd_acc']:.3f} "
                     f"while FGSM {d['fgsm_acc']:.3f}")
+        elif ev.type == "co_recovered":
+            line = (f"recovered at epoch {d['epoch']} from the overfitting of epoch "
+                    f"{d['onset_epoch']}: PGD {d['pgd_acc']:.3f}, FGSM {d['fgsm_acc']:.3f}")
         elif ev.type == "accuracy_collapse":
             line = (f"!! clean accuracy collapsed at epoch {d['epoch']}: {d['clean_acc']:.3f} "
                     f"(best {d['best_clean_acc']:.3f})")

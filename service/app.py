@@ -573,6 +573,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        "msg": "must be a job spec mapping through the API (a "
                                               "spec file path is a `bulwark sweep` feature)",
                                        "input": sweep.base}])
+        if sweep.out is not None:  # a folder of the caller's machine, never one of the server's
+            raise HTTPException(422, [{"loc": ["body", "out"], "type": "value_error",
+                                       "msg": "not accepted through the API (the service keeps "
+                                              "each child's artifacts; `out` is a `bulwark "
+                                              "sweep` feature)", "input": sweep.out}])
         try:
             children = expand(sweep)
         except SpecError as e:

@@ -38,6 +38,26 @@ def test_study_sweep_expands(path):
     assert children and len({c.name for c in children}) == len(children)
 
 
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(REPO)))
+def test_a_studys_committed_runs_are_its_sweep_files_children(path):
+    """Every finished run under a sweep's `out` is the spec the file gives that child today:
+    a preset value changed since is caught here, not by the next `bulwark sweep` (which would
+    refuse the folder)."""
+    import json
+
+    from contract.spec import same_spec
+    from contract.sweep import sweep_out
+
+    sweep = load_sweep(path)
+    out = sweep_out(path, sweep)
+    assert out is not None, f"{path.name}: name the folder of its runs (out:)"
+    for child in expand(sweep):
+        report = out / child.name / "report.json"
+        if report.is_file():
+            ran = json.loads(report.read_text())["spec"]
+            assert same_spec(ran, child.spec.model_dump(mode="json")), child.name
+
+
 def test_the_quick_start_pair_differs_only_in_the_recipe():
     a = load_spec_file(str(REPO / "examples/quickstart/mnist-fgsm.yaml")).model_dump()
     b = load_spec_file(str(REPO / "examples/quickstart/mnist-n-aaer.yaml")).model_dump()

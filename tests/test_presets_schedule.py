@@ -117,9 +117,10 @@ def test_aaer_presets_use_their_base_attacks():
 
 def test_single_step_adversaries():
     assert job("fgsm").recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
-    assert job("fgsm-rs").recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.25}
+    assert job("fgsm-rs").recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.25,
+                                                            "clip_start": True}
     assert job("n-fgsm").recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0,
-                                                           "alpha": 1.0}
+                                                           "alpha": 1.0, "clip_start": True}
     assert job("standard").recipe.adversary.kind == "none"
     for name in FAST:
         assert job(name).recipe.loss.kind == "ce"
@@ -194,11 +195,20 @@ def mnist(recipe, **extra) -> JobSpec:
 def test_mnist_single_step_presets_use_the_mnist_recipe(name):
     spec = mnist(name)
     s = spec.schedule
-    assert (s.optimizer, s.weight_decay, s.epochs, s.batch_size) == ("adam", 0.0, 5, 128)
-    assert (s.lr.kind, s.lr.lr_max, s.lr.peak) == ("cyclic", 0.002, 0.4)
+    # Wong et al.'s MNIST/train_mnist.py: 10 epochs of batch 100, Adam, lr 0 → 5e-3 → 0
+    assert (s.optimizer, s.weight_decay, s.epochs, s.batch_size) == ("adam", 0.0, 10, 100)
+    assert (s.lr.kind, s.lr.lr_max, s.lr.peak) == ("cyclic", 0.005, 0.4)
+    assert lr_at(s.lr, 4.0, 10) == pytest.approx(0.005)  # their np.interp peak at epochs*2//5
     assert spec.threat.epsilon_warmup == 1.0
-    # the adversary and regularizer kinds are the method's, whatever the dataset
-    assert spec.recipe.adversary == job(name, 0.3).recipe.adversary
+    # the adversary kind is the method's, whatever the dataset; FGSM-RS takes their MNIST
+    # code's unclipped start and the step this project's sweep found to hold
+    cifar = job(name, 0.3).recipe.adversary
+    assert spec.recipe.adversary.kind == cifar.kind
+    if cifar.kind == "fgsm_rs":
+        assert (spec.recipe.adversary.alpha, spec.recipe.adversary.clip_start) == (1.0, False)
+        assert (cifar.alpha, cifar.clip_start) == (1.25, True)
+    else:
+        assert spec.recipe.adversary == cifar
 
 
 def test_mnist_multi_step_presets_follow_madry_and_trades_mnist_scripts():
@@ -246,7 +256,7 @@ def test_preset_sources_name_every_supplied_value_and_the_users_overrides():
 
     rows = {f: (v, src) for f, v, src in preset_sources(mnist("fgsm-elle-a"))}
     assert "Wong et al. 2020" in rows["schedule"][1]
-    assert "experiments/mnist-co" in rows["threat.epsilon_warmup"][1]
+    assert "experiments/mnist-recipe" in rows["threat.epsilon_warmup"][1]
     assert "twice" in rows["recipe.regularizers.elle_a.official_double_step"][1]
     assert "lam_max=4000" in rows["recipe.regularizers.elle_a"][0]
     rows = {f: (v, src) for f, v, src in preset_sources(
@@ -307,11 +317,13 @@ def test_same_kind_adversary_override_merges_and_other_kind_replaces():
                                               "adversary": {"kind": "n_fgsm", "k": 3.0}}})
     assert (spec.recipe.adversary.k, spec.recipe.adversary.alpha) == (3.0, 1.0)
     spec = cifar({"recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
-    assert spec.recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.0}
+    assert spec.recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.0,
+                                                  "clip_start": True}
     # another kind replaces the whole adversary: N-FGSM's own defaults, not FGSM's fields
     spec = cifar({"recipe": {"preset": "fgsm-elle",
                                               "adversary": {"kind": "n_fgsm"}}})
-    assert spec.recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0}
+    assert spec.recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0,
+                                                  "clip_start": True}
     assert reg(spec, "elle").lam == 1000.0
     spec = cifar({"recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}

@@ -305,7 +305,7 @@ def test_cli_validate_says_where_the_data_is(tmp_path):
     assert "preset n-aaer at ε = 0.3 for mnist (mnist family values)" in err
     assert "recipe.regularizers.aaer = aaer(lam1=1, lam2=2.75, lam3=0.75)" in err
     assert "AAER README" in err and "Wong et al. 2020" in err
-    assert "schedule = epochs 3" in err and "your spec changed epochs (the preset's: 5)" in err
+    assert "schedule = epochs 3" in err and "your spec changed epochs (the preset's: 10)" in err
     missing = tmp_path / "missing.yaml"
     missing.write_text(f"dataset: {{name: cifar10, root: {tmp_path / 'none'}}}\n")
     proc = _cli("validate", str(missing), cwd=tmp_path)

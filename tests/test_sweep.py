@@ -185,6 +185,30 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert page.count("<img") == 3
 
 
+def test_a_sweep_file_names_its_own_folder(tmp_path):
+    """`out` in the file: `bulwark sweep FILE` writes the children beside it, and a finished
+    child of another spec there is reported, not overwritten."""
+    study = tmp_path / "study"
+    study.mkdir()
+    path = study / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": [0]},
+                                    "out": "runs"}))
+    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (study / "runs" / "seed=0" / "report.json").is_file()
+    assert (study / "runs" / "sweep.json").is_file()
+    path.write_text(yaml.safe_dump({"base": {**BASE, "recipe": "fgsm-rs"},
+                                    "grid": {"schedule.seed": [0]}, "out": "runs"}))
+    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 1 and "finished run of another spec" in proc.stdout
+    path.write_text(yaml.safe_dump({"base": BASE}))
+    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "give --out DIR" in proc.stderr, proc.stderr
+
+
 def test_dry_run_lists_children(tmp_path):
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({"base": BASE, "grid": {"threat.norm": ["Linf", "L2"]}}))

@@ -87,14 +87,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from contract.sweep import expand, load_sweep
+    from contract.sweep import expand, load_sweep, sweep_out
     from workers.client.sweep import SWEEP_FILE, run_sweep, table
 
     try:
-        children = expand(load_sweep(args.sweep))
+        sweep = load_sweep(args.sweep)
+        children = expand(sweep)
     except ValueError as e:  # SpecError: the file, the child and the field
         return _fail(str(e))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else sweep_out(args.sweep, sweep)
+    if out is None:
+        return _fail(f"{args.sweep} names no `out` folder: give --out DIR")
     for flag in ("parallel", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             return _fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -122,8 +125,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         rows = run_sweep(children, out, parallel=args.parallel, device=args.device,
                          threads=args.threads, on_done=done)
     except KeyboardInterrupt:
-        return _fail(f"interrupted; run the same command again to resume: bulwark sweep "
-                     f"{args.sweep} --out {out}", 130)
+        again = f"bulwark sweep {args.sweep}" + (f" --out {out}" if args.out else "")
+        return _fail(f"interrupted; run the same command again to resume: {again}", 130)
     print(table(rows))
     print(f"table: {out / SWEEP_FILE}")
     return 0 if all(r["state"] == "succeeded" for r in rows) else 1
@@ -474,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     sw = sub.add_parser("sweep", help="run a sweep (a base spec x a grid) locally, resumable")
     sw.add_argument("sweep", help="sweep file (.yaml, .json): base, grid, variants")
-    sw.add_argument("--out", required=True, help="folder for the children and sweep.json")
+    sw.add_argument("--out", default=None, help="folder for the children and sweep.json "
+                                                "(default: the sweep file's `out`)")
     sw.add_argument("--parallel", type=int, default=1, help="children run at once")
     sw.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sw.add_argument("--threads", type=int, default=None,
