@@ -1,6 +1,6 @@
 """Submit job specs side by side through the API, follow them, print one comparison table.
 
-    python examples/quickstart.py examples/mnist-fgsm.yaml examples/mnist-n-fgsm.yaml
+    cd examples/quickstart && python ../quickstart.py mnist-fgsm.yaml mnist-fgsm-rs.yaml
 
 Uses the SDK (``import bulwark``): the URL and key come from $BULWARK_URL / $BULWARK_API_KEY
 or the key file of a running ``bulwark serve``. Exit code 0 when every job succeeded.
@@ -57,7 +57,10 @@ def row(label: str, job: bulwark.Job) -> list[str]:
     pgd_names.add(next((k for k in r.final.attacks if k.startswith("pgd")), "pgd"))
     f = r.final
     seconds = (info.finished_at - info.started_at).total_seconds() if info.started_at else 0
+    recovered = {e.epoch for e in r.events if e.type == "co_recovered"}
     co = ", ".join(map(str, r.co_epochs)) or "none"
+    if r.co_epochs:
+        co += " (recovered)" if recovered and not r.co_at_end else " (to the end)"
     pgd = f.pgd
     return [label, info.state, f"{f.clean_acc:.3f}", f"{f.fgsm.acc:.3f}" if f.fgsm else "-",
             f"{pgd.acc:.3f}" if pgd else "-", co, f"{seconds:.0f}"]

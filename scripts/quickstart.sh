@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 BULWARK_NO_CHROMIUM=1 scripts/install.sh   # the browser is for the tests only
 VENV=${VENV:-.venv}
 if [ "$#" -eq 0 ]; then
-  set -- examples/quickstart/mnist-fgsm.yaml examples/quickstart/mnist-n-aaer.yaml
+  set -- examples/quickstart/mnist-fgsm.yaml examples/quickstart/mnist-fgsm-rs.yaml
 fi
 HOME_DIR=${BULWARK_HOME:-bulwark-data}
 PORT=${BULWARK_PORT:-8000}

@@ -60,18 +60,18 @@ def test_a_studys_committed_runs_are_its_sweep_files_children(path):
 
 def test_the_quick_start_pair_differs_only_in_the_recipe():
     a = load_spec_file(str(REPO / "examples/quickstart/mnist-fgsm.yaml")).model_dump()
-    b = load_spec_file(str(REPO / "examples/quickstart/mnist-n-aaer.yaml")).model_dump()
+    b = load_spec_file(str(REPO / "examples/quickstart/mnist-fgsm-rs.yaml")).model_dump()
     assert {k for k in a if a[k] != b[k]} == {"name", "recipe"}
 
 
 def test_the_shipped_quick_start_is_the_spec_the_study_measured():
     """examples/quickstart/*.yaml are exactly (names aside) the children of
-    experiments/quickstart/lr.yaml whose results the README and the examples quote."""
+    experiments/quickstart/mnist-net.yaml whose results the README and the examples quote."""
     from contract.spec import same_spec
 
-    children = {c.name: c.spec for c in expand(load_sweep(REPO / "experiments/quickstart/lr.yaml"))}
-    for example, child in (("mnist-fgsm", "fgsm-lr2e-3_seed=0"),
-                           ("mnist-n-aaer", "n-aaer-lr2e-3_seed=0")):
+    path = REPO / "experiments/quickstart/mnist-net.yaml"
+    children = {c.name: c.spec for c in expand(load_sweep(path))}
+    for example, child in (("mnist-fgsm", "fgsm_seed=0"), ("mnist-fgsm-rs", "fgsm-rs_seed=0")):
         shipped = load_spec_file(str(REPO / f"examples/quickstart/{example}.yaml"))
         assert same_spec(shipped.model_dump(mode="json"),
                          children[child].model_dump(mode="json")), example
