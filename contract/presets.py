@@ -35,7 +35,7 @@ _FAMILY_OF = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn", "mnist": 
 def family_of(dataset: str | None) -> str:
     """The family whose preset values a dataset takes; ``cifar`` where it has none of its own
     (uploaded arrays, the synthetic set, and scikit-learn's 8×8 digits, whose 1 797 images
-    are too few for the MNIST recipe's 5 epochs: the papers' CIFAR-10 values)."""
+    are too few for the MNIST recipe's 10 epochs: the papers' CIFAR-10 values)."""
     return _FAMILY_OF.get(str(dataset or "").strip().lower(), "cifar")
 
 
