@@ -57,6 +57,21 @@ def test_report_page_has_figures_tables_and_escapes():
     assert "http" not in page.replace("http://www.w3.org", ""), "self-contained: no URLs"
 
 
+def test_a_recovery_is_marked_and_told_from_a_lasting_collapse():
+    recovered = report(events=[
+        {"type": "catastrophic_overfitting", "epoch": 1, "pgd_acc": 0.08, "fgsm_acc": 0.7},
+        {"type": "co_recovered", "epoch": 2, "onset_epoch": 1, "pgd_acc": 0.35,
+         "fgsm_acc": 0.4}])
+    page = render(recovered)
+    assert "Catastrophic overfitting at epoch(s) 1 (red dashed lines); recovered at epoch(s) 2" \
+        in page and "still overfit" not in page
+    monitor = figures(page)[1]
+    assert "recovered" in monitor and "#2ca02c" in monitor, "a green line in the monitor figure"
+    hist = report()["history"]
+    hist[-1]["catastrophic_overfitting"] = True
+    assert "still overfit at the last epoch" in render(report(history=hist))
+
+
 def test_one_epoch_and_evaluation_only_jobs_render():
     one = report(history=report()["history"][:1], events=[], selection=None)
     svgs = figures(render(one))

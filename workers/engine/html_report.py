@@ -81,10 +81,14 @@ def _acc_limits(values: list[float]) -> tuple[float, float]:
     return max(0.0, lo - pad), min(1.0, hi + pad)
 
 
-def _co_lines(ax, co_epochs: list[int], label: bool = True) -> None:
+def _co_lines(ax, co_epochs: list[int], label: bool = True,
+              recovered: list[int] | None = None) -> None:
     for i, e in enumerate(co_epochs):
         ax.axvline(e, color="#d62728", ls="--", lw=1.2,
                    label="catastrophic overfitting" if label and i == 0 else None)
+    for i, e in enumerate(recovered or []):
+        ax.axvline(e, color="#2ca02c", ls=":", lw=1.4,
+                   label="recovered" if label and i == 0 else None)
 
 
 def training_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
@@ -115,7 +119,8 @@ def training_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
     return _img(fig, "training curves")
 
 
-def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
+def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
+                   recovered: list[int] | None = None) -> str:
     plt = _plt()
     rows = [(h["epoch"], h["monitor"]) for h in hist if h.get("monitor")]
     if not rows:
@@ -128,7 +133,7 @@ def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
         values += ys
         ax.plot([e for e, _ in rows], ys, ls=ls, marker=marker, color=color, label=name,
                 markersize=6 if name != "PGD" else 7)
-    _co_lines(ax, co_epochs)
+    _co_lines(ax, co_epochs, recovered=recovered)
     n = rows[0][1].get("n")
     ax.set(xlabel="epoch", ylabel="accuracy", ylim=_acc_limits(values),
            title=f"held-out monitor{f' ({n} images)' if n else ''}: clean, FGSM, PGD")
@@ -238,6 +243,7 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
     threat = spec["threat"]
     events = report.get("events") or []
     co_epochs = [e["epoch"] for e in events if e.get("type") == "catastrophic_overfitting"]
+    recovered = [e["epoch"] for e in events if e.get("type") == "co_recovered"]
     recipe = spec.get("recipe") or {}
     title = spec.get("name") or recipe.get("preset") or "job"
     env = report.get("environment") or {}
@@ -254,7 +260,8 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
         "<h2>Final evaluation</h2>", _final_table(report)]
     if hist:
         sections += ["<h2>Training</h2>", training_figure(hist, co_epochs),
-                     "<h2>Robustness per epoch</h2>", monitor_figure(hist, co_epochs)]
+                     "<h2>Robustness per epoch</h2>", monitor_figure(hist, co_epochs,
+                                                                      recovered)]
         traces = traces_figure(hist, co_epochs)
         if traces:
             sections += ["<h2>Method traces</h2>", traces]
@@ -265,7 +272,11 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                         "before the first epoch finished).</p>")
     if co_epochs:
         sections.append("<p class='co'>Catastrophic overfitting at epoch(s) "
-                        + ", ".join(str(e) for e in co_epochs) + " (red dashed lines).</p>")
+                        + ", ".join(str(e) for e in co_epochs) + " (red dashed lines)"
+                        + ("; recovered at epoch(s) " + ", ".join(map(str, recovered))
+                           + " (green dotted lines)" if recovered else "")
+                        + ("; still overfit at the last epoch" if hist and
+                           hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
     if events:
         sections += ["<h2>Watchdog events</h2>", _table(
             [(e.get("type"), e.get("epoch"), e.get("pgd_acc", "–"), e.get("fgsm_acc", "–"),
