@@ -66,7 +66,7 @@ def test_a_recovery_is_marked_and_told_from_a_lasting_collapse():
     assert "Catastrophic overfitting at epoch(s) 1 (red dashed lines); recovered at epoch(s) 2" \
         in page and "still overfit" not in page
     monitor = figures(page)[1]
-    assert "recovered" in monitor and "#2ca02c" in monitor, "a green line in the monitor figure"
+    assert "recovered" in monitor and "#7f7f7f" in monitor, "a grey line in the monitor figure"
     hist = report()["history"]
     hist[-1]["catastrophic_overfitting"] = True
     assert "still overfit at the last epoch" in render(report(history=hist))

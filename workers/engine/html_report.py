@@ -87,7 +87,7 @@ def _co_lines(ax, co_epochs: list[int], label: bool = True,
         ax.axvline(e, color="#d62728", ls="--", lw=1.2,
                    label="catastrophic overfitting" if label and i == 0 else None)
     for i, e in enumerate(recovered or []):
-        ax.axvline(e, color="#2ca02c", ls=":", lw=1.4,
+        ax.axvline(e, color="#7f7f7f", ls="-.", lw=1.4,
                    label="recovered" if label and i == 0 else None)
 
 
@@ -274,7 +274,7 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
         sections.append("<p class='co'>Catastrophic overfitting at epoch(s) "
                         + ", ".join(str(e) for e in co_epochs) + " (red dashed lines)"
                         + ("; recovered at epoch(s) " + ", ".join(map(str, recovered))
-                           + " (green dotted lines)" if recovered else "")
+                           + " (grey dash-dot lines)" if recovered else "")
                         + ("; still overfit at the last epoch" if hist and
                            hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
     if events:
