@@ -186,6 +186,29 @@ those still overfit at their last epoch (the rest recovered).</p>
 """
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The per-method-and-ε table in Markdown (what docs/experiments.md quotes): mean ± std over
+    the seeds, the seeds' PGD figures one by one, CO counts, seconds per epoch."""
+    def cell(v: Any, std: Any = None, digits: int = 3) -> str:
+        if v is None:
+            return "–"
+        return f"{v:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+    lines = ["| method | ε | runs | clean | PGD | PGD per seed | AutoAttack | CO runs | "
+             "CO at end | s / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    done = {r["name"]: r for r in rows if r.get("state") == "succeeded"}
+    for g in groups(rows):
+        per_seed = " / ".join(cell(done[n].get("pgd_acc")) for n in g["runs"])
+        lines.append(
+            f"| {g['method']} | {cell(g['epsilon'], digits=2) if g['epsilon'] is not None else '–'}"
+            f" | {g['n']} | {cell(g['clean_acc'], g['clean_acc_std'])} | "
+            f"{cell(g['pgd_acc'], g['pgd_acc_std'])} | {per_seed} | "
+            f"{cell(g['autoattack_acc'], g['autoattack_acc_std'])} | {g['co_runs']} / {g['n']} | "
+            f"{g['co_end_runs']} / {g['n']} | "
+            f"{cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)} |")
+    return "\n".join(lines)
+
+
 def write(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
     """``compare.json`` (runs and groups) and ``compare.html`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)

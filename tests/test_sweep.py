@@ -180,6 +180,11 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert a["co_end_runs"] == 0, "a1 recovered from its episode"
     assert (g[("b", 0.1)]["co_runs"], g[("b", 0.1)]["co_end_runs"]) == (1, 1)
     assert g[("b", 0.1)]["pgd_acc_std"] == 0.0 and g[("a", 0.3)]["seeds"] == [0]
+    from contract.compare import markdown
+    md = markdown(rows).splitlines()
+    assert md[0].startswith("| method | ε | runs |") and len(md) == 2 + 3
+    assert md[2] == ("| a | 0.10 | 2 | 0.900 | 0.600 ± 0.141 | 0.500 / 0.700 | – | 1 / 2 | "
+                     "0 / 2 | 10.5 ± 0.7 |"), md[2]
     page = render(rows, "t")
     assert "&lt;boom&gt;" in page and "<boom>" not in page, "run text is escaped"
     assert page.count("<img") == 3

@@ -155,6 +155,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not any(r.get("state") == "succeeded" for r in rows):
         return _fail(f"no finished runs in {', '.join(sources)}")
     print(table(rows))
+    if args.markdown:
+        from contract.compare import markdown
+        print("\n" + markdown(rows) + "\n")
     out = Path(args.out or (sources[0] if len(sources) == 1 and Path(sources[0]).is_dir()
                             else "."))
     j, h = write(rows, out, title="Comparison of " + ", ".join(sources))
@@ -549,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for compare.json and compare.html (default: the one folder "
                         "given, else the current folder)")
     c.add_argument("--json", default=None, help="also write compare.json's content here")
+    c.add_argument("--markdown", action="store_true",
+                   help="also print the per-method table in Markdown (mean ± std over seeds)")
     c = client_parser("export", "a finished job (or a `bulwark run` folder) as a RobustBench "
                       "model card beside its weights", cmd_export)
     c.add_argument("--format", choices=["robustbench"], default="robustbench")
