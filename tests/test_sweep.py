@@ -86,6 +86,25 @@ def _sweep_cli(path: Path, out: Path, *extra: str) -> subprocess.CompletedProces
                           cwd=REPO, timeout=600)
 
 
+def test_two_sweeps_running_at_once_into_one_folder_keep_each_others_rows(tmp_path):
+    # a study runs its seeds sweep beside its main sweep: both write the folder's table while
+    # the other runs, and neither may drop the rows the other wrote after it started
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "workers.client.cli", "sweep"]
+    procs = []
+    for seeds in ([0, 1], [5, 6]):
+        path = tmp_path / f"seeds{seeds[0]}.yaml"
+        path.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": seeds}}))
+        procs.append(subprocess.Popen([*cmd, str(path), "--out", str(out), "--threads", "1"],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    table = json.loads((out / "sweep.json").read_text())["children"]
+    assert sorted(r["name"] for r in table) == ["seed=0", "seed=1", "seed=5", "seed=6"]
+    assert all(r["state"] == "succeeded" for r in table)
+
+
 def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": [0, 1]},

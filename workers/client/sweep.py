@@ -95,14 +95,19 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
     rows: dict[str, dict[str, Any]] = {}
 
     table_path = out / SWEEP_FILE
-    # sweeps that share a folder share its table: rows of other sweeps stay, ours update
-    earlier = (json.loads(table_path.read_text()).get("children", [])
-               if table_path.is_file() else [])
-    earlier_names = {r["name"] for r in earlier}
 
     def write() -> None:
-        merged = [rows.get(r["name"], r) for r in earlier] + [
-            rows[c.name] for c in children if c.name in rows and c.name not in earlier_names]
+        # sweeps that share a folder share its table, even while both run: the table is read
+        # again on every write, so rows another sweep wrote since stay; ours update
+        earlier = (json.loads(table_path.read_text()).get("children", [])
+                   if table_path.is_file() else [])
+        before = {r["name"]: r for r in earlier}
+        ours = [rows.get(c.name) or before[c.name] for c in children
+                if c.name in rows or c.name in before]  # in the file's order
+        names = {r["name"] for r in ours}
+        merged = [r for r in earlier if r["name"] not in names]
+        at = next((i for i, r in enumerate(earlier) if r["name"] in names), len(earlier))
+        merged[at:at] = ours  # our block where our first row was, or at the end
         tmp = out / (SWEEP_FILE + ".tmp")
         tmp.write_text(json.dumps({"children": merged}, indent=2))
         os.replace(tmp, table_path)

@@ -405,7 +405,7 @@ class Training:
     def fit(self, emit: Event, should_stop: Callable[[], bool] | None, progress: bool) -> None:
         sched = self.spec.schedule
         bar = None
-        if progress:
+        if progress and self.spec.mode == "train":  # evaluate mode trains nothing
             from workers.engine.bars import bar as progress_bar
             bar = progress_bar(total=self.steps_per_epoch * sched.epochs,
                                initial=self.start_epoch * self.steps_per_epoch, unit="step",
