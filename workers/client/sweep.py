@@ -103,12 +103,12 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
                    if table_path.is_file() else [])
         before = {r["name"]: r for r in earlier}
         ours = [rows.get(c.name) or before[c.name] for c in children
-                if c.name in rows or c.name in before]  # in the file's order
+                if c.name in rows or c.name in before]  # in the sweep file's order
         names = {r["name"] for r in ours}
         merged = [r for r in earlier if r["name"] not in names]
         at = next((i for i, r in enumerate(earlier) if r["name"] in names), len(earlier))
         merged[at:at] = ours  # our block where our first row was, or at the end
-        tmp = out / (SWEEP_FILE + ".tmp")
+        tmp = out / f"{SWEEP_FILE}.{os.getpid()}.tmp"  # one per sweep: two may write at once
         tmp.write_text(json.dumps({"children": merged}, indent=2))
         os.replace(tmp, table_path)
 
