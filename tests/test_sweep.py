@@ -105,6 +105,32 @@ def test_two_sweeps_running_at_once_into_one_folder_keep_each_others_rows(tmp_pa
     assert all(r["state"] == "succeeded" for r in table)
 
 
+def test_a_table_write_waits_for_the_sweep_that_holds_the_tables_lock(tmp_path):
+    # two sweeps that finish a child in the same instant must not both read the old table and
+    # replace it in turn (the second would drop the first's row): the second waits its turn
+    import fcntl
+    import threading
+
+    from workers.client.sweep import write_table
+
+    table = tmp_path / "sweep.json"
+    write_table(table, ["a"], {"a": {"name": "a", "state": "running"}})
+    with open(tmp_path / "sweep.json.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another sweep is between its read and its replace
+        writer = threading.Thread(target=write_table, args=(
+            table, ["b"], {"b": {"name": "b", "state": "succeeded"}}))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive()  # waiting, table untouched
+        assert [r["name"] for r in json.loads(table.read_text())["children"]] == ["a"]
+        rows = json.loads(table.read_text())["children"]  # the holder's own write lands
+        table.write_text(json.dumps({"children": [*rows, {"name": "c", "state": "failed"}]}))
+        fcntl.flock(held, fcntl.LOCK_UN)
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    assert [r["name"] for r in json.loads(table.read_text())["children"]] == ["a", "c", "b"]
+
+
 def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": [0, 1]},

@@ -8,6 +8,7 @@ a child with a ``report.json`` is skipped, an unfinished one continues from its 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,37 @@ class _Runner:
                 .removeprefix("bulwark: error: ")}
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Holds ``<path>.lock`` exclusively: sweeps that share a folder take turns at its table."""
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_table(table_path: Path, names: list[str], rows: dict[str, dict[str, Any]]) -> None:
+    """Write this sweep's ``rows`` (its children ``names``, in order) into the shared table.
+
+    Sweeps that share a folder share its table, even while both run: under the table's lock
+    it is read again, rows another sweep wrote stay, ours replace theirs as one block (where
+    our first row was, or at the end)."""
+    with _locked(table_path):
+        earlier = (json.loads(table_path.read_text()).get("children", [])
+                   if table_path.is_file() else [])
+        before = {r["name"]: r for r in earlier}
+        ours = [rows.get(n) or before[n] for n in names if n in rows or n in before]
+        mine = {r["name"] for r in ours}
+        merged = [r for r in earlier if r["name"] not in mine]
+        at = next((i for i, r in enumerate(earlier) if r["name"] in mine), len(earlier))
+        merged[at:at] = ours
+        tmp = table_path.with_name(f"{table_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"children": merged}, indent=2))
+        os.replace(tmp, table_path)
+
+
 def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: str = "auto",
               threads: int | None = None, on_done=None) -> list[dict[str, Any]]:
     """Run every child (skipping finished ones); returns and writes the sweep table.
@@ -94,23 +128,8 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
     runner = _Runner(out, device, threads or max(1, (os.cpu_count() or 1) // max(parallel, 1)))
     rows: dict[str, dict[str, Any]] = {}
 
-    table_path = out / SWEEP_FILE
-
     def write() -> None:
-        # sweeps that share a folder share its table, even while both run: the table is read
-        # again on every write, so rows another sweep wrote since stay; ours update
-        earlier = (json.loads(table_path.read_text()).get("children", [])
-                   if table_path.is_file() else [])
-        before = {r["name"]: r for r in earlier}
-        ours = [rows.get(c.name) or before[c.name] for c in children
-                if c.name in rows or c.name in before]  # in the sweep file's order
-        names = {r["name"] for r in ours}
-        merged = [r for r in earlier if r["name"] not in names]
-        at = next((i for i, r in enumerate(earlier) if r["name"] in names), len(earlier))
-        merged[at:at] = ours  # our block where our first row was, or at the end
-        tmp = out / f"{SWEEP_FILE}.{os.getpid()}.tmp"  # one per sweep: two may write at once
-        tmp.write_text(json.dumps({"children": merged}, indent=2))
-        os.replace(tmp, table_path)
+        write_table(out / SWEEP_FILE, [c.name for c in children], rows)
 
     pool = ThreadPoolExecutor(max_workers=max(parallel, 1))
     try:
