@@ -165,7 +165,13 @@ def test_two_ranks_follow_the_one_process_run(name, pretrained, tmp_path):
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     moved = max(float((w1[k] - start[k]).abs().max()) for k in w1)
     apart = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert apart * 1000 < moved, f"the runs differ by {apart:.2e}; training moved {moved:.2e}"
+    # ELLE's E_lin is the square of a difference of near-equal losses: the half-batch sums'
+    # rounding (1e-7 of a loss) comes back through λ·∇E_lin far larger than through CE (a
+    # fresh clone measured 2.5e-3 of the motion for fgsm-elle). A rank that skipped the
+    # all-reduce or drew another share's noise is off by the order of the motion itself.
+    floor = 1e-2 if "elle" in name else 1e-3
+    assert apart < floor * moved, (
+        f"the runs differ by {apart:.2e}; training moved {moved:.2e}")
     assert abs(two["final"]["clean_acc"] - one["final"]["clean_acc"]) <= 0.011
 
 
