@@ -125,7 +125,14 @@ def test_a_job_runs_resumes_and_delivers_through_the_bucket(s3, tmp_path):
 
         row = wait_state(alice, job, ("succeeded", "failed", "cancelled"), timeout=180)
         assert row["state"] == "succeeded", row["error"]
-        kinds = [(k, d) for _, k, d in Events(stack.env["BULWARK_REDIS_URL"]).read(job)]
+        # the row says succeeded first (a crash before it retries from the checkpoint); the
+        # worker then forgets the checkpoint, drops its scratch copy and publishes the event
+        events = Events(stack.env["BULWARK_REDIS_URL"])
+        deadline = time.monotonic() + 60
+        while not any(k == "succeeded" for _, k, _ in events.read(job)):
+            assert time.monotonic() < deadline, "no succeeded event after the row said so"
+            time.sleep(0.1)
+        kinds = [(k, d) for _, k, d in events.read(job)]
         resumed = [d for k, d in kinds if k == "resumed"]
         assert resumed and resumed[0]["epoch"] >= 1, "the retry read the bucket's checkpoint"
         report = alice.get(f"/v1/jobs/{job}/report").json()
