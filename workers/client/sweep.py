@@ -25,6 +25,7 @@ from typing import Any
 from contract.artifacts import REPORT
 from contract.spec import same_spec
 from contract.sweep import Child, headline
+from workers.engine.files import write_json
 
 SWEEP_FILE = "sweep.json"
 SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1}
@@ -114,9 +115,7 @@ def write_table(table_path: Path, names: list[str], rows: dict[str, dict[str, An
         merged = [r for r in earlier if r["name"] not in mine]
         at = next((i for i, r in enumerate(earlier) if r["name"] in mine), len(earlier))
         merged[at:at] = ours
-        tmp = table_path.with_name(f"{table_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"children": merged}, indent=2))
-        os.replace(tmp, table_path)
+        write_json(table_path, {"children": merged})
 
 
 def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: str = "auto",

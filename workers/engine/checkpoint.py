@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FILE_MODE = 0o644
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; the API process must read artifacts
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from workers.engine.files import FILE_MODE, atomic_write
 
 
 class _Recording:
@@ -65,19 +49,11 @@ def _torch_save(state: dict[str, Any], f) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    _atomic_write(Path(path), lambda f: _torch_save(state, f))
+    atomic_write(Path(path), lambda f: _torch_save(state, f))
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2))
-
-
-def write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:

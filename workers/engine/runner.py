@@ -41,11 +41,10 @@ from workers.engine.checkpoint import (
     load_weights,
     save_checkpoint,
     save_weights,
-    write_json,
-    write_text,
 )
 from workers.engine.data import DeviceLoader, load_dataset, split_validation
 from workers.engine.distributed import Ranks, join, launch, leave
+from workers.engine.files import write_json, write_text
 from workers.engine.html_report import render as render_html
 from workers.engine.models import build_model
 from workers.engine.monitor import COWatchdog, monitor
