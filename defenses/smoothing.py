@@ -42,6 +42,7 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
+from contract.files import write_text
 from defenses.precision import autocast
 
 ABSTAIN = -1
@@ -401,12 +402,8 @@ def _check_meta(path: Path, meta: dict[str, Any], write: bool = True) -> None:
         if diff:
             raise ValueError(f"{path} was written with other settings (was, now): {diff}")
         return
-    if not write:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    if write:
+        write_text(meta_path, json.dumps(meta, indent=1) + "\n")
 
 
 def _parse_seconds(s: str) -> float:
@@ -427,7 +424,7 @@ def _read_tsv(path: Path, repair: bool = True) -> list[Row]:
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         if repair:
-            _write_atomic(path, text)
+            write_text(path, text)
     lines = text.splitlines()
     if not lines:
         return []
@@ -441,18 +438,9 @@ def _read_tsv(path: Path, repair: bool = True) -> list[Row]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append_tsv(path: Path, rows: list[Row]) -> None:
     if not path.exists() or path.stat().st_size == 0:
-        _write_atomic(path, "\t".join(TSV_COLUMNS) + "\n")
+        write_text(path, "\t".join(TSV_COLUMNS) + "\n")
     with open(path, "a") as f:
         for i, label, pred, radius, correct, t in rows:
             f.write(f"{i}\t{label}\t{pred}\t{radius!r}\t{correct}\t{t:.6f}\n")

@@ -35,11 +35,6 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(stack):
-    return stack.client(stack.key("alice"))
-
-
 @pytest.fixture
 def workers(stack):
     """Each test starts its own workers; none is left for the next one."""

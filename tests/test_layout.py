@@ -6,7 +6,7 @@ functions alike): no import cycles between modules, and every import points down
     workers/jobs/     Celery app, task, trainer process, embedded serve: contract, service, engine
     workers/engine/   data, models, runner, reports: contract, attacks, defenses
     service/          the API and its store: contract only (and never torch)
-    defenses/         attacks
+    defenses/         attacks, contract
     attacks/          nothing of Bulwark
     contract/         the torch-free job contract: nothing of Bulwark
 """
@@ -25,7 +25,7 @@ ALLOWED = {
     "contract": set(),
     "workers": set(),  # the umbrella package itself holds nothing
     "attacks": set(),
-    "defenses": {"attacks"},
+    "defenses": {"attacks", "contract"},
     "service": {"contract"},
     "workers.engine": {"contract", "attacks", "defenses"},
     "workers.jobs": {"contract", "service", "workers.engine"},

@@ -21,11 +21,6 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(stack):
-    return stack.client(stack.key("alice"))
-
-
 def test_submit_while_the_broker_is_down_is_a_503_and_stores_nothing(stack, alice):
     before = alice.get("/v1/jobs").json()["total"]
     stack.stop_redis()

@@ -12,35 +12,14 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 from safetensors.numpy import save as st_save
 
 from service.queue import TASK_NAME
 from service.store import Store
 from tests.service_stack import (
-    Stack,
-    database_url,
     tiny_spec,
     wait_state,
 )
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def stack(request, tmp_path_factory):
-    home = tmp_path_factory.mktemp(f"bulwark-{request.param}")
-    s = Stack(home, database_url(request.param, home)).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def alice(stack):
-    return stack.client(stack.key("alice"))
-
-
-@pytest.fixture(scope="module")
-def bob(stack):
-    return stack.client(stack.key("bob"))
 
 
 def _events(client: httpx.Client, job_id: str, last_event_id: str | None = None):

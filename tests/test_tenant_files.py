@@ -15,32 +15,12 @@ from service.queue import make_celery
 from service.settings import Settings
 from service.store import Store
 from tests.service_stack import (
-    Stack,
-    database_url,
     tiny_spec,
     wait_state,
 )
 from workers.jobs.trainer import scrub_paths
 
 ABS_PATH = re.compile(r"(?<![:\w/.~-])/(?!v1/)[A-Za-z0-9_.-]+/")  # a server path, not a route
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def stack(request, tmp_path_factory):
-    home = tmp_path_factory.mktemp(f"files-{request.param}")
-    s = Stack(home, database_url(request.param, home)).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def alice(stack):
-    return stack.client(stack.key("alice"))
-
-
-@pytest.fixture(scope="module")
-def bob(stack):
-    return stack.client(stack.key("bob"))
 
 
 def npz_bytes(n_train=96, n_test=32, classes=4, **extra) -> bytes:

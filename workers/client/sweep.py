@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from contract.artifacts import REPORT
+from contract.files import write_json
 from contract.spec import same_spec
 from contract.sweep import Child, headline
-from workers.engine.files import write_json
 
 SWEEP_FILE = "sweep.json"
 SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1}

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workers.engine.files import FILE_MODE, atomic_write
+from contract.files import FILE_MODE, atomic_write
 
 
 class _Recording:

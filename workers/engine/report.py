@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.evaluation import Ledger, autoattack_eval, clean_accuracy, fgsm_eval, pgd_eval
-from workers.engine.files import write_text
+from contract.files import write_text
 
 REPORT_VERSION = 1
 

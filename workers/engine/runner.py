@@ -31,6 +31,7 @@ from contract.artifacts import (
     WA,
     WEIGHTS,
 )
+from contract.files import write_json, write_text
 from contract.presets import describe_recipe
 from contract.report import Report
 from contract.spec import JobSpec, RecipeSpec, as_spec, remedied, same_spec
@@ -44,7 +45,6 @@ from workers.engine.checkpoint import (
 )
 from workers.engine.data import DeviceLoader, load_dataset, split_validation
 from workers.engine.distributed import Ranks, join, launch, leave
-from workers.engine.files import write_json, write_text
 from workers.engine.html_report import render as render_html
 from workers.engine.models import build_model
 from workers.engine.monitor import COWatchdog, monitor
