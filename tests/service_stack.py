@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from service.events import Events
 from workers.jobs.serve import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,18 @@ def wait_state(client: httpx.Client, job_id: str, states: tuple[str, ...],
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s: {job}")
+
+
+def wait_event(stack: Stack, job_id: str, kind: str, timeout: float = 60.0
+               ) -> list[tuple[str, dict]]:
+    """The job's whole event stream as (type, data), once it holds a ``kind`` event. The row
+    says succeeded before the trainer publishes the event (and before it drops its copies), so
+    a test that reads events after ``wait_state`` waits here."""
+    events = Events(stack.env["BULWARK_REDIS_URL"])
+    deadline = time.monotonic() + timeout
+    while True:
+        stream = [(k, d) for _, k, d in events.read(job_id, count=10_000)]  # maxlen is 1000
+        if any(k == kind for k, _ in stream):
+            return stream
+        assert time.monotonic() < deadline, f"no {kind} event of job {job_id} in {timeout} s"
+        time.sleep(0.1)

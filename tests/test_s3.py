@@ -15,11 +15,10 @@ import time
 
 import pytest
 
-from service.events import Events
 from service.settings import Settings
 from service.storage import S3Artifacts, artifacts
 from service.store import Store
-from tests.service_stack import Stack, tiny_spec, wait_state
+from tests.service_stack import Stack, tiny_spec, wait_event, wait_state
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
@@ -127,14 +126,7 @@ def test_a_job_runs_resumes_and_delivers_through_the_bucket(s3, tmp_path):
         assert row["state"] == "succeeded", row["error"]
         # the row says succeeded first (a crash before it retries from the checkpoint); the
         # worker then forgets the checkpoint, drops its scratch copy and publishes the event
-        events = Events(stack.env["BULWARK_REDIS_URL"])
-        deadline = time.monotonic() + 60
-        while True:
-            kinds = [(k, d) for _, k, d in events.read(job)]
-            if any(k == "succeeded" for k, _ in kinds):
-                break
-            assert time.monotonic() < deadline, "no succeeded event after the row said so"
-            time.sleep(0.1)
+        kinds = wait_event(stack, job, "succeeded")
         resumed = [d for k, d in kinds if k == "resumed"]
         assert resumed and resumed[0]["epoch"] >= 1, "the retry read the bucket's checkpoint"
         report = alice.get(f"/v1/jobs/{job}/report").json()
