@@ -75,7 +75,7 @@ class HistoryRow(_Open):
 class Event(_Open):
     """A watchdog event: the onset of ``catastrophic_overfitting``, its end
     (``co_recovered``, with the ``onset_epoch``) or the onset of an ``accuracy_collapse``
-    (clean accuracy under half its best)."""
+    (clean accuracy under half the best the model showed, clean or under FGSM)."""
 
     type: str
     epoch: int
@@ -84,7 +84,13 @@ class Event(_Open):
     clean_acc: float | None = None
     best_pgd_acc: float | None = None
     best_clean_acc: float | None = None
+    best_fgsm_acc: float | None = None
     rule: str | None = None
+
+    @property
+    def best_acc(self) -> float:
+        """The accuracy an ``accuracy_collapse`` fell from: the best clean or FGSM figure."""
+        return max(self.best_clean_acc or 0.0, self.best_fgsm_acc or 0.0)
 
 
 class SmoothedAttack(_Open):
@@ -181,7 +187,7 @@ class Report(_Open):
                              f"{c.empirical.acc:.4f}  (n={c.empirical.n})")
         for e in self.events:
             if e.type == "accuracy_collapse" and e.clean_acc is not None:
-                figures = f" (clean {e.clean_acc:.3f}, best {e.best_clean_acc or 0:.3f})"
+                figures = f" (clean {e.clean_acc:.3f}, best {e.best_acc:.3f})"
             elif e.pgd_acc is not None and e.fgsm_acc is not None:
                 figures = f" (pgd {e.pgd_acc:.3f}, fgsm {e.fgsm_acc:.3f})"
             else:

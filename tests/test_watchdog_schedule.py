@@ -84,6 +84,24 @@ def test_watchdog_records_a_collapse_to_a_constant_predictor():
     assert w.events[0]["best_clean_acc"] == 0.94
 
 
+def test_a_fall_from_fgsm_accuracy_to_a_constant_prediction_is_no_recovery():
+    """GradAlign on MNIST, ε = 0.3, seed 1 (experiments/mnist/runs): after epoch 1 the model
+    classifies FGSM's images (0.978) and not the clean ones (0.113); from epoch 2 it predicts
+    one class (0.122 under every attack). The CO rule no longer holds, but that is a collapse
+    from 0.978, not a recovery (the run's report said co_recovered before this rule)."""
+    w = COWatchdog()
+    flags = [w.check(e, x) for e, x in enumerate(
+        [m(0.113, 0.978, 0.0), m(0.122, 0.122, 0.122), m(0.122, 0.122, 0.122)], start=1)]
+    assert flags == [True, False, False]
+    assert [(e["type"], e["epoch"]) for e in w.events] == [
+        ("catastrophic_overfitting", 1), ("accuracy_collapse", 2)]
+    assert w.events[1]["best_fgsm_acc"] == 0.978 and w.events[1]["best_clean_acc"] == 0.113
+    clean_ok = COWatchdog()  # FGSM above clean without a fall is no collapse
+    for e, x in enumerate([m(0.90, 0.95, 0.0), m(0.93, 0.80, 0.60)], start=1):
+        clean_ok.check(e, x)
+    assert [e["type"] for e in clean_ok.events] == ["catastrophic_overfitting", "co_recovered"]
+
+
 def test_watchdog_state_round_trip():
     w = COWatchdog()
     w.check(1, m(0.8, 0.5, 0.4))
@@ -91,6 +109,12 @@ def test_watchdog_state_round_trip():
     w2 = COWatchdog()
     w2.load_state_dict(w.state_dict())
     assert w2.check(3, m(0.9, 0.9, 0.0)) and len(w2.events) == 1, "still flagged: no new event"
+    leak = COWatchdog()  # the best FGSM figure survives a resume
+    leak.check(1, m(0.1, 0.9, 0.0))
+    leak2 = COWatchdog()
+    leak2.load_state_dict(leak.state_dict())
+    leak2.check(2, m(0.12, 0.12, 0.12))
+    assert [e["type"] for e in leak2.events] == ["catastrophic_overfitting", "accuracy_collapse"]
 
 
 def test_epsilon_warmup_is_a_linear_ramp():
