@@ -39,7 +39,7 @@ def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str,
                     f"{d['onset_epoch']}: PGD {d['pgd_acc']:.3f}, FGSM {d['fgsm_acc']:.3f}")
         elif ev.type == "accuracy_collapse":
             line = (f"!! clean accuracy collapsed at epoch {d['epoch']}: {d['clean_acc']:.3f} "
-                    f"(best {max(d['best_clean_acc'] or 0, d.get('best_fgsm_acc') or 0):.3f})")
+                    f"(best {bulwark.Event.model_validate({**d, 'type': ev.type}).best_acc:.3f})")
         elif ev.type == "phase" and d.get("attack"):
             line = f"final evaluation: {d['attack']} on {d.get('n')} test images"
         elif ev.type in ("succeeded", "failed", "cancelled"):

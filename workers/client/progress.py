@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from contract.api import TERMINAL_STATES as TERMINAL
+from contract.report import Event
 from workers.engine.bars import bar
 
 
@@ -68,7 +69,7 @@ class ProgressView:
         elif kind == "accuracy_collapse":
             self.write(f"{self.label}: clean accuracy collapsed at epoch {data.get('epoch')} "
                        f"({data.get('clean_acc', 0):.3f}, "
-                       f"best {_best(data):.3f})")
+                       f"best {Event.model_validate({**data, 'type': kind}).best_acc:.3f})")
         elif kind == "phase" and data.get("attack"):
             self._open(("attack", data.get("model"), data["attack"]), total=data.get("n"),
                        unit="pt", desc=f"{self.label} {data.get('model', '')} {data['attack']}")
@@ -91,8 +92,3 @@ class ProgressView:
             b.refresh()
         elif kind in TERMINAL or kind == "finished":
             self.close()
-
-
-def _best(collapse: dict) -> float:
-    """The accuracy an ``accuracy_collapse`` event fell from (best clean or FGSM)."""
-    return max(collapse.get("best_clean_acc") or 0, collapse.get("best_fgsm_acc") or 0)

@@ -76,20 +76,18 @@ class COWatchdog:
         classify FGSM's images and not the clean ones (GradAlign on MNIST, seed 1: clean 0.113,
         FGSM 0.978 after epoch 1, a constant prediction from epoch 2): its fall is no
         recovery."""
-        clean = m["clean_acc"]
+        clean, fgsm, pgd = m["clean_acc"], m["fgsm_acc"], m["pgd_acc"]
         best = max((a for a in (self.best_clean, self.best_fgsm) if a is not None), default=None)
         down = best is not None and clean < self.co_drop * best
         if down and not self.collapsed:
             self.events.append({
                 "type": "accuracy_collapse", "epoch": epoch, "clean_acc": clean,
                 "best_clean_acc": self.best_clean, "best_fgsm_acc": self.best_fgsm,
-                "pgd_acc": m["pgd_acc"], "fgsm_acc": m["fgsm_acc"],
+                "pgd_acc": pgd, "fgsm_acc": fgsm,
                 "rule": f"clean_acc < {self.co_drop} x max(best_clean_acc, best_fgsm_acc)"})
         self.collapsed = down
         self.best_clean = clean if self.best_clean is None else max(self.best_clean, clean)
-        fgsm_now = m["fgsm_acc"]
-        self.best_fgsm = fgsm_now if self.best_fgsm is None else max(self.best_fgsm, fgsm_now)
-        pgd, fgsm = m["pgd_acc"], m["fgsm_acc"]
+        self.best_fgsm = fgsm if self.best_fgsm is None else max(self.best_fgsm, fgsm)
         holds = (pgd < self.co_drop * max(self.best_pgd or 0.0, fgsm)
                  and fgsm - pgd >= self.co_gap)
         if holds and not self.flagged:
