@@ -36,7 +36,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (method, ε) over the finished runs, in first-seen order."""
+    """One entry per (method, ε) over the finished runs: methods in first-seen order, each
+    method's ε ascending."""
     out: dict[tuple[str, Any], dict[str, Any]] = {}
     for r in rows:
         if r.get("state") != "succeeded":
@@ -52,7 +53,30 @@ def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         g["co_runs"] = sum(bool(r.get("co_epochs")) for r in runs)
         g["co_end_runs"] = sum(bool(r.get("co_at_end")) for r in runs)
         g["n"] = len(runs)
-    return list(out.values())
+    first = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in out))}
+    return sorted(out.values(), key=lambda g: (
+        first[g["method"]], g["epsilon"] is None, g["epsilon"] if g["epsilon"] is not None else 0))
+
+
+def by_epsilon(grouped: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[str, dict]]]:
+    """Robust accuracy against ε as a grid: the ε values (ascending) and, per method, its
+    groups keyed by ε (a method lacks the ε it has no finished run at)."""
+    eps = sorted({g["epsilon"] for g in grouped if g["epsilon"] is not None})
+    methods = dict.fromkeys(g["method"] for g in grouped)
+    return eps, [(m, {g["epsilon"]: g for g in grouped if g["method"] == m}) for m in methods]
+
+
+def _pgd_cell(g: dict[str, Any] | None) -> str:
+    """A grid cell: mean PGD accuracy (± std over seeds, and the run count, where there is more
+    than one run), then how many of its runs were still overfit at their end."""
+    if g is None or g["pgd_acc"] is None:
+        return "–"
+    text = f"{g['pgd_acc']:.3f}"
+    if g["n"] > 1:
+        text += f" ± {g['pgd_acc_std']:.3f} ({g['n']} runs)"
+    if g["co_end_runs"]:
+        text += " CO" if g["co_end_runs"] == g["n"] else f" CO {g['co_end_runs']}/{g['n']}"
+    return text
 
 
 def _svg(fig) -> str:
@@ -159,6 +183,13 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
         f"{g['n']}</td>"
         f"<td>{_cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)}</td></tr>"
         for g in grouped)
+    eps, methods = by_epsilon(grouped)
+    eps_html = ("<h2>PGD accuracy against ε</h2><table><tr><th>method</th>" + "".join(
+        f"<th>ε = {e:g}</th>" for e in eps) + "</tr>" + "".join(
+        f"<tr><td>{html.escape(m)}</td>" + "".join(
+            f"<td class='{'co' if (at.get(e) or {}).get('co_end_runs') else ''}'>"
+            f"{html.escape(_pgd_cell(at.get(e)))}</td>" for e in eps) + "</tr>"
+        for m, at in methods) + "</table>") if len(eps) > 1 else ""
     failed = [r for r in rows if r.get("state") == "failed"]
     failed_html = ("<h2>Failed runs</h2><ul>" + "".join(
         f"<li>{html.escape(r['name'])}: {html.escape(str(r.get('error')))}</li>"
@@ -180,6 +211,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 counts the runs the watchdog flagged for catastrophic overfitting at some epoch, "CO at end"
 those still overfit at their last epoch (the rest recovered).</p>
 <table>{head}{body}</table>
+{eps_html}
 {imgs}
 {failed_html}
 </body></html>
@@ -206,6 +238,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{cell(g['autoattack_acc'], g['autoattack_acc_std'])} | {g['co_runs']} / {g['n']} | "
             f"{g['co_end_runs']} / {g['n']} | "
             f"{cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)} |")
+    return "\n".join(lines)
+
+
+def epsilon_markdown(rows: list[dict[str, Any]]) -> str:
+    """PGD accuracy against ε, a row per method and a column per ε (empty where the runs have
+    one ε only); "CO" marks cells whose runs were still overfit at their last epoch."""
+    eps, methods = by_epsilon(groups(rows))
+    if len(eps) < 2:
+        return ""
+    lines = ["| method | " + " | ".join(f"ε = {e:g}" for e in eps) + " |",
+             "|---|" + "---|" * len(eps)]
+    lines += [f"| {m} | " + " | ".join(_pgd_cell(at.get(e)) for e in eps) + " |"
+              for m, at in methods]
     return "\n".join(lines)
 
 

@@ -230,9 +230,17 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert md[0].startswith("| method | ε | runs |") and len(md) == 2 + 3
     assert md[2] == ("| a | 0.10 | 2 | 0.900 | 0.600 ± 0.141 | 0.500 / 0.700 | – | 1 / 2 | "
                      "0 / 2 | 10.5 ± 0.7 |"), md[2]
+    assert [(x["method"], x["epsilon"]) for x in groups(rows)] == [
+        ("a", 0.1), ("a", 0.3), ("b", 0.1)], "methods in first-seen order, each by ε"
+    from contract.compare import epsilon_markdown
+    assert epsilon_markdown(rows).splitlines() == [
+        "| method | ε = 0.1 | ε = 0.3 |", "|---|---|---|",
+        "| a | 0.600 ± 0.141 (2 runs) | 0.100 |", "| b | 0.200 CO | – |"]
+    assert epsilon_markdown([r for r in rows if r.get("epsilon") != 0.3]) == "", "one ε: no grid"
     page = render(rows, "t")
     assert "&lt;boom&gt;" in page and "<boom>" not in page, "run text is escaped"
     assert page.count("<img") == 3
+    assert "PGD accuracy against ε" in page and "<td class='co'>0.200 CO</td>" in page
 
 
 def test_a_sweep_file_names_its_own_folder(tmp_path):

@@ -156,8 +156,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _fail(f"no finished runs in {', '.join(sources)}")
     print(table(rows))
     if args.markdown:
-        from contract.compare import markdown
+        from contract.compare import epsilon_markdown, markdown
         print("\n" + markdown(rows) + "\n")
+        if grid := epsilon_markdown(rows):
+            print(grid + "\n")
     out = Path(args.out or (sources[0] if len(sources) == 1 and Path(sources[0]).is_dir()
                             else "."))
     j, h = write(rows, out, title="Comparison of " + ", ".join(sources))
