@@ -114,7 +114,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
             ax.scatter([r["epsilon"] for r in co], [r["pgd_acc"] for r in co], marker="x",
                        s=70, color="#d62728", zorder=5, label="run overfit at its end")
         ax.set(xlabel="ε", title="Robust accuracy against ε (mean ± std over seeds)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes
     else:  # one ε: a bar per method, every run a dot, CO runs a red cross
         gs = [g for g in grouped if g["pgd_acc"] is not None]
         xs = range(len(gs))
@@ -144,7 +144,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
     ax.set(xlabel="clean accuracy", ylabel="PGD accuracy", xlim=(-0.02, 1.02),
            ylim=(-0.02, 1.02), title="Clean against robust accuracy (one point a run)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out["clean_vs_robust"] = _svg(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.4 * max(len(methods), 1)))
@@ -201,7 +201,8 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: .3em .8em; text-align: right; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: .3em .8em; text-align: right;
+          white-space: nowrap; }}
 th:first-child, td:first-child {{ text-align: left; }}
 td.co {{ color: #d62728; font-weight: 600; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
