@@ -102,6 +102,27 @@ def test_a_fall_from_fgsm_accuracy_to_a_constant_prediction_is_no_recovery():
     assert [e["type"] for e in clean_ok.events] == ["catastrophic_overfitting", "co_recovered"]
 
 
+def test_fgsm_accuracy_falling_to_pgd_is_no_recovery_and_co_hides_no_collapse():
+    """Plain FGSM on MNIST at ε = 0.4, seed 0 (experiments/mnist/runs): PGD is 0.000 at every
+    epoch; FGSM accuracy goes 0.396, 0.176 (the gap closes from above: no robustness came
+    back), then climbs to 0.98 while clean accuracy sags to 0.39 — the label leaking of CO,
+    not a collapse the CO rule cannot see. The watchdog of the time reported a recovery at
+    epoch 2, a second onset at 3 and an accuracy_collapse at 8."""
+    seq = [(0.89, 0.396), (0.825, 0.176), (0.791, 0.7), (0.612, 0.892), (0.454, 0.816),
+           (0.446, 0.984), (0.553, 0.969), (0.472, 0.976), (0.486, 0.973), (0.386, 0.987)]
+    w = COWatchdog()
+    flags = [w.check(e, m(clean, fgsm, 0.0)) for e, (clean, fgsm) in enumerate(seq, start=1)]
+    assert flags == [True, False] + [True] * 8, "the rule itself: the gap was 0.176 at epoch 2"
+    assert [(e["type"], e["epoch"]) for e in w.events] == [("catastrophic_overfitting", 1)]
+    assert w.flagged, "the episode is still open at the end"
+    back = COWatchdog()  # the same start, then PGD comes back: that is the recovery
+    for e, x in enumerate([m(0.89, 0.396, 0.0), m(0.825, 0.176, 0.0), m(0.9, 0.6, 0.35)], 1):
+        back.check(e, x)
+    assert [(e["type"], e["epoch"]) for e in back.events] == [
+        ("catastrophic_overfitting", 1), ("co_recovered", 3)]
+    assert back.events[1]["onset_epoch"] == 1
+
+
 def test_watchdog_state_round_trip():
     w = COWatchdog()
     w.check(1, m(0.8, 0.5, 0.4))

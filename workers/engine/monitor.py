@@ -11,12 +11,12 @@ Rule (all on the monitor slice, model in eval mode): at epoch e, CO is flagged w
 it is under half the FGSM accuracy of the same epoch — the second catches a model that
 overfits before it was ever robust (seen on MNIST at ε = 0.3, where plain FGSM with Adam has
 PGD accuracy 0.00 against FGSM 0.93 after its first epoch). An event is recorded at the onset
-(the first flagged epoch after an unflagged one), with the epoch and the figures; every
-epoch's history row says whether the rule held. A run can come back: when the rule stops
-holding after a flagged epoch a ``co_recovered`` event says so (FGSM-RS on MNIST at ε = 0.3
-is flagged after its first epoch, at PGD 0.08 against FGSM 0.73, then learns to PGD 0.90 —
-the recovery Li et al. 2020 describe), so a report tells a passing episode from a collapse
-that lasts to the end.
+(a flagged epoch outside an open episode), with the epoch and the figures; every epoch's
+history row says whether the rule held. A run can come back: when PGD accuracy is back (the
+rule's first half no longer holds) a ``co_recovered`` event closes the episode (FGSM-RS on
+MNIST at ε = 0.3 is flagged after its first epoch, at PGD 0.08 against FGSM 0.73, then learns
+to PGD 0.90 — the recovery Li et al. 2020 describe), so a report tells a passing episode from
+a collapse that lasts to the end.
 """
 
 from __future__ import annotations
@@ -69,16 +69,24 @@ class COWatchdog:
     def check(self, epoch: int, m: dict[str, float]) -> bool:
         """Update with epoch ``epoch``'s monitor figures; True when the CO rule holds.
 
+        An episode opens with a ``catastrophic_overfitting`` event and stays open until PGD
+        accuracy comes back (``pgd_acc ≥ co_drop · max(best PGD so far, fgsm_acc)``, the rule's
+        first half no longer holding): FGSM accuracy falling to PGD's is no recovery (plain
+        FGSM on MNIST at ε = 0.4: PGD 0.000 with FGSM 0.40, then 0.18, then 0.70 again).
+
         Also records an ``accuracy_collapse`` event when clean accuracy falls below
-        ``co_drop`` x the best accuracy the model has shown, clean or under FGSM (every attack
-        then "fails" alike, so the CO rule cannot see it: seen with N-FGSM + AAER on MNIST at
-        ε = 0.3 falling to a constant predictor). FGSM counts because a model in CO can
-        classify FGSM's images and not the clean ones (GradAlign on MNIST, seed 1: clean 0.113,
-        FGSM 0.978 after epoch 1, a constant prediction from epoch 2): its fall is no
-        recovery."""
+        ``co_drop`` x the best accuracy the model has shown, clean or under FGSM, at an epoch
+        where the CO rule does not hold (every attack then "fails" alike, so the CO rule cannot
+        see it: seen with N-FGSM + AAER on MNIST at ε = 0.3 falling to a constant predictor).
+        FGSM counts because a model in CO can classify FGSM's images and not the clean ones
+        (GradAlign on MNIST, seed 1: clean 0.113, FGSM 0.978 after epoch 1, a constant
+        prediction from epoch 2): its fall is no recovery. While the rule holds, the episode
+        already says what is wrong (FGSM's images leak the label, clean accuracy sags)."""
         clean, fgsm, pgd = m["clean_acc"], m["fgsm_acc"], m["pgd_acc"]
+        pgd_low = pgd < self.co_drop * max(self.best_pgd or 0.0, fgsm)
+        holds = pgd_low and fgsm - pgd >= self.co_gap
         best = max((a for a in (self.best_clean, self.best_fgsm) if a is not None), default=None)
-        down = best is not None and clean < self.co_drop * best
+        down = best is not None and clean < self.co_drop * best and not holds
         if down and not self.collapsed:
             self.events.append({
                 "type": "accuracy_collapse", "epoch": epoch, "clean_acc": clean,
@@ -88,8 +96,7 @@ class COWatchdog:
         self.collapsed = down
         self.best_clean = clean if self.best_clean is None else max(self.best_clean, clean)
         self.best_fgsm = fgsm if self.best_fgsm is None else max(self.best_fgsm, fgsm)
-        holds = (pgd < self.co_drop * max(self.best_pgd or 0.0, fgsm)
-                 and fgsm - pgd >= self.co_gap)
+        recovered = self.flagged and not pgd_low and not down  # a fall to chance is none
         if holds and not self.flagged:
             self.events.append({
                 "type": "catastrophic_overfitting", "epoch": epoch, "pgd_acc": pgd,
@@ -97,13 +104,13 @@ class COWatchdog:
                 "rule": f"pgd_acc < {self.co_drop} x max(best_pgd_acc, fgsm_acc) and "
                         f"fgsm_acc - pgd_acc >= {self.co_gap}",
             })
-        elif self.flagged and not holds and not down:  # a fall to chance is no recovery
+        elif recovered:
             onset = next(e["epoch"] for e in reversed(self.events)
                          if e["type"] == "catastrophic_overfitting")
             self.events.append({
                 "type": "co_recovered", "epoch": epoch, "onset_epoch": onset, "pgd_acc": pgd,
                 "fgsm_acc": fgsm, "clean_acc": m["clean_acc"]})
-        self.flagged = holds
+        self.flagged = holds or (self.flagged and not recovered)  # the episode is open
         self.best_pgd = pgd if self.best_pgd is None else max(self.best_pgd, pgd)
         return holds
 
