@@ -73,7 +73,7 @@ def _pgd_cell(g: dict[str, Any] | None) -> str:
         return "–"
     text = f"{g['pgd_acc']:.3f}"
     if g["n"] > 1:
-        text += f" ± {g['pgd_acc_std']:.3f} ({g['n']} runs)"
+        text += (f" ± {g['pgd_acc_std']:.3f}" if g["pgd_acc_std"] else "") + f" ({g['n']} runs)"
     if g["co_end_runs"]:
         text += " CO" if g["co_end_runs"] == g["n"] else f" CO {g['co_end_runs']}/{g['n']}"
     return text
