@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
                 should_stop=lambda: "autoattack-apgd-ce" in phases)
     ledger = json.loads((part / "final.partial.json").read_text())["models"]["last"]
     assert ledger["identity"]["n"] == 128
+    assert ledger["seconds"] > 0, "the kept batches' cost travels with them"
     assert {k: sorted(v) for k, v in ledger["attacks"].items()} == {
         "fgsm": ["0:32", "32:64", "64:96", "96:128"],
         "pgd5-2": ["0:32", "32:64", "64:96", "96:128"], "autoattack-apgd-ce": ["0:32"]}
@@ -122,8 +124,16 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     (tampered / "final.partial.json").write_text(json.dumps(book))
     short = run_job(spec, tampered, device="cpu", progress=False, resume=True)
 
+    t0 = time.perf_counter()
     report = run_job(spec, part, device="cpu", progress=False, resume=True)
+    last_process = time.perf_counter() - t0
     assert not (part / "final.partial.json").exists(), "the report replaces the ledger"
+    # the timing counts the three processes, not only the last one: the final suite includes
+    # the kept batches' seconds, the total the earlier processes' time, and no phase exceeds it
+    timing = report["timing"]
+    assert timing["final_evaluation"] >= ledger["seconds"]
+    assert timing["total"] > last_process
+    assert sum(v for k, v in timing.items() if k != "total") <= timing["total"] + 0.01
     a = load_file(str(full / "model.safetensors"))
     b = load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys()

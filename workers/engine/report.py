@@ -114,8 +114,8 @@ class FinalLedger:
         identity = json.loads(json.dumps(identity))  # as it reads back
         entry = self.models.get(name)
         if not isinstance(entry, dict) or entry.get("identity") != identity:
-            self.models[name] = {"identity": identity, "attacks": {}}
-        return _ModelLedger(self, self.models[name]["attacks"])
+            self.models[name] = entry = {"identity": identity, "attacks": {}}
+        return _ModelLedger(self, entry)
 
     def save(self) -> None:
         write_text(self.path, json.dumps({"format": 1, "models": self.models}))
@@ -125,17 +125,28 @@ class FinalLedger:
 
 
 class _ModelLedger:
-    def __init__(self, owner: FinalLedger, attacks: dict[str, dict[str, str]]):
-        self.owner, self.attacks = owner, attacks
+    """One model's entry. ``before``: the seconds earlier processes spent evaluating this model
+    (what its kept batches cost); the entry's ``seconds`` grows with this process's time at
+    every save, so a resumed run's report counts the whole suite."""
+
+    def __init__(self, owner: FinalLedger, entry: dict[str, Any]):
+        self.owner, self.entry = owner, entry
+        seconds = entry.get("seconds")
+        self.before = float(seconds) if isinstance(seconds, int | float) and seconds >= 0 else 0.0
+        self.t0 = time.perf_counter()
 
     def attack(self, name: str) -> Ledger:
-        return _AttackLedger(self.owner, self.attacks.setdefault(name, {}))
+        return _AttackLedger(self, self.entry["attacks"].setdefault(name, {}))
+
+    def save(self) -> None:
+        self.entry["seconds"] = round(self.before + time.perf_counter() - self.t0, 3)
+        self.owner.save()
 
 
 class _AttackLedger:
     """One attack's batches: ``"start:stop"`` → the robust mask as a string of 0s and 1s."""
 
-    def __init__(self, owner: FinalLedger, batches: dict[str, str]):
+    def __init__(self, owner: _ModelLedger, batches: dict[str, str]):
         self.owner, self.batches = owner, batches
 
     def get(self, start: int, stop: int) -> list[bool] | None:

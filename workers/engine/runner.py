@@ -113,7 +113,28 @@ def diverged_message(info: dict[str, Any]) -> str:
 
 @dataclass
 class Timing:
+    """Seconds per phase, and the run's total. A resumed run adds what its earlier processes
+    spent on the work it keeps (``carry``: a checkpoint's figures, the final suite's kept
+    batches), so its report counts the whole run, not only its last process."""
+
     seconds: dict[str, float] = field(default_factory=dict)
+    carried: float = 0.0  # earlier processes' total
+    t0: float = field(default_factory=time.perf_counter)
+
+    def total(self) -> float:
+        return self.carried + time.perf_counter() - self.t0
+
+    def snapshot(self) -> dict[str, float]:
+        """The phases so far and ``total``: what a checkpoint keeps."""
+        return {**self.seconds, "total": self.total()}
+
+    def carry(self, earlier: dict[str, float]) -> None:
+        """Add an earlier process's figures (a :meth:`snapshot`; ``total`` may be absent)."""
+        for k, v in earlier.items():
+            if k == "total":
+                self.carried += float(v)
+            else:
+                self.seconds[k] = self.seconds.get(k, 0.0) + float(v)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -325,7 +346,7 @@ class Training:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "recipe": self.recipe.state_dict(),
                 "watchdog": self.watchdog.state_dict(), "history": self.history,
-                "best": self.best, "timing": dict(self.timing.seconds),
+                "best": self.best, "timing": self.timing.snapshot(),
                 "stopped_early": self.stopped_early,
                 "recipe_spec": self.recipe_spec.model_dump_json(),
                 "remediations": self.remediations,
@@ -353,8 +374,7 @@ class Training:
         self.history, self.best = list(state["history"]), state["best"]
         self.start_epoch = int(state["epoch"])
         self.stopped_early = state.get("stopped_early")
-        for k, v in state["timing"].items():
-            self.timing.seconds[k] = float(v)
+        self.timing.carry(state["timing"])
         return True
 
     def use_recipe(self, recipe: RecipeSpec) -> None:
@@ -573,6 +593,8 @@ class Training:
                                                                  "attack": p, "model": m,
                                                                  "n": n}),
                     on_progress=lambda p: emit("evaluation", p), check=check, ledger=book)
+                if book is not None:  # the kept batches' seconds, spent by earlier processes
+                    self.timing.carry({"final_evaluation": book.before, "total": book.before})
         return finals if self.ranks is None else merge_finals(self.ranks.gather([finals]))
 
     def certify(self, emit: Event, check: Callable[[], None]) -> dict[str, Any] | None:
@@ -686,7 +708,6 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
              progress: bool, should_stop: Callable[[], bool] | None,
              weights: str | Path | None, data_path: str | Path | None) -> dict[str, Any]:
     timing = Timing()
-    t_start = time.perf_counter()
     def check() -> None:  # every phase checks the cancel flag at a fine grain
         if should_stop is not None and should_stop():
             raise Cancelled("stopped on request")
@@ -709,8 +730,7 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
     job.ranks, job.net = None, job.model
     check()
     report = job.report(finals, certification)
-    timing.seconds["total"] = time.perf_counter() - t_start
-    report["timing"] = {k: round(v, 3) for k, v in timing.seconds.items()}
+    report["timing"] = {k: round(v, 3) for k, v in timing.snapshot().items()}
     report["environment"]["training_ranks"] = world
     import datetime as dt
 
