@@ -96,6 +96,19 @@ def stream_event(fields: dict[str, str], *, event_id: str | None = None,
     return ServerSentEvent(event=fields["type"], data=data, id=event_id)
 
 
+def terminal_event(job: Job, report: dict[str, Any] | None) -> ServerSentEvent:
+    """A terminal job's last event read from its row, for a stream that lacks it (no id: it
+    is not in the Redis stream). Its data as the trainer's would be, with ``from_row``."""
+    data: dict[str, Any] = {"from_row": True}
+    if (finished := job_out(job).finished_at) is not None:  # UTC, also from SQLite
+        data["at"] = finished.isoformat(timespec="milliseconds")
+    if job.error:
+        data["error"] = job.error
+    if report is not None and "final" in report:
+        data["final"] = report["final"]
+    return ServerSentEvent(event=job.state, data=data)
+
+
 BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="the API key in an X-API-Key header")
@@ -424,7 +437,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             after = last_event_id or "0"
             key = stream_key(job.id)
             r = request.app.state.aredis
-            ended: float | None = None  # when the row was first seen terminal
+            # when the row was first seen terminal (a finished job's stream is read at once)
+            ended: float | None = time.monotonic() if job.state in TERMINAL else None
             while not await request.is_disconnected():
                 block = GRACE_SECONDS if ended is not None else KEEPALIVE_SECONDS
                 res = await r.xread({key: after}, count=100, block=int(block * 1000))
@@ -436,7 +450,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     if current.state in TERMINAL:  # its terminal event follows the row
                         now = time.monotonic()  # closely: read a while longer for it
                         ended = ended or now
-                        if now - ended >= GRACE_SECONDS:
+                        if now - ended >= GRACE_SECONDS:  # never published (the trainer
+                            # died right after the row's mark, Redis was down): the row's
+                            yield terminal_event(current, await asyncio.to_thread(
+                                job_report, current))
                             return
                     continue  # FastAPI sends the keep-alive comments
                 for event_id, fields in res[0][1]:

@@ -71,6 +71,22 @@ def test_submit_to_report_and_weights(stack, alice):
     assert [e["event"] for e in rest] == kinds[kinds.index("epoch") + 1:]
     assert all(e["id"] > mid["id"] for e in rest)
 
+    # a finished job whose terminal event never reached the stream (the trainer died right
+    # after the row's mark): the stream still ends with it, read from the row
+    import redis
+
+    from service.events import stream_key
+
+    r = redis.Redis.from_url(stack.env["BULWARK_REDIS_URL"], decode_responses=True)
+    (last_id, last), = r.xrevrange(stream_key(job["id"]), count=1)
+    assert last["type"] == "succeeded" and r.xdel(stream_key(job["id"]), last_id) == 1
+    t0 = time.monotonic()
+    evs = _events(alice, job["id"])
+    assert [e["event"] for e in evs] == kinds and "id" not in evs[-1]
+    end = json.loads(evs[-1]["data"])
+    assert end["from_row"] and end["final"] == report["final"]
+    assert time.monotonic() - t0 < 12, "a finished job's stream is not held for a keep-alive"
+
     # delete: the job and its files go; a second delete is a 404
     assert alice.delete(f"/v1/jobs/{job['id']}").status_code == 204
     assert alice.get(f"/v1/jobs/{job['id']}").status_code == 404

@@ -294,8 +294,10 @@ class Client:
                         self._json(source.response)
                     for sse in source.iter_sse():
                         failures = 0
+                        if not sse.data:  # a keep-alive comment: httpx-sse hands it on as
+                            continue  # an empty "message"; the SSE standard dispatches nothing
                         last_event_id = sse.id or last_event_id
-                        yield JobEvent(sse.id or None, sse.event, sse.json() if sse.data else {})
+                        yield JobEvent(sse.id or None, sse.event, sse.json())
                         if sse.event in TERMINAL_STATES:
                             return
                 return  # the server closed the stream: the job is terminal

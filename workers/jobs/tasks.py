@@ -28,7 +28,7 @@ from functools import lru_cache
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-from service.db import CANCELLED, FAILED, QUEUED
+from service.db import CANCELLED, FAILED, QUEUED, TERMINAL
 from service.events import Events
 from service.queue import TASK_NAME, send
 from service.settings import get_settings
@@ -39,6 +39,7 @@ from workers.jobs.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
 log = logging.getLogger("bulwark.worker")
 
 CANCEL_GRACE_SECONDS = 30.0
+FINISH_GRACE_SECONDS = 30.0  # from the row's terminal mark to the trainer's exit
 
 
 @lru_cache
@@ -116,9 +117,14 @@ def start_trainer(job_id: str, owner: str) -> subprocess.Popen:
 
 
 def supervise(proc: subprocess.Popen, job_id: str, owner: str) -> int:
-    """Heartbeat until the trainer exits; returns its exit code."""
+    """Heartbeat until the trainer exits; returns its exit code.
+
+    The lease ends two ways: the trainer itself marked the row terminal (it then publishes
+    the terminal event and exits: it gets ``FINISH_GRACE_SECONDS`` to do so), or the job was
+    taken from it (re-queued by the reaper, deleted): it is stopped at once."""
     s = get_settings()
     cancel_at: float | None = None
+    finished_at: float | None = None
     while True:
         try:
             return proc.wait(timeout=s.heartbeat_seconds)
@@ -126,6 +132,11 @@ def supervise(proc: subprocess.Popen, job_id: str, owner: str) -> int:
             pass
         still_owner, cancel = store().heartbeat(job_id, owner)
         if not still_owner:
+            row = store().get_job_or_none(job_id)
+            if row is not None and row.state in TERMINAL:
+                finished_at = finished_at or time.monotonic()
+                if time.monotonic() - finished_at < FINISH_GRACE_SECONDS:
+                    continue
             log.warning("job %s: lease lost; stopping the trainer", job_id)
             _kill_group(proc, signal.SIGKILL)
         elif cancel and cancel_at is None:

@@ -121,11 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     events = Events.from_settings(settings)
     job = store.get_job(None, job_id)
 
+    def end(state: str, data: dict, **row) -> bool:
+        """The row's terminal transition, then the stream's terminal event, only while this
+        attempt still holds the lease (a job the reaper re-queued keeps its stream open)."""
+        if not store.finish(job_id, owner, state, **row):
+            print(f"job {job_id}: lease lost before it could be marked {state}",
+                  file=sys.stderr)
+            return False
+        events.publish(job_id, state, data)
+        return True
+
     def fail(msg: str, code: int) -> int:
         print(f"job {job_id} failed: {msg}", file=sys.stderr)  # the operator's log: in full
         shown = scrub_paths(msg)  # the tenant's view: no server paths
-        store.finish(job_id, owner, FAILED, error=shown)
-        events.publish(job_id, "failed", {"error": shown})
+        end(FAILED, {"error": shown}, error=shown)
         return code
 
     from pydantic import ValidationError
@@ -215,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "bulwark.tenant": job.tenant_id},
                          tracking_uri=settings.mlflow_uri or None)
     except Cancelled:
-        store.finish(job_id, owner, CANCELLED, error="cancelled by request")
-        events.publish(job_id, "cancelled", {})
+        end(CANCELLED, {}, error="cancelled by request")
         return EXIT_CANCELLED
     except DataNotFound:
         return fail(f"dataset {spec.dataset.name!r} is not on this server: the operator "
@@ -245,13 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     listed = describe_artifacts(out)
     mirror((*DOWNLOADABLE, CERTIFY_STATE))  # in the store before the row says so
-    if store.finish(job_id, owner, SUCCEEDED, artifacts=listed):
+    if end(SUCCEEDED, {"final": report["final"]}, artifacts=listed):
         # only now: a crash before the row said succeeded retries from this checkpoint
         mirror.forget(CHECKPOINT)
         mirror.forget(FINAL_STATE)  # the runner removed it here; the store's copy goes too
         if blobs.remote:  # the bucket holds the run; this host's scratch copy goes
             shutil.rmtree(out, ignore_errors=True)
-    events.publish(job_id, "succeeded", {"final": report["final"]})
     return EXIT_OK
 
 
