@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
                         for h in history],
         "seconds": report.get("timing", {}).get("total"),
-        "seconds_per_epoch": (sum(h["train_seconds"] for h in history) / len(history)
+        # the median epoch: a run paused or starved for a while (another job on its cores,
+        # SIGSTOP) keeps the cost of its ordinary epochs
+        "seconds_per_epoch": (statistics.median(h["train_seconds"] for h in history)
                               if history else None),
     }
 

@@ -315,3 +315,17 @@ def test_only_runs_the_matching_children(tmp_path):
     proc = _sweep_cli(path, tmp_path / "x", "--dry-run", "--only", "nothing*")
     assert proc.returncode == 2 and "matches none of the 4 children" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_seconds_per_epoch_is_the_ordinary_epochs_cost():
+    """A run paused for a while (SIGSTOP while the machine ran a test suite) or starved by a
+    neighbour in one epoch keeps the seconds of its ordinary epochs."""
+    from contract.sweep import headline
+
+    def report(seconds):
+        return {"final": {"clean_acc": 0.9, "attacks": {}}, "spec": {},
+                "history": [{"epoch": i + 1, "train_seconds": s} for i, s in enumerate(seconds)]}
+
+    assert headline(report([15.0, 14.0, 16.0, 15.5, 1438.0]))["seconds_per_epoch"] == 15.5
+    assert headline(report([10.0, 12.0]))["seconds_per_epoch"] == 11.0
+    assert headline(report([]))["seconds_per_epoch"] is None
