@@ -237,6 +237,10 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
         "| method | ε = 0.1 | ε = 0.3 |", "|---|---|---|",
         "| a | 0.600 ± 0.141 (2 runs) | 0.100 |", "| b | 0.200 CO | – |"]
     assert epsilon_markdown([r for r in rows if r.get("epsilon") != 0.3]) == "", "one ε: no grid"
+    from contract.compare import cost_groups
+    eps, drawn = cost_groups(groups(rows))
+    assert eps == 0.1 and [g["method"] for g in drawn] == ["a", "b"], "the ε most methods ran"
+    assert drawn[0]["seconds_per_epoch"] == pytest.approx(10.5)
     page = render(rows, "t")
     assert "&lt;boom&gt;" in page and "<boom>" not in page, "run text is escaped"
     assert page.count("<img") == 3
