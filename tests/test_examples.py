@@ -75,3 +75,32 @@ def test_the_shipped_quick_start_is_the_spec_the_study_measured():
         shipped = load_spec_file(str(REPO / f"examples/quickstart/{example}.yaml"))
         assert same_spec(shipped.model_dump(mode="json"),
                          children[child].model_dump(mode="json")), example
+
+
+def test_the_gpu_runs_are_the_mnist_studys_children_with_a_larger_final_batch():
+    """experiments/mnist-gpu/runs holds children of experiments/gpu_study.py: the CPU study's
+    specs (mnist.yaml + mnist-seeds.yaml) with only the final suite's attack batch raised."""
+    import importlib.util
+    import json
+
+    from contract.spec import JobSpec, same_spec
+
+    spec = importlib.util.spec_from_file_location("gpu_study", REPO / "experiments/gpu_study.py")
+    gpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_study)
+    cpu = {c.name: c.spec for f in ("mnist.yaml", "mnist-seeds.yaml")
+           for c in expand(load_sweep(REPO / "experiments" / f))}
+    reports = sorted((REPO / "experiments/mnist-gpu/runs").glob("*/report.json"))
+    assert reports
+    for report in reports:
+        ran = json.loads(report.read_text())
+        name = report.parent.name
+        assert name in cpu, name
+        assert ran["environment"]["device"] == "cuda", name
+        batch = ran["spec"]["evaluation"]["final"]["batch_size"]
+        assert batch != cpu[name].evaluation.final.batch_size, name
+        expected = cpu[name].model_dump(mode="json")
+        expected["evaluation"]["final"]["batch_size"] = batch
+        assert same_spec(ran["spec"], JobSpec.model_validate(expected).model_dump(mode="json"))
+    assert gpu_study.gpu_sweep("mnist.yaml", 2500)["base"]["evaluation"]["final"][
+        "batch_size"] == 2500
