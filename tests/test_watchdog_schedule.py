@@ -123,6 +123,30 @@ def test_fgsm_accuracy_falling_to_pgd_is_no_recovery_and_co_hides_no_collapse():
     assert back.events[1]["onset_epoch"] == 1
 
 
+def test_pgd_and_fgsm_falling_together_to_chance_is_no_recovery():
+    """RS-AAER on MNIST at ε = 0.4, seed 0 (experiments/mnist/runs): flagged after epoch 1
+    (PGD 0.000, FGSM 0.58), then PGD 0.10 / FGSM 0.68, then both 0.11 at clean 0.56: the CO
+    rule no longer holds (no gap), but PGD rose by 0.11 alone: no robustness came back. The
+    watchdog of the time called epoch 3 a recovery and epoch 4 a second onset."""
+    seq = [(0.94, 0.58, 0.0), (0.96, 0.68, 0.10), (0.56, 0.11, 0.11), (0.60, 0.22, 0.01),
+           (0.60, 0.21, 0.03), (0.64, 0.28, 0.02), (0.63, 0.49, 0.01), (0.69, 0.55, 0.0)]
+    w = COWatchdog()
+    for e, x in enumerate(seq, start=1):
+        w.check(e, m(*x))
+    assert [(e["type"], e["epoch"]) for e in w.events] == [("catastrophic_overfitting", 1)]
+    assert w.flagged
+    w2 = COWatchdog()  # the onset's PGD figure survives a resume
+    w2.check(1, m(*seq[0]))
+    w3 = COWatchdog()
+    w3.load_state_dict(w2.state_dict())
+    for e, x in enumerate(seq[1:3], start=2):
+        w3.check(e, m(*x))
+    assert [e["type"] for e in w3.events] == ["catastrophic_overfitting"]
+    w3.check(4, m(0.9, 0.7, 0.35))  # 0.35 ≥ 0.5 · max(0.11, 0.7) and ≥ 0.000 + 0.2: back
+    assert [e["type"] for e in w3.events] == ["catastrophic_overfitting", "co_recovered"]
+    assert w3.onset_pgd is None
+
+
 def test_watchdog_state_round_trip():
     w = COWatchdog()
     w.check(1, m(0.8, 0.5, 0.4))

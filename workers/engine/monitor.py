@@ -13,7 +13,8 @@ overfits before it was ever robust (seen on MNIST at ε = 0.3, where plain FGSM 
 PGD accuracy 0.00 against FGSM 0.93 after its first epoch). An event is recorded at the onset
 (a flagged epoch outside an open episode), with the epoch and the figures; every epoch's
 history row says whether the rule held. A run can come back: when PGD accuracy is back (the
-rule's first half no longer holds) a ``co_recovered`` event closes the episode (FGSM-RS on
+rule's first half no longer holds, and PGD accuracy is at least co_gap above where it stood
+at the onset) a ``co_recovered`` event closes the episode (FGSM-RS on
 MNIST at ε = 0.3 is flagged after its first epoch, at PGD 0.08 against FGSM 0.73, then learns
 to PGD 0.90 — the recovery Li et al. 2020 describe), so a report tells a passing episode from
 a collapse that lasts to the end.
@@ -65,14 +66,18 @@ class COWatchdog:
     best_clean: float | None = None
     collapsed: bool = False
     best_fgsm: float | None = None
+    onset_pgd: float | None = None  # PGD accuracy when the open episode began
 
     def check(self, epoch: int, m: dict[str, float]) -> bool:
         """Update with epoch ``epoch``'s monitor figures; True when the CO rule holds.
 
         An episode opens with a ``catastrophic_overfitting`` event and stays open until PGD
-        accuracy comes back (``pgd_acc ≥ co_drop · max(best PGD so far, fgsm_acc)``, the rule's
-        first half no longer holding): FGSM accuracy falling to PGD's is no recovery (plain
-        FGSM on MNIST at ε = 0.4: PGD 0.000 with FGSM 0.40, then 0.18, then 0.70 again).
+        accuracy comes back: ``pgd_acc ≥ co_drop · max(best PGD so far, fgsm_acc)`` (the
+        rule's first half no longer holding) and at least ``co_gap`` above the PGD accuracy at
+        the onset. FGSM accuracy falling to PGD's is no recovery (plain FGSM on MNIST at
+        ε = 0.4: PGD 0.000 with FGSM 0.40, then 0.18, then 0.70 again; RS-AAER there: PGD 0.000
+        with FGSM 0.58 at the onset, then PGD and FGSM both 0.11 at clean 0.56 — the rule's
+        terms no longer hold, yet no robustness came back).
 
         Also records an ``accuracy_collapse`` event when clean accuracy falls below
         ``co_drop`` x the best accuracy the model has shown, clean or under FGSM, at an epoch
@@ -96,8 +101,10 @@ class COWatchdog:
         self.collapsed = down
         self.best_clean = clean if self.best_clean is None else max(self.best_clean, clean)
         self.best_fgsm = fgsm if self.best_fgsm is None else max(self.best_fgsm, fgsm)
-        recovered = self.flagged and not pgd_low and not down  # a fall to chance is none
+        back = not pgd_low and pgd >= (self.onset_pgd or 0.0) + self.co_gap
+        recovered = self.flagged and back and not down  # a fall to chance is none
         if holds and not self.flagged:
+            self.onset_pgd = pgd
             self.events.append({
                 "type": "catastrophic_overfitting", "epoch": epoch, "pgd_acc": pgd,
                 "fgsm_acc": fgsm, "clean_acc": m["clean_acc"], "best_pgd_acc": self.best_pgd,
@@ -111,15 +118,18 @@ class COWatchdog:
                 "type": "co_recovered", "epoch": epoch, "onset_epoch": onset, "pgd_acc": pgd,
                 "fgsm_acc": fgsm, "clean_acc": m["clean_acc"]})
         self.flagged = holds or (self.flagged and not recovered)  # the episode is open
+        if not self.flagged:
+            self.onset_pgd = None
         self.best_pgd = pgd if self.best_pgd is None else max(self.best_pgd, pgd)
         return holds
 
     def state_dict(self) -> dict:
         return {"best_pgd": self.best_pgd, "flagged": self.flagged, "events": self.events,
                 "best_clean": self.best_clean, "collapsed": self.collapsed,
-                "best_fgsm": self.best_fgsm}
+                "best_fgsm": self.best_fgsm, "onset_pgd": self.onset_pgd}
 
     def load_state_dict(self, s: dict) -> None:
         self.best_pgd, self.flagged, self.events = s["best_pgd"], s["flagged"], list(s["events"])
         self.best_clean, self.collapsed = s.get("best_clean"), s.get("collapsed", False)
         self.best_fgsm = s.get("best_fgsm")
+        self.onset_pgd = s.get("onset_pgd")
