@@ -26,6 +26,14 @@ class AttackResult(_Open):
     params: dict[str, Any] = {}
 
 
+# The evaluation's own sanity checks (Carlini et al. 2019, "On Evaluating Adversarial
+# Robustness", §5; Athalye et al. 2018): a stronger attack must find at least what a weaker one
+# finds. AutoAttack this many points under PGD, or PGD this many above FGSM, says the weaker
+# attack was misled (gradient masking) — the PGD figure then overstates robustness.
+ATTACK_GAP = 0.05   # AutoAttack's accuracy below PGD's
+ORDER_SLACK = 0.01  # PGD's accuracy above FGSM's
+
+
 class FinalResult(_Open):
     """The final suite for one model (``last``, ``best`` or ``wa``) on the test points."""
 
@@ -48,6 +56,21 @@ class FinalResult(_Open):
     @property
     def autoattack(self) -> AttackResult | None:
         return self._first("autoattack")
+
+    def warnings(self) -> list[str]:
+        """Where the attacks disagree as a masked gradient makes them (empty when they agree):
+        AutoAttack ≥ ``ATTACK_GAP`` under PGD, or PGD ≥ ``ORDER_SLACK`` above FGSM."""
+        out = []
+        pgd, aa, fgsm = self.pgd, self.autoattack, self.fgsm
+        pgd_name = next((k for k in self.attacks if k.startswith("pgd")), "PGD")
+        if pgd is not None and aa is not None and pgd.acc - aa.acc >= ATTACK_GAP:
+            out.append(f"AutoAttack finds {100 * (pgd.acc - aa.acc):.1f} points more than "
+                       f"{pgd_name} ({pgd.acc:.3f} → {aa.acc:.3f}): PGD is misled on this "
+                       "model (gradient masking?); quote the AutoAttack figure")
+        if pgd is not None and fgsm is not None and pgd.acc - fgsm.acc >= ORDER_SLACK:
+            out.append(f"{pgd_name} ({pgd.acc:.3f}) finds less than one FGSM step "
+                       f"({fgsm.acc:.3f}): the iterative attack is misled (gradient masking?)")
+        return out
 
 
 class MonitorResult(_Open):
@@ -185,6 +208,10 @@ class Report(_Open):
             if c.empirical is not None:
                 lines.append(f"smoothed PGD (ℓ2 ε={c.empirical.params.get('eps', '?')}) "
                              f"{c.empirical.acc:.4f}  (n={c.empirical.n})")
+        for name, res in {f.model: f, **self.final_models}.items():
+            for w in res.warnings():
+                lines.append(f"warning: {w}" + (f" [{name} weights]" if name != f.model
+                                                 else ""))
         for e in self.events:
             if e.type == "accuracy_collapse" and e.clean_acc is not None:
                 figures = f" (clean {e.clean_acc:.3f}, best {e.best_acc:.3f})"

@@ -117,3 +117,47 @@ def test_certified_step_curve_from_per_point_radii():
                                            (0.25, "linf", "0.25"), (16 / 255, "l2", "0.06275")])
 def test_epsilon_as_people_write_it(eps, norm, text):
     assert epsilon_text(eps, norm) == text
+
+
+def test_attacks_that_disagree_as_masking_makes_them_are_flagged():
+    """A stronger attack must find what a weaker one finds (Carlini et al. 2019): AutoAttack
+    5+ points under PGD, or PGD above FGSM, is flagged in the summary and on the page."""
+    from contract.report import Report
+
+    def final(fgsm, pgd, aa):
+        return {"clean_acc": 0.95, "n": 100, "attacks": {
+            "fgsm": {"acc": fgsm, "n": 100}, "pgd50-10": {"acc": pgd, "n": 100},
+            "autoattack-apgd-ce+apgd-t": {"acc": aa, "n": 100}}}
+
+    masked = report(final=final(0.89, 0.86, 0.0))
+    page = render(masked)
+    assert "AutoAttack finds 86.0 points more than pgd50-10 (0.860 → 0.000)" in page
+    assert "class='co warnings'" in page
+    agree = report(final=final(0.90, 0.884, 0.881))
+    assert "warnings" not in render(agree)
+    inverted = report(final=final(0.30, 0.50, 0.49))
+    assert "finds less than one FGSM step" in render(inverted)
+    edge = report(final=final(0.9, 0.80, 0.751))  # 4.9 points: within the margin
+    assert "warnings" not in render(edge)
+    full = {**masked, "final_models": {}, "environment": {}, "dataset": {
+        "name": "mnist", "num_classes": 10, "train": 1, "validation": 0, "test": 100,
+        "monitor": 64, "shape": [1, 28, 28]}}
+    for row in full["history"]:
+        row.update(lr=0.1, seconds=1.0, train_seconds=1.0)
+    lines = Report.model_validate(full).summary().splitlines()
+    assert sum(ln.startswith("warning: AutoAttack finds 86.0 points") for ln in lines) == 1
+
+
+def test_the_gpu_studys_gradalign_at_eps_02_is_flagged_and_elle_is_not():
+    import json
+    from pathlib import Path
+
+    from contract.report import Report
+
+    runs = Path(__file__).resolve().parents[1] / "experiments/mnist-gpu/runs"
+    masked = Report.model_validate(json.loads(
+        (runs / "fgsm-gradalign_epsilon=0.2_seed=0/report.json").read_text()))
+    assert masked.final.warnings() and "0.862 → 0.000" in masked.final.warnings()[0]
+    clean = Report.model_validate(json.loads(
+        (runs / "fgsm-elle_epsilon=0.1_seed=0/report.json").read_text()))
+    assert clean.final.warnings() == []

@@ -236,6 +236,18 @@ def _final_table(report: dict[str, Any]) -> str:
     return _table(rows, head, "final")
 
 
+def _warnings(report: dict[str, Any]) -> str:
+    """The final suite's own sanity checks (contract.report.FinalResult.warnings)."""
+    from contract.report import FinalResult
+
+    models = report.get("final_models") or {"last": report["final"]}
+    items = [f"{w}" + (f" ({name} model)" if len(models) > 1 else "")
+             for name, res in models.items()
+             for w in FinalResult.model_validate(res).warnings()]
+    return ("<ul class='co warnings'>" + "".join(f"<li>{_esc(w)}</li>" for w in items)
+            + "</ul>") if items else ""
+
+
 def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
     """The page for ``report`` (``certify_tsv``: the text of the job's certify.tsv, for the
     certified-accuracy step curve)."""
@@ -257,7 +269,7 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
             f"mode {spec.get('mode', 'train')}",
             *([f"finished {report['finished_at']}"] if report.get("finished_at") else [])))
         + f" · report_version {_esc(report['report_version'])}</p>",
-        "<h2>Final evaluation</h2>", _final_table(report)]
+        "<h2>Final evaluation</h2>", _final_table(report), _warnings(report)]
     if hist:
         sections += ["<h2>Training</h2>", training_figure(hist, co_epochs),
                      "<h2>Robustness per epoch</h2>", monitor_figure(hist, co_epochs,
