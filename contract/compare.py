@@ -202,6 +202,11 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
             f"<td class='{'co' if (at.get(e) or {}).get('co_end_runs') else ''}'>"
             f"{html.escape(_pgd_cell(at.get(e)))}</td>" for e in eps) + "</tr>"
         for m, at in methods) + "</table>") if len(eps) > 1 else ""
+    flagged = [r for r in rows if r.get("warnings")]
+    warn_html = ("<h2>Attacks that disagree</h2><p>A stronger attack found much more than a "
+                 "weaker one (gradient masking?): quote the stronger figure.</p><ul>" + "".join(
+                     f"<li class='co'>{html.escape(r['name'])}: {html.escape(w)}</li>"
+                     for r in flagged for w in r["warnings"]) + "</ul>") if flagged else ""
     failed = [r for r in rows if r.get("state") == "failed"]
     failed_html = ("<h2>Failed runs</h2><ul>" + "".join(
         f"<li>{html.escape(r['name'])}: {html.escape(str(r.get('error')))}</li>"
@@ -216,7 +221,7 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: .3em .8em; text-align: right;
           white-space: nowrap; }}
 th:first-child, td:first-child {{ text-align: left; }}
-td.co {{ color: #d62728; font-weight: 600; }}
+td.co, li.co {{ color: #d62728; font-weight: 600; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
@@ -225,6 +230,7 @@ counts the runs the watchdog flagged for catastrophic overfitting at some epoch,
 those still overfit at their last epoch (the rest recovered).</p>
 <table>{head}{body}</table>
 {eps_html}
+{warn_html}
 {imgs}
 {failed_html}
 </body></html>
@@ -251,6 +257,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{cell(g['autoattack_acc'], g['autoattack_acc_std'])} | {g['co_runs']} / {g['n']} | "
             f"{g['co_end_runs']} / {g['n']} | "
             f"{cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)} |")
+    flagged = [(r["name"], w) for r in rows for w in r.get("warnings") or []]
+    if flagged:
+        lines += ["", "Attacks that disagree (gradient masking?):"]
+        lines += [f"- {name}: {w}" for name, w in flagged]
     return "\n".join(lines)
 
 

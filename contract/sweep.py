@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from contract.presets import merge
+from contract.report import FinalResult
 from contract.spec import JobSpec, SpecError, _Strict, format_validation_error, read_spec_file
 
 MAX_CHILDREN = 1000
@@ -154,6 +155,14 @@ def expand(sweep: SweepSpec) -> list[Child]:
     return children
 
 
+def _warnings(final: dict[str, Any]) -> list[str]:
+    """The final suite's attack checks (``FinalResult.warnings``); none for a malformed one."""
+    try:
+        return FinalResult.model_validate(final).warnings()
+    except ValueError:
+        return []
+
+
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The figures a sweep table shows for one finished child."""
     final = report["final"]
@@ -176,6 +185,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
                         for h in history],
         "seconds": report.get("timing", {}).get("total"),
+        "warnings": _warnings(final),
         # the median epoch: a run paused or starved for a while (another job on its cores,
         # SIGSTOP) keeps the cost of its ordinary epochs
         "seconds_per_epoch": (statistics.median(h["train_seconds"] for h in history)

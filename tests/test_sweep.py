@@ -247,6 +247,29 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert "PGD accuracy against ε" in page and "<td class='co'>0.200 CO</td>" in page
 
 
+def test_compare_lists_runs_whose_attacks_disagree():
+    """headline() carries the final suite's attack checks; compare's Markdown and page list
+    them under the tables (the GPU study's GradAlign at ε = 0.2: PGD 0.862, APGD 0.000)."""
+    from contract.compare import markdown, render
+    from contract.sweep import headline
+
+    def rep(pgd, aa):
+        return {"final": {"clean_acc": 0.91, "n": 100, "attacks": {
+            "fgsm": {"acc": 0.89, "n": 100}, "pgd50-10": {"acc": pgd, "n": 100},
+            "autoattack-apgd-ce+apgd-t": {"acc": aa, "n": 100}}},
+            "spec": {"recipe": {"preset": "fgsm-gradalign"}, "threat": {"epsilon": 0.2}}}
+
+    rows = [{"name": "masked", "state": "succeeded", **headline(rep(0.862, 0.0))},
+            {"name": "fine", "state": "succeeded", **headline(rep(0.862, 0.85))}]
+    assert rows[1]["warnings"] == [] and len(rows[0]["warnings"]) == 1
+    md = markdown(rows)
+    assert "- masked: AutoAttack finds 86.2 points more than pgd50-10" in md
+    assert "- fine:" not in md
+    page = render(rows, "t")
+    assert "Attacks that disagree" in page and page.count("<li class='co'>") == 1
+    assert headline({"final": {"attacks": {}}, "spec": {}})["warnings"] == [], "malformed: none"
+
+
 def test_a_sweep_file_names_its_own_folder(tmp_path):
     """`out` in the file: `bulwark sweep FILE` writes the children beside it, and a finished
     child of another spec there is reported, not overwritten."""
