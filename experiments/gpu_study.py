@@ -15,7 +15,9 @@ A short smoke run first (fgsm, one epoch on 2 000 images) stops the whole thing 
 minute if the engine fails on this device. Every ``--every`` seconds, and at the end, the
 finished children (report.json, run.log, spec.json), the sweep table and a `bulwark compare`
 of them are packed into ``--archive``; at ``--deadline`` seconds the sweeps are interrupted
-(run the same command again on the same folder to resume them)."""
+(run the same command again on the same folder to resume them). Finished children of an
+earlier lease (``--seed-from``, by default the committed experiments/mnist-gpu/runs) are
+copied in first and skipped, so each lease goes on with the children still missing."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +89,22 @@ def smoke(work: Path, device: str) -> bool:
     return True
 
 
+def seed(source: Path, runs: Path) -> int:
+    """Copy ``source``'s finished children (report, spec, log) into ``runs``; returns how many.
+    The sweeps skip a child whose report is there and is the spec they would run."""
+    n = 0
+    for report in sorted(source.glob("*/report.json")):
+        dest = runs / report.parent.name
+        if (dest / "report.json").is_file():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("report.json", "spec.json", "run.log"):
+            if (report.parent / f).is_file():
+                shutil.copy2(report.parent / f, dest / f)
+        n += 1
+    return n
+
+
 def pack(runs: Path, archive: Path) -> int:
     """Finished children (+ the table and a comparison) into ``archive``; returns how many."""
     done = sorted(p.parent for p in runs.glob("*/report.json"))
@@ -122,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=float, default=30, help="seconds between packs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--only-eps", default=None, help="e.g. 0.3: that ε alone (a short check)")
+    ap.add_argument("--seed-from", type=Path, default=HERE / "mnist-gpu" / "runs",
+                    help="finished children to copy into --runs first, so that a new lease "
+                         "skips them (default: the committed GPU runs; '' for none)")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     work = args.runs.parent
     work.mkdir(parents=True, exist_ok=True)
+    if str(args.seed_from) not in ("", ".") and args.seed_from.is_dir():
+        copied = seed(args.seed_from, args.runs)
+        print(f"{copied} finished children copied from {args.seed_from}", flush=True)
     if not smoke(work, args.device):
         return 3
     # ε = 0.3 over three seeds, and the other ε, as two sweeps sharing the folder
