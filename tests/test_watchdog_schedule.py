@@ -207,6 +207,24 @@ def test_training_epsilon_follows_the_warmup(tmp_path):
     assert eps[2] == pytest.approx(0.2)
 
 
+def test_the_watchdog_judges_no_epoch_of_a_longer_warm_up():
+    """With ε ramped over 3 epochs the monitor's figures at full ε after epochs 1 and 2 are
+    the warm-up's, not an overfit (mnist-recipe round 7: FGSM-RS flagged after epoch 2 at
+    training ε 0.2, monitor ε 0.3): recorded, not judged. What the runner calls (judge)."""
+    from workers.engine.runner import judge
+    from workers.engine.schedule import warmed_up
+
+    assert warmed_up(1, 1) and warmed_up(1, 0) and not warmed_up(1, 2) and warmed_up(2, 2)
+    assert not warmed_up(2, 2.5) and warmed_up(3, 2.5)
+    w = COWatchdog()
+    flags = [judge(w, e, m(0.9, 0.7, 0.0), 3) for e in (1, 2, 3)]
+    assert flags == [False, False, True]
+    assert [(e["type"], e["epoch"]) for e in w.events] == [("catastrophic_overfitting", 3)]
+    plain = COWatchdog()
+    assert judge(plain, 1, m(0.9, 0.7, 0.0), 1), "warm-up 1 (the presets'): epoch 1 judged"
+    assert not judge(plain, 2, None, 1), "no monitor, no verdict"
+
+
 def test_stop_on_co_goes_straight_to_the_final_evaluation(tmp_path):
     # An lr so large that the monitor is fooled early: force the rule with co_gap tiny and
     # co_drop close to 1, so the first epoch whose PGD is below its FGSM stops the run.

@@ -55,7 +55,7 @@ from workers.engine.report import (
     final_evaluation,
     weights_digest,
 )
-from workers.engine.schedule import build_optimizer, epsilon_at, lr_at
+from workers.engine.schedule import build_optimizer, epsilon_at, lr_at, warmed_up
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -174,6 +174,15 @@ def channels_last_on(setting: str, device: torch.device) -> bool:
     faster for every model and step (docs/benchmarks.md: SmallCNN 1.18-1.27x, PreActResNet-18
     1.04x a training step on the CPU; PGD 1.36x), and off elsewhere (MPS)."""
     return setting == "on" or (setting == "auto" and device.type in ("cuda", "cpu"))
+
+
+def judge(watchdog: COWatchdog, epoch: int, mon: dict[str, Any] | None,
+          warmup: float) -> bool:
+    """The watchdog's verdict on epoch ``epoch``'s monitor figures: during a longer ε warm-up
+    the figures (at the full ε) are recorded, not judged (``schedule.warmed_up``)."""
+    if not mon or not warmed_up(epoch, warmup):
+        return False
+    return watchdog.check(epoch, mon)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -536,7 +545,7 @@ class Training:
                                   batch_size=max(sched.batch_size, 256))
                 if ranks is not None:  # one set of figures: every watchdog decides alike
                     mon = ranks.broadcast(mon)
-        co = self.watchdog.check(epoch + 1, mon) if mon else False
+        co = judge(self.watchdog, epoch + 1, mon, spec.threat.epsilon_warmup)
         if mon and (self.best is None or mon["pgd_acc"] > self.best["monitor_pgd_acc"]):
             self.best = {"epoch": epoch + 1, "monitor_pgd_acc": mon["pgd_acc"],
                          "monitor_clean_acc": mon["clean_acc"]}

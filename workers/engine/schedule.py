@@ -36,6 +36,13 @@ def epsilon_at(epsilon: float, warmup: float, t: float) -> float:
     return epsilon * min(max(t / warmup, 0.0), 1.0)
 
 
+def warmed_up(epoch: int, warmup: float) -> bool:
+    """Whether training ε has reached the threat's ε by the end of epoch ``epoch`` (1-based):
+    the watchdog judges only such epochs. Before that the monitor attacks at an ε the model
+    is not trained at yet, and PGD far under FGSM there is the warm-up, not an overfit."""
+    return epoch >= warmup
+
+
 def build_optimizer(params, schedule):
     """The optimizer of ``schedule.optimizer``; its lr is set by the runner every iteration."""
     import torch
