@@ -42,8 +42,12 @@ class FinalResult(_Open):
     model: str = "last"
     attacks: dict[str, AttackResult] = {}
 
+    def _named(self, prefix: str) -> tuple[str | None, AttackResult | None]:
+        return next(((k, a) for k, a in self.attacks.items() if k.startswith(prefix)),
+                    (None, None))
+
     def _first(self, prefix: str) -> AttackResult | None:
-        return next((a for k, a in self.attacks.items() if k.startswith(prefix)), None)
+        return self._named(prefix)[1]
 
     @property
     def fgsm(self) -> AttackResult | None:
@@ -61,8 +65,7 @@ class FinalResult(_Open):
         """Where the attacks disagree as a masked gradient makes them (empty when they agree):
         AutoAttack ≥ ``ATTACK_GAP`` under PGD, or PGD ≥ ``ORDER_SLACK`` above FGSM."""
         out = []
-        pgd, aa, fgsm = self.pgd, self.autoattack, self.fgsm
-        pgd_name = next((k for k in self.attacks if k.startswith("pgd")), "PGD")
+        (pgd_name, pgd), aa, fgsm = self._named("pgd"), self.autoattack, self.fgsm
         if pgd is not None and aa is not None and pgd.acc - aa.acc >= ATTACK_GAP:
             out.append(f"AutoAttack finds {100 * (pgd.acc - aa.acc):.1f} points more than "
                        f"{pgd_name} ({pgd.acc:.3f} → {aa.acc:.3f}): PGD is misled on this "

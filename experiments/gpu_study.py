@@ -13,16 +13,16 @@ run side by side (``--parallel``, one CPU thread each), the slowest recipes firs
 
 A short smoke run first (fgsm, one epoch on 2 000 images) stops the whole thing within a
 minute if the engine fails on this device. Every ``--every`` seconds, and at the end, the
-finished children (report.json, run.log, spec.json), the sweep table and a `bulwark compare`
-of them are packed into ``--archive``; at ``--deadline`` seconds the sweeps are interrupted
-(run the same command again on the same folder to resume them). Finished children of an
-earlier lease (``--seed-from``, by default the committed experiments/mnist-gpu/runs) are
-copied in first and skipped, so each lease goes on with the children still missing."""
+finished children (report.json, run.log, spec.json) and the sweep table are packed into
+``--archive`` (at the end with a `bulwark compare` of them); at ``--deadline`` seconds the
+sweeps are interrupted (run the same command again on the same folder to resume them).
+Finished children of an earlier lease (``--seed-from``, by default the committed
+experiments/mnist-gpu/runs) are copied in first and skipped, so each lease goes on with the
+children still missing."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -48,7 +48,6 @@ def gpu_sweep(name: str, final_batch: int) -> dict:
     variants slowest first (the children keep their names)."""
     sweep = yaml.safe_load((HERE / name).read_text())
     base = yaml.safe_load((HERE / sweep["base"]).read_text())
-    base = copy.deepcopy(base)
     base["evaluation"]["final"]["batch_size"] = final_batch
     variants = sweep["variants"]
     sweep["variants"] = {k: variants[k] for k in ORDER if k in variants} | {
@@ -56,6 +55,11 @@ def gpu_sweep(name: str, final_batch: int) -> dict:
     sweep["base"] = base
     sweep.pop("out", None)
     return sweep
+
+
+def at_epsilon(sweep: dict, eps: list[float]) -> dict:
+    """``sweep`` with its ε grid narrowed to ``eps``."""
+    return dict(sweep, grid={**sweep["grid"], "threat.epsilon": eps})
 
 
 def cli(*args: str) -> list[str]:
@@ -105,10 +109,12 @@ def seed(source: Path, runs: Path) -> int:
     return n
 
 
-def pack(runs: Path, archive: Path) -> int:
-    """Finished children (+ the table and a comparison) into ``archive``; returns how many."""
+def pack(runs: Path, archive: Path, compare: bool = False) -> int:
+    """Finished children, the table and (``compare``: made now, at the end only, since it
+    renders figures on a machine the children keep busy) a comparison into ``archive``;
+    returns how many children."""
     done = sorted(p.parent for p in runs.glob("*/report.json"))
-    if done:
+    if done and compare:
         cmp = subprocess.run(cli("compare", str(runs), "--out", str(runs.parent / "compare"),
                                  "--markdown"), capture_output=True, text=True, cwd=ROOT,
                              timeout=120)
@@ -158,15 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = gpu_sweep("mnist-seeds.yaml", args.final_batch)
     eps = main_sweep["grid"]["threat.epsilon"]
     share = max(1, round(args.parallel * 30 / 60))
-    groups = [("eps03", [seeds, dict(main_sweep, grid={**main_sweep["grid"],
-                                                      "threat.epsilon": [0.3]})], share),
-              ("eps-other", [dict(main_sweep, grid={**main_sweep["grid"], "threat.epsilon":
-                                                    [e for e in eps if e != 0.3]})],
+    groups = [("eps03", [seeds, at_epsilon(main_sweep, [0.3])], share),
+              ("eps-other", [at_epsilon(main_sweep, [e for e in eps if e != 0.3])],
                max(1, args.parallel - share))]
     if args.only_eps is not None:
-        groups = [("only", [dict(main_sweep, grid={**main_sweep["grid"],
-                                                   "threat.epsilon": [float(args.only_eps)]})],
-                   args.parallel)]
+        groups = [("only", [at_epsilon(main_sweep, [float(args.only_eps)])], args.parallel)]
     procs = []
     for name, sweeps, parallel in groups:
         files = []
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             n = pack(args.runs, args.archive)
             print(f"{now - t_start:6.0f} s: {n} children finished", flush=True)
             last_pack = now
-    n = pack(args.runs, args.archive)
+    n = pack(args.runs, args.archive, compare=True)
     print(f"{time.monotonic() - t_start:.0f} s: {n} children finished; packed into "
           f"{args.archive}", flush=True)
     for stem, _ in procs:
