@@ -83,6 +83,7 @@ class MonitorResult(_Open):
     fgsm_acc: float
     pgd_acc: float
     n: int
+    dlr_acc: float | None = None  # PGD on the DLR loss: the gradient-masking check
 
 
 class HistoryRow(_Open):
@@ -100,12 +101,14 @@ class HistoryRow(_Open):
 
 class Event(_Open):
     """A watchdog event: the onset of ``catastrophic_overfitting``, its end
-    (``co_recovered``, with the ``onset_epoch``) or the onset of an ``accuracy_collapse``
-    (clean accuracy under half the best the model showed, clean or under FGSM)."""
+    (``co_recovered``, with the ``onset_epoch``), the onset of an ``accuracy_collapse``
+    (clean accuracy under half the best the model showed, clean or under FGSM) or of
+    ``gradient_masking`` (PGD on cross-entropy ``masking_gap`` above PGD on DLR)."""
 
     type: str
     epoch: int
     pgd_acc: float | None = None
+    dlr_acc: float | None = None
     fgsm_acc: float | None = None
     clean_acc: float | None = None
     best_pgd_acc: float | None = None
@@ -218,6 +221,8 @@ class Report(_Open):
         for e in self.events:
             if e.type == "accuracy_collapse" and e.clean_acc is not None:
                 figures = f" (clean {e.clean_acc:.3f}, best {e.best_acc:.3f})"
+            elif e.pgd_acc is not None and e.dlr_acc is not None:
+                figures = f" (pgd {e.pgd_acc:.3f}, pgd on DLR {e.dlr_acc:.3f})"
             elif e.pgd_acc is not None and e.fgsm_acc is not None:
                 figures = f" (pgd {e.pgd_acc:.3f}, fgsm {e.fgsm_acc:.3f})"
             else:

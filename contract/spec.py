@@ -403,6 +403,12 @@ class MonitorSpec(_Strict):
         default_factory=lambda: ["elle_a"], min_length=1, max_length=3,
         description="with remediate, one per CO event, in order: elle_a (switch on ELLE-A at "
                     "the preset's λ), n_fgsm_noise (N-FGSM's noise, k = 2), halve_step (α/2)")
+    masking_gap: float | None = Field(
+        0.05, gt=0, le=1,
+        description="gradient-masking check: PGD-pgd_steps on the DLR loss (Croce & Hein 2020) "
+                    "beside cross-entropy's; a 'gradient_masking' event when the cross-entropy "
+                    "PGD accuracy exceeds the DLR PGD accuracy by this much (null: off; needs "
+                    ">= 3 classes)")
 
     @model_validator(mode="after")
     def _stop_alias(self) -> MonitorSpec:

@@ -40,6 +40,9 @@ def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str,
         elif ev.type == "accuracy_collapse":
             line = (f"!! clean accuracy collapsed at epoch {d['epoch']}: {d['clean_acc']:.3f} "
                     f"(best {bulwark.Event.model_validate({**d, 'type': ev.type}).best_acc:.3f})")
+        elif ev.type == "gradient_masking":
+            line = (f"!! gradient masking? at epoch {d['epoch']}: PGD {d['pgd_acc']:.3f} on "
+                    f"cross-entropy, {d['dlr_acc']:.3f} on DLR")
         elif ev.type == "phase" and d.get("attack"):
             line = f"final evaluation: {d['attack']} on {d.get('n')} test images"
         elif ev.type in ("succeeded", "failed", "cancelled"):

@@ -54,7 +54,8 @@ def test_digits_report_is_complete_and_learns(tmp_path):
     assert [h["epoch"] for h in on_disk["history"]] == list(range(1, 9))
     for h in on_disk["history"]:
         assert 0 <= h["train_acc"] <= 1 and h["train_loss"] > 0
-        assert set(h["monitor"]) == {"clean_acc", "fgsm_acc", "pgd_acc", "n"}
+        assert set(h["monitor"]) == {"clean_acc", "fgsm_acc", "pgd_acc", "dlr_acc", "n"}
+        assert 0 <= h["monitor"]["dlr_acc"] <= h["monitor"]["clean_acc"] + 0.05
         assert h["monitor"]["n"] == 128
         assert h["metrics"]["elle_lambda"] == pytest.approx(1000.0)
         assert h["metrics"]["elle_e_lin"] >= 0

@@ -70,6 +70,10 @@ class ProgressView:
             self.write(f"{self.label}: clean accuracy collapsed at epoch {data.get('epoch')} "
                        f"({data.get('clean_acc', 0):.3f}, "
                        f"best {Event.model_validate({**data, 'type': kind}).best_acc:.3f})")
+        elif kind == "gradient_masking":
+            self.write(f"{self.label}: gradient masking? at epoch {data.get('epoch')} monitor "
+                       f"PGD {data.get('pgd_acc', 0):.3f} on cross-entropy vs "
+                       f"{data.get('dlr_acc', 0):.3f} on DLR")
         elif kind == "phase" and data.get("attack"):
             self._open(("attack", data.get("model"), data["attack"]), total=data.get("n"),
                        unit="pt", desc=f"{self.label} {data.get('model', '')} {data['attack']}")

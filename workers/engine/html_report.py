@@ -31,7 +31,7 @@ TRACES = {
     "loss_main": "loss without regularizers",
 }
 STYLES = {"clean": ("-", "o", "#1f77b4"), "FGSM": ("--", "s", "#ff7f0e"),
-          "PGD": (":", "^", "#2ca02c")}
+          "PGD": (":", "^", "#2ca02c"), "PGD (DLR)": ("-.", "v", "#9467bd")}
 
 
 def epsilon_text(eps: float, norm: str) -> str:
@@ -127,7 +127,10 @@ def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
         return ""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     values = []
-    for name, key in (("clean", "clean_acc"), ("FGSM", "fgsm_acc"), ("PGD", "pgd_acc")):
+    curves = [("clean", "clean_acc"), ("FGSM", "fgsm_acc"), ("PGD", "pgd_acc")]
+    if any(m.get("dlr_acc") is not None for _, m in rows):  # the gradient-masking check
+        curves.append(("PGD (DLR)", "dlr_acc"))
+    for name, key in curves:
         ls, marker, color = STYLES[name]
         ys = [m.get(key) for _, m in rows]
         values += ys
@@ -136,7 +139,8 @@ def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
     _co_lines(ax, co_epochs, recovered=recovered)
     n = rows[0][1].get("n")
     ax.set(xlabel="epoch", ylabel="accuracy", ylim=_acc_limits(values),
-           title=f"held-out monitor{f' ({n} images)' if n else ''}: clean, FGSM, PGD")
+           title=f"held-out monitor{f' ({n} images)' if n else ''}: clean, FGSM, PGD"
+                 + (", PGD on DLR" if len(curves) > 3 else ""))
     ax.set_xticks([e for e, _ in rows] if len(rows) <= 12 else ax.get_xticks())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -291,9 +295,9 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                            hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
     if events:
         sections += ["<h2>Watchdog events</h2>", _table(
-            [(e.get("type"), e.get("epoch"), e.get("pgd_acc", "–"), e.get("fgsm_acc", "–"),
-              e.get("clean_acc", "–")) for e in events],
-            ("event", "epoch", "PGD", "FGSM", "clean"), "events")]
+            [(e.get("type"), e.get("epoch"), e.get("pgd_acc", "–"), e.get("dlr_acc", "–"),
+              e.get("fgsm_acc", "–"), e.get("clean_acc", "–")) for e in events],
+            ("event", "epoch", "PGD", "PGD (DLR)", "FGSM", "clean"), "events")]
     if report.get("remediations"):
         sections += ["<h2>Remediations</h2>", _table(
             [(r["epoch"], r["remedy"], r["rolled_back_to"], r["recipe"])

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attacks import FGSM, PGD
+from attacks import FGSM, PGD, dlr
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -36,24 +36,36 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def monitor(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,
-            alpha: float, batch_size: int) -> dict[str, float]:
-    """Clean, FGSM and PGD-`steps` accuracy (step α·ε, random start) in eval mode."""
+            alpha: float, batch_size: int, dlr_pgd: bool = False) -> dict[str, float]:
+    """Clean, FGSM and PGD-`steps` accuracy (step α·ε, random start) in eval mode; with
+    ``dlr_pgd`` also ``dlr_acc``, the same PGD ascending the DLR loss (the gradient-masking
+    check; skipped for fewer than 3 classes, where DLR is undefined)."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.long, device=x.device)
+    counts = torch.zeros(4, dtype=torch.long, device=x.device)
     fgsm = FGSM(model, eps, norm=norm)
     pgd = PGD(model, eps, alpha=alpha * eps, steps=steps, norm=norm)
+    pgd_dlr = PGD(model, eps, alpha=alpha * eps, steps=steps, norm=norm, objective=dlr)
+    classes = 0
     try:
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            counts[0] += _accuracy(model, xb, yb)
+            with torch.no_grad():
+                logits = model(xb)
+            classes = logits.shape[1]
+            counts[0] += (logits.argmax(1) == yb).sum()
             counts[1] += _accuracy(model, fgsm(xb, yb), yb)
             counts[2] += _accuracy(model, pgd(xb, yb), yb)
+            if dlr_pgd and classes >= 3:
+                counts[3] += _accuracy(model, pgd_dlr(xb, yb), yb)
     finally:
         model.train(was_training)
     n = max(int(x.shape[0]), 1)
-    clean, f, p = (c / n for c in counts.tolist())
-    return {"clean_acc": clean, "fgsm_acc": f, "pgd_acc": p, "n": int(x.shape[0])}
+    clean, f, p, d = (c / n for c in counts.tolist())
+    out = {"clean_acc": clean, "fgsm_acc": f, "pgd_acc": p, "n": int(x.shape[0])}
+    if dlr_pgd and classes >= 3:
+        out["dlr_acc"] = d
+    return out
 
 
 @dataclass
@@ -67,6 +79,8 @@ class COWatchdog:
     collapsed: bool = False
     best_fgsm: float | None = None
     onset_pgd: float | None = None  # PGD accuracy when the open episode began
+    mask_gap: float | None = None  # the gradient-masking check's gap (None: off)
+    masked: bool = False  # the check held at the last judged epoch
 
     def check(self, epoch: int, m: dict[str, float]) -> bool:
         """Update with epoch ``epoch``'s monitor figures; True when the CO rule holds.
@@ -121,15 +135,36 @@ class COWatchdog:
         if not self.flagged:
             self.onset_pgd = None
         self.best_pgd = pgd if self.best_pgd is None else max(self.best_pgd, pgd)
+        self._check_masking(epoch, m)
         return holds
+
+    def _check_masking(self, epoch: int, m: dict[str, float]) -> None:
+        """A ``gradient_masking`` event when PGD on cross-entropy leaves ``mask_gap`` more
+        accuracy than the same PGD on the DLR loss (one event per stretch of such epochs).
+        A saturated softmax zeroes cross-entropy's input gradient, so PGD-CE stalls where
+        the scale-free DLR loss still points somewhere (Croce & Hein 2020); Carlini et al.
+        2019 ask for exactly this check, two losses that should agree. GradAlign on MNIST
+        (ε 0.1, CPU; ε 0.2, GPU) trained into this with the CE monitor at 0.9+ while
+        APGD's DLR attacks found 7-86 points less. Recorded, never acted on."""
+        dlr_acc = m.get("dlr_acc")
+        masked = (self.mask_gap is not None and dlr_acc is not None
+                  and m["pgd_acc"] - dlr_acc >= self.mask_gap)
+        if masked and not self.masked:
+            self.events.append({
+                "type": "gradient_masking", "epoch": epoch, "pgd_acc": m["pgd_acc"],
+                "dlr_acc": dlr_acc, "fgsm_acc": m["fgsm_acc"], "clean_acc": m["clean_acc"],
+                "rule": f"pgd_acc - dlr_acc >= {self.mask_gap}"})
+        self.masked = masked
 
     def state_dict(self) -> dict:
         return {"best_pgd": self.best_pgd, "flagged": self.flagged, "events": self.events,
                 "best_clean": self.best_clean, "collapsed": self.collapsed,
-                "best_fgsm": self.best_fgsm, "onset_pgd": self.onset_pgd}
+                "best_fgsm": self.best_fgsm, "onset_pgd": self.onset_pgd,
+                "masked": self.masked}
 
     def load_state_dict(self, s: dict) -> None:
         self.best_pgd, self.flagged, self.events = s["best_pgd"], s["flagged"], list(s["events"])
         self.best_clean, self.collapsed = s.get("best_clean"), s.get("collapsed", False)
         self.best_fgsm = s.get("best_fgsm")
         self.onset_pgd = s.get("onset_pgd")
+        self.masked = s.get("masked", False)

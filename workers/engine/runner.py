@@ -326,7 +326,8 @@ class Training:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
         self.use_recipe(spec.recipe)
-        self.watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap)
+        self.watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap,
+                                   mask_gap=ev.monitor.masking_gap)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # the epoch with the best monitor PGD acc
         self.start_epoch = 0
@@ -542,7 +543,8 @@ class Training:
                     mon = monitor(self.model, self.mon_x, self.mon_y, eps=spec.threat.epsilon,
                                   norm=spec.threat.norm, steps=ev.monitor.pgd_steps,
                                   alpha=ev.monitor.pgd_alpha,
-                                  batch_size=max(sched.batch_size, 256))
+                                  batch_size=max(sched.batch_size, 256),
+                                  dlr_pgd=ev.monitor.masking_gap is not None)
                 if ranks is not None:  # one set of figures: every watchdog decides alike
                     mon = ranks.broadcast(mon)
         co = judge(self.watchdog, epoch + 1, mon, spec.threat.epsilon_warmup)

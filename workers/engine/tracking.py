@@ -115,7 +115,7 @@ class MLflowTracker:
         if kind == "epoch":
             self._guard("epoch", lambda: self._metrics(epoch_metrics(data), data["epoch"]))
         elif kind in ("catastrophic_overfitting", "co_recovered", "accuracy_collapse",
-                      "remediated", "diverged", "stopped_early"):
+                      "gradient_masking", "remediated", "diverged", "stopped_early"):
             self._guard(kind, lambda: self.client.set_tag(
                 self.run_id, f"event.{kind}.epoch_{data.get('epoch')}", str(data)[:5000]))
 
