@@ -161,3 +161,24 @@ def test_the_gpu_studys_gradalign_at_eps_02_is_flagged_and_elle_is_not():
     clean = Report.model_validate(json.loads(
         (runs / "fgsm-elle_epsilon=0.1_seed=0/report.json").read_text()))
     assert clean.final.warnings() == []
+
+
+def test_the_masking_check_is_drawn_and_said_on_the_real_masked_run():
+    """experiments/mnist-masking: GradAlign at ε = 0.1 flagged at epoch 3 while it trained;
+    its page draws PGD on DLR beside PGD on cross-entropy and says what the gap means. The
+    healthy ε = 0.2 run draws the curve and says nothing."""
+    import json
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parents[1] / "experiments/mnist-masking/runs"
+    masked = json.loads((runs / "fgsm-gradalign_epsilon=0.1_seed=0/report.json").read_text())
+    page = render(masked)
+    assert "Gradient masking suspected from epoch(s) 3:" in page
+    assert "gradient_masking" in page and "PGD (DLR)" in page, "the events table"
+    monitor = figures(page)[1]
+    assert "PGD on DLR" in monitor and "#9467bd" in monitor
+    healthy = render(json.loads(
+        (runs / "fgsm-gradalign_epsilon=0.2_seed=0/report.json").read_text()))
+    assert "Gradient masking suspected" not in healthy and "PGD on DLR" in figures(healthy)[1]
+    old = render(report())  # a report from before the check: no DLR curve, no note
+    assert "PGD on DLR" not in figures(old)[1] and "Gradient masking" not in old

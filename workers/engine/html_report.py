@@ -293,6 +293,13 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                            + " (grey dash-dot lines)" if recovered else "")
                         + ("; still overfit at the last epoch" if hist and
                            hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
+    masked = [e for e in events if e.get("type") == "gradient_masking"]
+    if masked:
+        sections.append("<p class='co'>Gradient masking suspected from epoch(s) "
+                        + ", ".join(str(e["epoch"]) for e in masked)
+                        + ": PGD on cross-entropy leaves more accuracy than the same PGD on the "
+                        "DLR loss (the purple dash-dot line), so cross-entropy's gradients "
+                        "mislead the attack; trust the lower figure and AutoAttack's.</p>")
     if events:
         sections += ["<h2>Watchdog events</h2>", _table(
             [(e.get("type"), e.get("epoch"), e.get("pgd_acc", "–"), e.get("dlr_acc", "–"),
