@@ -109,11 +109,21 @@ class ThreatSpec(_Strict):
         0.0, ge=0, le=1000,
         description="training ε ramps linearly from 0 to ε over this many epochs (per "
                     "iteration); monitor and final evaluation always use the full ε")
+    train_epsilon: float | None = Field(
+        None, description="the training adversary's radius when it is not ε (a larger one "
+                          "trains a margin, as MNIST certified-training recipes do: 0.4 for "
+                          "0.3); the ramp leads to it; monitor, watchdog, final evaluation and "
+                          "the presets' per-ε values keep ε. Default: ε")
 
-    @field_validator("epsilon", mode="before")
+    @field_validator("epsilon", "train_epsilon", mode="before")
     @classmethod
-    def _parse_eps(cls, v: Any) -> float:
-        return parse_epsilon(v)
+    def _parse_eps(cls, v: Any) -> float | None:
+        return None if v is None else parse_epsilon(v)
+
+    @property
+    def training_epsilon(self) -> float:
+        """The radius the training adversary works at once the warm-up is over."""
+        return self.epsilon if self.train_epsilon is None else self.train_epsilon
 
     @field_validator("norm", mode="before")
     @classmethod
@@ -126,6 +136,9 @@ class ThreatSpec(_Strict):
         if not (0.0 < self.epsilon <= hi):
             raise ValueError(f"threat.epsilon must be in (0, {hi:g}] for norm {self.norm}, "
                              f"got {self.epsilon}")
+        if self.train_epsilon is not None and not (0.0 < self.train_epsilon <= hi):
+            raise ValueError(f"threat.train_epsilon must be in (0, {hi:g}] for norm "
+                             f"{self.norm}, got {self.train_epsilon}")
         return self
 
 

@@ -124,6 +124,9 @@ def test_bad_specs_are_422_with_field_and_range(stack, alice):
     assert r.status_code == 422
     detail = r.json()["detail"]
     assert any("(0, 1]" in d["msg"] for d in detail)
+    r = alice.post("/v1/jobs", json=tiny_spec(threat={"epsilon": 0.3, "train_epsilon": 2}))
+    assert r.status_code == 422
+    assert any("threat.train_epsilon must be in (0, 1]" in d["msg"] for d in r.json()["detail"])
     r = alice.post("/v1/jobs", json={**tiny_spec(), "schedule": {"epochs": 0}})
     assert r.status_code == 422
     assert any(d["loc"][-2:] == ["schedule", "epochs"] and "greater than or equal to 1"

@@ -207,6 +207,24 @@ def test_training_epsilon_follows_the_warmup(tmp_path):
     assert eps[2] == pytest.approx(0.2)
 
 
+def test_train_epsilon_moves_training_not_the_evaluation(tmp_path):
+    """threat.train_epsilon: the ramp leads to it and the adversary trains at it, while the
+    monitor and the final attacks stay at ε (their recorded params say which)."""
+    spec = _digits(threat={"epsilon": 0.2, "train_epsilon": "0.25", "epsilon_warmup": 1},
+                   schedule={"epochs": 2})
+    assert spec.threat.training_epsilon == 0.25 and spec.threat.epsilon == 0.2
+    r = run_job(spec, tmp_path, progress=False)
+    steps = math.ceil(r["dataset"]["train"] / 64)
+    eps = [h["train_epsilon"] for h in r["history"]]
+    assert eps[0] == pytest.approx(0.25 * (steps - 1) / steps) and eps[1] == pytest.approx(0.25)
+    final = r["final"]["attacks"]
+    assert {a["params"]["eps"] for a in final.values()} == {0.2}
+    assert JobSpec.model_validate({"threat": {"epsilon": 0.3}}).threat.training_epsilon == 0.3
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"threat.train_epsilon must be in \(0, 1\]"):
+            JobSpec.model_validate({"threat": {"epsilon": 0.3, "train_epsilon": bad}})
+
+
 def test_the_watchdog_judges_no_epoch_of_a_longer_warm_up():
     """With ε ramped over 3 epochs the monitor's figures at full ε after epochs 1 and 2 are
     the warm-up's, not an overfit (mnist-recipe round 7: FGSM-RS flagged after epoch 2 at

@@ -391,7 +391,8 @@ class Training:
         """Train with ``recipe`` from now on (a fresh ``Recipe``: its running state starts
         over)."""
         self.recipe_spec = recipe
-        self.recipe = Recipe(recipe, eps=self.spec.threat.epsilon, norm=self.spec.threat.norm)
+        threat = self.spec.threat
+        self.recipe = Recipe(recipe, eps=threat.training_epsilon, norm=threat.norm)
         self.recipe.bind(self.model, self.steps_per_epoch * self.spec.schedule.epochs)
 
     # ---------------------------------------------------------------------- remediation
@@ -513,7 +514,7 @@ class Training:
                     raise Cancelled(f"stopped during epoch {epoch + 1}")
                 t = epoch + i / self.steps_per_epoch
                 lr = lr_at(sched.lr, t, sched.epochs)
-                self.recipe.set_epsilon(epsilon_at(spec.threat.epsilon,
+                self.recipe.set_epsilon(epsilon_at(spec.threat.training_epsilon,
                                                    spec.threat.epsilon_warmup, t))
                 part = None if ranks is None else ranks.share(y.shape[0])
                 if part is not None:  # this rank's slice; an empty one steps on an example
