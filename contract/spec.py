@@ -133,12 +133,11 @@ class ThreatSpec(_Strict):
     @model_validator(mode="after")
     def _range(self) -> ThreatSpec:
         hi = 1.0 if self.norm == "linf" else 64.0
-        if not (0.0 < self.epsilon <= hi):
-            raise ValueError(f"threat.epsilon must be in (0, {hi:g}] for norm {self.norm}, "
-                             f"got {self.epsilon}")
-        if self.train_epsilon is not None and not (0.0 < self.train_epsilon <= hi):
-            raise ValueError(f"threat.train_epsilon must be in (0, {hi:g}] for norm "
-                             f"{self.norm}, got {self.train_epsilon}")
+        for name in ("epsilon", "train_epsilon"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= hi):
+                raise ValueError(f"threat.{name} must be in (0, {hi:g}] for norm {self.norm}, "
+                                 f"got {v}")
         return self
 
 
