@@ -77,6 +77,18 @@ def test_the_shipped_quick_start_is_the_spec_the_study_measured():
                          children[child].model_dump(mode="json")), example
 
 
+def test_the_margin_example_is_the_spec_the_target_study_measured():
+    """examples/mnist-fgsm-rs-margin.yaml is (its name aside) the mnist-target child whose
+    full-suite figures docs/experiments.md quotes for it."""
+    from contract.spec import same_spec
+
+    children = {c.name: c.spec for c in expand(load_sweep(REPO / "experiments/mnist-target.yaml"))}
+    shipped = load_spec_file(str(REPO / "examples/mnist-fgsm-rs-margin.yaml"))
+    assert same_spec(shipped.model_dump(mode="json"),
+                     children["fgsm-rs-margin-alpha1_seed=0"].model_dump(mode="json"))
+    assert shipped.threat.training_epsilon == 0.36 and shipped.threat.epsilon == 0.3
+
+
 def test_the_gpu_runs_are_the_mnist_studys_children_with_a_larger_final_batch():
     """experiments/mnist-gpu/runs holds children of experiments/gpu_study.py: the CPU study's
     specs (mnist.yaml + mnist-seeds.yaml) with only the final suite's attack batch raised."""
