@@ -64,28 +64,32 @@ def test_the_quick_start_pair_differs_only_in_the_recipe():
     assert {k for k in a if a[k] != b[k]} == {"name", "recipe"}
 
 
+def _is_the_measured_child(example: str, sweep: str, child: str):
+    """The shipped spec REPO/example, after asserting that it is (its name aside) the child
+    `child` of the study file REPO/sweep whose committed results the docs quote for it."""
+    from contract.spec import same_spec
+
+    children = {c.name: c.spec for c in expand(load_sweep(REPO / sweep))}
+    shipped = load_spec_file(str(REPO / example))
+    assert same_spec(shipped.model_dump(mode="json"),
+                     children[child].model_dump(mode="json")), example
+    return shipped
+
+
 def test_the_shipped_quick_start_is_the_spec_the_study_measured():
     """examples/quickstart/*.yaml are exactly (names aside) the children of
     experiments/quickstart/mnist-net.yaml whose results the README and the examples quote."""
-    from contract.spec import same_spec
-
-    path = REPO / "experiments/quickstart/mnist-net.yaml"
-    children = {c.name: c.spec for c in expand(load_sweep(path))}
     for example, child in (("mnist-fgsm", "fgsm_seed=0"), ("mnist-fgsm-rs", "fgsm-rs_seed=0")):
-        shipped = load_spec_file(str(REPO / f"examples/quickstart/{example}.yaml"))
-        assert same_spec(shipped.model_dump(mode="json"),
-                         children[child].model_dump(mode="json")), example
+        _is_the_measured_child(f"examples/quickstart/{example}.yaml",
+                               "experiments/quickstart/mnist-net.yaml", child)
 
 
 def test_the_margin_example_is_the_spec_the_target_study_measured():
     """examples/mnist-fgsm-rs-margin.yaml is (its name aside) the mnist-target child whose
     full-suite figures docs/experiments.md quotes for it."""
-    from contract.spec import same_spec
-
-    children = {c.name: c.spec for c in expand(load_sweep(REPO / "experiments/mnist-target.yaml"))}
-    shipped = load_spec_file(str(REPO / "examples/mnist-fgsm-rs-margin.yaml"))
-    assert same_spec(shipped.model_dump(mode="json"),
-                     children["fgsm-rs-margin-alpha1_seed=0"].model_dump(mode="json"))
+    shipped = _is_the_measured_child("examples/mnist-fgsm-rs-margin.yaml",
+                                     "experiments/mnist-target.yaml",
+                                     "fgsm-rs-margin-alpha1_seed=0")
     assert shipped.threat.training_epsilon == 0.36 and shipped.threat.epsilon == 0.3
 
 
