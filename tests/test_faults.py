@@ -58,6 +58,24 @@ def wait_epoch(client: httpx.Client, job_id: str, epoch: int, timeout: float = 9
         time.sleep(0.1)
 
 
+def wait_trained(client: httpx.Client, store: Store, job_id: str, attempt: int,
+                 timeout: float = 240) -> None:
+    """Until `attempt` is the job's open attempt and its own trainer has finished an epoch
+    (its progress, not an earlier attempt's). A terminal job fails at once; the timeout only
+    guards a hang: a retry's trainer imports torch again, slow on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = client.get(f"/v1/jobs/{job_id}").json()
+        assert row["state"] not in TERMINAL, (attempt, row["state"], row.get("error"))
+        progress = row["progress"]
+        open_ = [a for a in store.attempts(job_id) if a.ended_at is None]
+        if (open_ and open_[-1].attempt == attempt and progress.get("attempt") == attempt
+                and (progress.get("epoch") or 0) >= 1):
+            return
+        assert time.monotonic() < deadline, f"attempt {attempt} never trained: {progress}"
+        time.sleep(0.1)
+
+
 def trainer_pid(store: Store, job_id: str) -> int:
     """The trainer process of the job's open attempt (the child of the task's process)."""
     owner = [a for a in store.attempts(job_id) if a.ended_at is None][-1].owner
@@ -255,13 +273,7 @@ def test_a_poison_job_fails_after_max_attempts_and_the_worker_keeps_serving(work
     store = Store(workers.database_url)
     job = alice.post("/v1/jobs", json=tiny_spec(200, name="poison")).json()["id"]
     for attempt in (1, 2, 3):
-        deadline = time.monotonic() + 60
-        while True:
-            open_ = [a for a in store.attempts(job) if a.ended_at is None]
-            if open_ and open_[-1].attempt == attempt and epoch_of(alice, job) >= 1:
-                break
-            assert time.monotonic() < deadline, f"attempt {attempt} never trained"
-            time.sleep(0.1)
+        wait_trained(alice, store, job, attempt)
         os.kill(trainer_pid(store, job), signal.SIGKILL)
     row = assert_quiet(workers, alice, [job])[job]
     assert row["state"] == "failed" and row["attempt"] == 3
