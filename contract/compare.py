@@ -1,7 +1,8 @@
 """``bulwark compare``: a sweep's runs side by side — ``compare.json`` and ``compare.html``.
 
 Runs are grouped by method (the sweep variant, else the recipe preset) and ε; each group has
-the mean ± std over its seeds of clean, PGD and AutoAttack accuracy and of seconds per epoch,
+the mean ± std over its seeds of clean, PGD and AutoAttack accuracy, of seconds per epoch and
+of training seconds (the median epoch × the epochs: a paused epoch does not count),
 how many of its runs the watchdog flagged for catastrophic overfitting (CO) and how many were
 still overfit at their last epoch (the others recovered). The page is self-contained: one
 table and three matplotlib figures embedded as SVG data URIs (robust accuracy against ε per
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 COMPARE_JSON, COMPARE_HTML = "compare.json", "compare.html"
-METRICS = ("clean_acc", "pgd_acc", "autoattack_acc", "seconds_per_epoch")
+METRICS = ("clean_acc", "pgd_acc", "autoattack_acc", "seconds_per_epoch", "train_seconds")
 
 
 def method_of(row: dict[str, Any]) -> str:
@@ -184,7 +185,8 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
     grouped = groups(rows)
     figs = figures(rows, grouped) if grouped else {}
     head = ("<tr><th>method</th><th>ε</th><th>runs</th><th>clean</th><th>PGD</th>"
-            "<th>AutoAttack</th><th>CO runs</th><th>CO at end</th><th>s/epoch</th></tr>")
+            "<th>AutoAttack</th><th>CO runs</th><th>CO at end</th><th>s/epoch</th>"
+            "<th>train s</th></tr>")
     body = "".join(
         f"<tr><td>{html.escape(g['method'])}</td><td>{_cell(g['epsilon'])}</td>"
         f"<td>{g['n']}</td><td>{_cell(g['clean_acc'], g['clean_acc_std'])}</td>"
@@ -193,7 +195,8 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
         f"<td class='{'co' if g['co_runs'] else ''}'>{g['co_runs']} / {g['n']}</td>"
         f"<td class='{'co' if g.get('co_end_runs') else ''}'>{g.get('co_end_runs', 0)} / "
         f"{g['n']}</td>"
-        f"<td>{_cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)}</td></tr>"
+        f"<td>{_cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)}</td>"
+        f"<td>{_cell(g['train_seconds'], g['train_seconds_std'], 0)}</td></tr>"
         for g in grouped)
     eps, methods = by_epsilon(grouped)
     eps_html = ("<h2>PGD accuracy against ε</h2><table><tr><th>method</th>" + "".join(
@@ -227,7 +230,8 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 <h1>{html.escape(title)}</h1>
 <p>{len(rows)} runs; accuracies are mean ± std over the seeds of each method and ε; "CO runs"
 counts the runs the watchdog flagged for catastrophic overfitting at some epoch, "CO at end"
-those still overfit at their last epoch (the rest recovered).</p>
+those still overfit at their last epoch (the rest recovered); "train s" is a run's training
+time, its median epoch × its epochs (evaluation and pauses left out).</p>
 <table>{head}{body}</table>
 {eps_html}
 {warn_html}
@@ -239,14 +243,15 @@ those still overfit at their last epoch (the rest recovered).</p>
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The per-method-and-ε table in Markdown (what docs/experiments.md quotes): mean ± std over
-    the seeds, the seeds' PGD figures one by one, CO counts, seconds per epoch."""
+    the seeds, the seeds' PGD figures one by one, CO counts, seconds per epoch, training
+    seconds."""
     def cell(v: Any, std: Any = None, digits: int = 3) -> str:
         if v is None:
             return "–"
         return f"{v:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
     lines = ["| method | ε | runs | clean | PGD | PGD per seed | AutoAttack | CO runs | "
-             "CO at end | s / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "CO at end | s / epoch | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     done = {r["name"]: r for r in rows if r.get("state") == "succeeded"}
     for g in groups(rows):
         per_seed = " / ".join(cell(done[n].get("pgd_acc")) for n in g["runs"])
@@ -256,7 +261,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{cell(g['pgd_acc'], g['pgd_acc_std'])} | {per_seed} | "
             f"{cell(g['autoattack_acc'], g['autoattack_acc_std'])} | {g['co_runs']} / {g['n']} | "
             f"{g['co_end_runs']} / {g['n']} | "
-            f"{cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)} |")
+            f"{cell(g['seconds_per_epoch'], g['seconds_per_epoch_std'], 1)} | "
+            f"{cell(g['train_seconds'], g['train_seconds_std'], 0)} |")
     flagged = [(r["name"], w) for r in rows for w in r.get("warnings") or []]
     if flagged:
         lines += ["", "Attacks that disagree (gradient masking?):"]

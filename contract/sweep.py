@@ -190,6 +190,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         # SIGSTOP) keeps the cost of its ordinary epochs
         "seconds_per_epoch": (statistics.median(h["train_seconds"] for h in history)
                               if history else None),
+        # the whole training's cost on the same terms: what a recipe's budget is compared by
+        "train_seconds": (statistics.median(h["train_seconds"] for h in history) * len(history)
+                          if history else None),
     }
 
 

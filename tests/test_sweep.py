@@ -211,6 +211,7 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
         return {"name": name, "overrides": {"variant": variant}, "state": "succeeded",
                 "epsilon": eps, "seed": seed, "clean_acc": 0.9, "pgd_acc": pgd,
                 "autoattack_acc": None, "seconds_per_epoch": 10.0 + seed,
+                "train_seconds": 100.0 + 10 * seed,
                 "co_epochs": list(co), "co_at_end": end}
 
     rows = [run("a0", "a", 0.1, 0, 0.5), run("a1", "a", 0.1, 1, 0.7, co=[2]),
@@ -229,7 +230,7 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     md = markdown(rows).splitlines()
     assert md[0].startswith("| method | ε | runs |") and len(md) == 2 + 3
     assert md[2] == ("| a | 0.10 | 2 | 0.900 | 0.600 ± 0.141 | 0.500 / 0.700 | – | 1 / 2 | "
-                     "0 / 2 | 10.5 ± 0.7 |"), md[2]
+                     "0 / 2 | 10.5 ± 0.7 | 105 ± 7 |"), md[2]
     assert [(x["method"], x["epsilon"]) for x in groups(rows)] == [
         ("a", 0.1), ("a", 0.3), ("b", 0.1)], "methods in first-seen order, each by ε"
     from contract.compare import epsilon_markdown
@@ -356,3 +357,7 @@ def test_seconds_per_epoch_is_the_ordinary_epochs_cost():
     assert headline(report([15.0, 14.0, 16.0, 15.5, 1438.0]))["seconds_per_epoch"] == 15.5
     assert headline(report([10.0, 12.0]))["seconds_per_epoch"] == 11.0
     assert headline(report([]))["seconds_per_epoch"] is None
+    # training seconds on the same terms: the ordinary epoch × the epochs run
+    assert headline(report([15.0, 14.0, 16.0, 15.5, 1438.0]))["train_seconds"] == 15.5 * 5
+    assert headline(report([10.0, 12.0]))["train_seconds"] == 22.0
+    assert headline(report([]))["train_seconds"] is None

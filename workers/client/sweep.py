@@ -28,7 +28,7 @@ from contract.spec import same_spec
 from contract.sweep import Child, headline
 
 SWEEP_FILE = "sweep.json"
-SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1}
+SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1, "train_seconds": 0}
 
 
 class _Runner:
@@ -184,10 +184,11 @@ def _fmt(v: Any) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """An aligned text table: child, state, clean, FGSM, PGD, AutoAttack, CO epochs, whether
-    CO held at the last epoch, seconds."""
+    CO held at the last epoch, seconds per epoch, training seconds, total seconds."""
     cols = [("child", "name"), ("state", "state"), ("clean", "clean_acc"), ("fgsm", "fgsm_acc"),
             ("pgd", "pgd_acc"), ("autoattack", "autoattack_acc"), ("CO at", "co_epochs"),
-            ("CO at end", "co_at_end"), ("s/epoch", "seconds_per_epoch"), ("seconds", "seconds"),
+            ("CO at end", "co_at_end"), ("s/epoch", "seconds_per_epoch"),
+            ("train s", "train_seconds"), ("seconds", "seconds"),
             ("monitor PGD by epoch", "monitor_pgd")]
     cells = [[h for h, _ in cols]] + [
         [f"{r[k]:.{SECONDS_DIGITS[k]}f}" if k in SECONDS_DIGITS and r.get(k) is not None
