@@ -324,6 +324,27 @@ def test_cli_validate_says_where_the_data_is(tmp_path):
     assert str(tmp_path / "none" / "cifar-10-batches-py") in proc.stderr
 
 
+def test_cli_validate_checks_every_child_of_a_sweep_file(tmp_path):
+    """A sweep file is checked child by child (not refused as a spec with unknown keys)."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {dataset: {name: mnist}, threat: {epsilon: 0.3}, recipe: fgsm-rs}\n"
+                     "variants: {plain: {}, margin: {threat: {train_epsilon: 0.36}}}\n"
+                     "grid: {schedule.seed: [0, 1]}\n")
+    proc = _cli("validate", str(sweep), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "plain_seed=0: fgsm-rs, ε 0.3, 10 epochs, seed 0",
+        "plain_seed=1: fgsm-rs, ε 0.3, 10 epochs, seed 1",
+        "margin_seed=0: fgsm-rs, ε 0.3 (trained at 0.36), 10 epochs, seed 0",
+        "margin_seed=1: fgsm-rs, ε 0.3 (trained at 0.36), 10 epochs, seed 1"]
+    assert "sweep: 4 children, every one a valid job spec" in proc.stderr
+    assert "data: mnist found at" in proc.stderr
+    sweep.write_text(sweep.read_text().replace("train_epsilon: 0.36", "train_epsilon: 3"))
+    proc = _cli("validate", str(sweep), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "sweep child margin_seed=0" in proc.stderr and "train_epsilon" in proc.stderr
+
+
 def test_cli_presets_shows_every_part_aligned():
     proc = _cli("presets", "--epsilon", "16/255")
     assert proc.returncode == 0, proc.stderr

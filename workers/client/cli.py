@@ -4,7 +4,8 @@ Local, no server:
     bulwark run SPEC.{json,yaml} --out DIR [--device cpu|cuda|auto] [--resume]
     bulwark sweep SWEEP.yaml --out DIR [--parallel N]   a grid of runs, resumable
     bulwark compare DIR|SWEEP_ID ...   a table, compare.json and compare.html (figures)
-    bulwark validate SPEC         the spec as it will run, each preset value with its source
+    bulwark validate SPEC|SWEEP    the spec as it will run, each preset value with its source;
+                                  a sweep file: every child checked, one line each
     bulwark presets [--dataset D] the named recipes, every part, for a dataset's family
 Service:
     bulwark serve                 embedded: private Redis + API + one worker, SQLite
@@ -198,9 +199,48 @@ def cmd_cancel_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from contract.spec import SpecError, load_spec_file
+def _validate_sweep(path: str) -> int:
+    """A sweep file: every child validated, one line each (stdout), the data of the first."""
+    from contract.spec import SpecError
+    from contract.sweep import expand, load_sweep
 
+    try:
+        children = expand(load_sweep(path))
+    except SpecError as e:
+        return _fail(str(e))
+    for c in children:
+        t = c.spec.threat
+        eps = f"ε {t.epsilon:g}" + (f" (trained at {t.train_epsilon:g})" if t.train_epsilon
+                                     else "")
+        print(f"{c.name}: {c.spec.recipe.preset or 'custom recipe'}, {eps}, "
+              f"{c.spec.schedule.epochs} epochs, seed {c.spec.schedule.seed}")
+    print(f"sweep: {len(children)} children, every one a valid job spec "
+          f"(`bulwark validate` on one child's spec.json prints its presets' sources)",
+          file=sys.stderr)
+    return _data_line(children[0].spec) if children else 0
+
+
+def _data_line(spec) -> int:
+    from workers.engine.data import DataError, locate_dataset
+
+    try:
+        where = locate_dataset(spec.dataset)
+    except DataError as e:
+        print(f"data: NOT FOUND — {e}", file=sys.stderr)
+        return 1
+    print(f"data: {spec.dataset.name} found at {where}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from contract.spec import SpecError, load_spec_file, read_spec_file
+
+    try:
+        data = read_spec_file(args.spec)
+    except SpecError as e:
+        return _fail(str(e))
+    if {"grid", "variants"} & set(data) and "base" in data:
+        return _validate_sweep(args.spec)
     try:
         spec = load_spec_file(args.spec)
     except SpecError as e:
@@ -215,15 +255,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         for dotted, value, source in sources:
             print(f"  {dotted} = {value}\n      source: {source}", file=sys.stderr)
-    from workers.engine.data import DataError, locate_dataset
-
-    try:
-        where = locate_dataset(spec.dataset)
-    except DataError as e:
-        print(f"data: NOT FOUND — {e}", file=sys.stderr)
-        return 1
-    print(f"data: {spec.dataset.name} found at {where}", file=sys.stderr)
-    return 0
+    return _data_line(spec)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -493,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "'*epsilon=0.3*'")
     sw.add_argument("--dry-run", action="store_true", help="list the children and stop")
     sw.set_defaults(func=cmd_sweep)
-    v = sub.add_parser("validate", help="check a spec and print it with presets resolved")
+    v = sub.add_parser("validate", help="check a spec (or every child of a sweep file) and "
+                                        "print it with presets resolved")
     v.add_argument("spec")
     v.set_defaults(func=cmd_validate)
     pr = sub.add_parser("presets", help="the named recipes with every part")
