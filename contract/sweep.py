@@ -9,6 +9,8 @@ A sweep file::
       schedule.seed: [0, 1, 2]
     variants:                              # optional named overrides, each crossed with the grid
       elle-lam-100: {recipe: {preset: fgsm-elle, regularizers: [{kind: elle, lam: 100}]}}
+    variants_from:                         # optional: variants another sweep file defines
+      - {file: study.yaml, only: [pgd10-at]}
     stop_on_catastrophic_overfitting: false
     out: runs                              # optional: `bulwark sweep FILE` writes there
 
@@ -34,6 +36,12 @@ from contract.report import FinalResult
 from contract.spec import JobSpec, SpecError, _Strict, format_validation_error, read_spec_file
 
 MAX_CHILDREN = 1000
+MAX_INCLUDE_DEPTH = 8
+
+
+class VariantsFrom(_Strict):
+    file: str = Field(max_length=500, description="a sweep file, relative to this one")
+    only: list[str] | None = Field(None, description="the variants to take (default: all)")
 
 
 class SweepSpec(_Strict):
@@ -42,6 +50,11 @@ class SweepSpec(_Strict):
         default_factory=dict, description="dotted spec field -> values, e.g. threat.epsilon")
     variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> overrides merged into the base")
+    variants_from: list[VariantsFrom] = Field(
+        default_factory=list,
+        description="`bulwark sweep` only: variants other sweep files define, taken as written "
+                    "(this file's base applies) and placed before this file's own, so one "
+                    "variant is written once for every study that runs it")
     stop_on_catastrophic_overfitting: bool = Field(
         False, description="children stop training at the watchdog's first CO event and go "
                            "straight to their final evaluation")
@@ -95,18 +108,40 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
+def load_sweep(path: str | Path, _depth: int = 0) -> SweepSpec:
+    """A sweep file with its base file read and its ``variants_from`` taken in."""
     data = read_spec_file(str(path))
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{path}: invalid sweep\n{format_validation_error(e)}") from e
     if isinstance(sweep.base, str):
-        base_path = Path(sweep.base)
-        if not base_path.is_absolute():
-            base_path = Path(path).parent / base_path
-        sweep.base = read_spec_file(str(base_path))
+        sweep.base = read_spec_file(str(_beside(path, sweep.base)))
+    if sweep.variants_from:
+        if _depth >= MAX_INCLUDE_DEPTH:
+            raise SpecError(f"{path}: variants_from nests deeper than {MAX_INCLUDE_DEPTH} files "
+                            "(a file that includes itself?)")
+        taken: dict[str, dict[str, Any]] = {}
+        for inc in sweep.variants_from:
+            other = load_sweep(_beside(path, inc.file), _depth + 1).variants
+            missing = [n for n in inc.only or [] if n not in other]
+            if missing:
+                raise SpecError(f"{path}: variants_from {inc.file} has no variant "
+                                f"{', '.join(missing)} (it has {', '.join(other) or 'none'})")
+            for name in inc.only or list(other):
+                if name in taken or name in sweep.variants:
+                    raise SpecError(f"{path}: variant {name} is defined twice "
+                                    f"(variants_from {inc.file} and elsewhere)")
+                taken[name] = other[name]
+        sweep.variants = taken | sweep.variants
+        sweep.variants_from = []
     return sweep
+
+
+def _beside(path: str | Path, name: str) -> Path:
+    """A file a sweep file names, relative to that file."""
+    p = Path(name)
+    return p if p.is_absolute() else Path(path).parent / p
 
 
 def sweep_out(path: str | Path, sweep: SweepSpec) -> Path | None:
@@ -119,8 +154,8 @@ def sweep_out(path: str | Path, sweep: SweepSpec) -> Path | None:
 
 def expand(sweep: SweepSpec) -> list[Child]:
     """Every child of the sweep as a validated JobSpec (SpecError names the failing child)."""
-    if isinstance(sweep.base, str):
-        raise SpecError("sweep.base must be resolved to a mapping first (load_sweep does)")
+    if isinstance(sweep.base, str) or sweep.variants_from:
+        raise SpecError("sweep.base and variants_from must be resolved first (load_sweep does)")
     variants = sweep.variants or {"": {}}
     keys = list(sweep.grid)
     combos = list(itertools.product(*(sweep.grid[k] for k in keys)))

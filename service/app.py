@@ -590,6 +590,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        "msg": "must be a job spec mapping through the API (a "
                                               "spec file path is a `bulwark sweep` feature)",
                                        "input": sweep.base}])
+        if sweep.variants_from:  # files of the caller's machine, never the server's
+            raise HTTPException(422, [{"loc": ["body", "variants_from"], "type": "value_error",
+                                       "msg": "not accepted through the API (`bulwark "
+                                              "submit-sweep` reads those files and sends their "
+                                              "variants)", "input": [
+                                                  v.file for v in sweep.variants_from]}])
         if sweep.out is not None:  # a folder of the caller's machine, never one of the server's
             raise HTTPException(422, [{"loc": ["body", "out"], "type": "value_error",
                                        "msg": "not accepted through the API (the service keeps "

@@ -362,6 +362,9 @@ def test_sweep_cancel_cascades_and_bad_sweeps_store_nothing(stack):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "base"]
     r = dave.post("/v1/sweeps", json={"base": tiny_spec(), "out": "/tmp/anywhere"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "out"]
+    r = dave.post("/v1/sweeps", json={"base": tiny_spec(),
+                                      "variants_from": [{"file": "/etc/bulwark/study.yaml"}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "variants_from"]
     r = dave.post("/v1/sweeps", json={"base": tiny_spec(), "grid": {"threat.epsilon": [0.1, 7]}})
     assert r.status_code == 422 and "epsilon=7" in r.json()["detail"][0]["msg"]
     r = dave.post("/v1/sweeps", json={"base": tiny_spec(), "grid": {"schedule.seed": list(

@@ -80,6 +80,45 @@ def test_base_may_be_a_spec_file_next_to_the_sweep(tmp_path):
     assert child.spec.schedule.seed == 3 and child.spec.dataset.name == "synthetic"
 
 
+def test_variants_from_takes_another_files_variants_as_written(tmp_path):
+    """One variant written once for every study that runs it: all of a file's variants, or
+    `only` some, placed before this file's own; a name missing or defined twice is an error."""
+    study = {"base": BASE, "variants": {
+        "plain": {}, "rs": {"recipe": "fgsm-rs"},
+        "elle": {"recipe": {"preset": "fgsm-elle", "regularizers": [{"kind": "elle",
+                                                                      "lam": 50}]}}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text(yaml.safe_dump({"base": BASE, "variants_from": [{"file": "study.yaml"}],
+                                     "grid": {"schedule.seed": [1]}}, sort_keys=False))
+    assert [c.name for c in expand(load_sweep(seeds))] == [
+        "plain_seed=1", "rs_seed=1", "elle_seed=1"]
+    (tmp_path / "sub").mkdir()  # paths are relative to the file that names them, nested too
+    target = tmp_path / "sub" / "target.yaml"
+    target.write_text(yaml.safe_dump({
+        "base": BASE, "variants_from": [{"file": "../seeds.yaml", "only": ["elle"]}],
+        "variants": {"margin": {"threat": {"train_epsilon": 0.1}}}}, sort_keys=False))
+    elle, margin = expand(load_sweep(target))
+    assert (elle.name, margin.name) == ("elle", "margin")
+    assert elle.spec.recipe.regularizers[0].lam == 50, "the variant as its file writes it"
+    assert margin.spec.threat.train_epsilon == 0.1
+    target.write_text(yaml.safe_dump({"base": BASE, "variants_from": [
+        {"file": "../study.yaml", "only": ["elle", "nope"]}]}))
+    with pytest.raises(SpecError, match=r"has no variant nope \(it has plain, rs, elle\)"):
+        load_sweep(target)
+    target.write_text(yaml.safe_dump({"base": BASE, "variants": {"rs": {}},
+                                      "variants_from": [{"file": "../study.yaml"}]}))
+    with pytest.raises(SpecError, match="variant rs is defined twice"):
+        load_sweep(target)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"base": BASE, "variants_from": [{"file": "loop.yaml"}]}))
+    with pytest.raises(SpecError, match="nests deeper than"):
+        load_sweep(loop)
+    with pytest.raises(SpecError, match="resolved first"):
+        expand(SweepSpec.model_validate({"base": BASE,
+                                         "variants_from": [{"file": "study.yaml"}]}))
+
+
 def _sweep_cli(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path),
                            "--out", str(out), *extra], capture_output=True, text=True,

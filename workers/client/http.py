@@ -250,7 +250,7 @@ class Client:
         else:
             from contract.sweep import load_sweep
 
-            body = load_sweep(str(sweep)).model_dump(mode="json", exclude={"out"})
+            body = load_sweep(str(sweep)).model_dump(mode="json", exclude={"out", "variants_from"})
         return SweepOut.model_validate(self.request("POST", "/v1/sweeps", json=body))
 
     def sweep(self, sweep_id: str) -> SweepOut:
