@@ -199,12 +199,12 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
         f"<td>{_cell(g['train_seconds'], g['train_seconds_std'], 0)}</td></tr>"
         for g in grouped)
     eps, methods = by_epsilon(grouped)
-    eps_html = ("<h2>PGD accuracy against ε</h2><table><tr><th>method</th>" + "".join(
-        f"<th>ε = {e:g}</th>" for e in eps) + "</tr>" + "".join(
+    eps_html = ("<h2>PGD accuracy against ε</h2><div class='wide'><table><tr><th>method</th>"
+                + "".join(f"<th>ε = {e:g}</th>" for e in eps) + "</tr>" + "".join(
         f"<tr><td>{html.escape(m)}</td>" + "".join(
             f"<td class='{'co' if (at.get(e) or {}).get('co_end_runs') else ''}'>"
             f"{html.escape(_pgd_cell(at.get(e)))}</td>" for e in eps) + "</tr>"
-        for m, at in methods) + "</table>") if len(eps) > 1 else ""
+        for m, at in methods) + "</table></div>") if len(eps) > 1 else ""
     flagged = [r for r in rows if r.get("warnings")]
     warn_html = ("<h2>Attacks that disagree</h2><p>A stronger attack found much more than a "
                  "weaker one (gradient masking?): quote the stronger figure.</p><ul>" + "".join(
@@ -219,9 +219,11 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: .3em .8em; text-align: right;
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em;
+        color: #222; }}
+.wide {{ overflow-x: auto; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: .95em; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: .3em .55em; text-align: right;
           white-space: nowrap; }}
 th:first-child, td:first-child {{ text-align: left; }}
 td.co, li.co {{ color: #d62728; font-weight: 600; }}
@@ -232,7 +234,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 counts the runs the watchdog flagged for catastrophic overfitting at some epoch, "CO at end"
 those still overfit at their last epoch (the rest recovered); "train s" is a run's training
 time, its median epoch × its epochs (evaluation and pauses left out).</p>
-<table>{head}{body}</table>
+<div class="wide"><table>{head}{body}</table></div>
 {eps_html}
 {warn_html}
 {imgs}

@@ -32,9 +32,11 @@ def _look(path: Path, shot: Path) -> dict:
         page.goto(path.as_uri())
         sizes = page.eval_on_selector_all(
             "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        tables = page.eval_on_selector_all(  # a table wider than its box hides columns
+            "table", "ts => ts.map(t => [t.getBoundingClientRect().right, innerWidth])")
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
-    return {"errors": errors, "sizes": sizes,
+    return {"errors": errors, "sizes": sizes, "tables": tables,
             "remote": [u for u in requests if not u.startswith(("file:", "data:"))]}
 
 
@@ -54,3 +56,5 @@ def test_compare_html_renders_its_figures_in_chromium(tmp_path):
     seen = _look(html, tmp_path / "compare.png")
     assert seen["errors"] == [] and seen["remote"] == []
     assert len(seen["sizes"]) == 3 and all(ok and w > 300 for ok, w, _ in seen["sizes"])
+    assert seen["tables"] and all(right <= width for right, width in seen["tables"]), \
+        f"every column in the window: {seen['tables']}"
