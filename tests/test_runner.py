@@ -343,6 +343,12 @@ def test_cli_validate_checks_every_child_of_a_sweep_file(tmp_path):
     proc = _cli("validate", str(sweep), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "sweep child margin_seed=0" in proc.stderr and "train_epsilon" in proc.stderr
+    sweep.write_text("base: {threat: {epsilon: 0.3}, recipe: fgsm-rs}\n"
+                     "grid: {dataset.name: [mnist, cifar10], schedule.seed: [0, 1]}\n")
+    proc = _cli("validate", str(sweep), cwd=tmp_path)  # every dataset the children read, once
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("data: mnist found at") == 1
+    assert proc.stderr.count("data: NOT FOUND") == 1 and "cifar-10-batches-py" in proc.stderr
 
 
 def test_cli_presets_shows_every_part_aligned():

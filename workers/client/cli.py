@@ -200,7 +200,8 @@ def cmd_cancel_sweep(args: argparse.Namespace) -> int:
 
 
 def _validate_sweep(path: str) -> int:
-    """A sweep file: every child validated, one line each (stdout), the data of the first."""
+    """A sweep file: every child validated, one line each (stdout), and where each dataset
+    the children read is found."""
     from contract.spec import SpecError
     from contract.sweep import expand, load_sweep
 
@@ -214,10 +215,10 @@ def _validate_sweep(path: str) -> int:
                                      else "")
         print(f"{c.name}: {c.spec.recipe.preset or 'custom recipe'}, {eps}, "
               f"{c.spec.schedule.epochs} epochs, seed {c.spec.schedule.seed}")
-    print(f"sweep: {len(children)} children, every one a valid job spec "
-          f"(`bulwark validate` on one child's spec.json prints its presets' sources)",
-          file=sys.stderr)
-    return _data_line(children[0].spec) if children else 0
+    print(f"sweep: {len(children)} children, every one a valid job spec", file=sys.stderr)
+    datasets = {json.dumps(c.spec.dataset.model_dump(mode="json"), sort_keys=True): c.spec
+                for c in children}  # each dataset the children read, looked up once
+    return max((_data_line(spec) for spec in datasets.values()), default=0)
 
 
 def _data_line(spec) -> int:
@@ -239,7 +240,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data = read_spec_file(args.spec)
     except SpecError as e:
         return _fail(str(e))
-    if {"grid", "variants"} & set(data) and "base" in data:
+    if "base" in data:  # a sweep file (a job spec has no `base`)
         return _validate_sweep(args.spec)
     try:
         spec = load_spec_file(args.spec)
