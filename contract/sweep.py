@@ -146,10 +146,7 @@ def _beside(path: str | Path, name: str) -> Path:
 
 def sweep_out(path: str | Path, sweep: SweepSpec) -> Path | None:
     """The folder a sweep file names for its children (``out``, relative to the file)."""
-    if sweep.out is None:
-        return None
-    out = Path(sweep.out)
-    return out if out.is_absolute() else Path(path).parent / out
+    return None if sweep.out is None else _beside(path, sweep.out)
 
 
 def expand(sweep: SweepSpec) -> list[Child]:
@@ -205,6 +202,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     pgd = next((v["acc"] for k, v in attacks.items() if k.startswith("pgd")), None)
     history = report.get("history") or []
     spec = report.get("spec") or {}
+    # the median epoch: a run paused or starved for a while (another job on its cores,
+    # SIGSTOP) keeps the cost of its ordinary epochs
+    per_epoch = statistics.median(h["train_seconds"] for h in history) if history else None
     return {
         "preset": (spec.get("recipe") or {}).get("preset"),
         "epsilon": (spec.get("threat") or {}).get("epsilon"),
@@ -221,13 +221,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
                         for h in history],
         "seconds": report.get("timing", {}).get("total"),
         "warnings": _warnings(final),
-        # the median epoch: a run paused or starved for a while (another job on its cores,
-        # SIGSTOP) keeps the cost of its ordinary epochs
-        "seconds_per_epoch": (statistics.median(h["train_seconds"] for h in history)
-                              if history else None),
+        "seconds_per_epoch": per_epoch,
         # the whole training's cost on the same terms: what a recipe's budget is compared by
-        "train_seconds": (statistics.median(h["train_seconds"] for h in history) * len(history)
-                          if history else None),
+        "train_seconds": per_epoch * len(history) if history else None,
     }
 
 
