@@ -379,9 +379,9 @@ def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path)
     import os
 
     env = {**os.environ, "COLUMNS": "0", "LINES": "0"}
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(spec),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)
+    # no --out: the run goes to runs/<the spec's stem> under the working directory
+    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(spec)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for phase in ("bars train", "bars last fgsm", "bars last pgd2-1",
                   "bars last autoattack-apgd-ce"):
@@ -389,7 +389,9 @@ def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path)
     frames = [f for line in proc.stderr.splitlines() for f in line.split("\r") if f.strip()]
     assert max(len(f) for f in frames) <= 100, "the 100-column fallback"
     assert "64/64" in proc.stderr, "attack bars count test points"
-    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+    out = tmp_path / "runs" / "s"
+    assert (out / "report.json").exists() and not (out / "checkpoint.pt").exists()
+    assert f"report: {Path('runs') / 's' / 'report.json'}" in proc.stdout
 
 
 def test_compiled_step_follows_the_eager_run(tmp_path):

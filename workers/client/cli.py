@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = load_spec_file(args.spec)
     except SpecError as e:
         return _fail(str(e))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.spec).stem
     if (out / REPORT).exists() and not args.resume and not args.force:
         return _fail(f"{out} already holds a finished run (report.json); "
                      "choose another --out, or pass --force to overwrite")
@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a job spec locally, no server")
     r.add_argument("spec", help="job spec file (.json, .yaml, .yml)")
-    r.add_argument("--out", required=True, help="output folder for report, weights, checkpoint")
+    r.add_argument("--out", default=None, help="output folder for report, weights, checkpoint "
+                   "(default: runs/SPEC, the spec file's name without its extension)")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     r.add_argument("--force", action="store_true", help="overwrite a previous run in --out")
