@@ -242,6 +242,19 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
     groups = json.loads((out / "compare.json").read_text())["groups"]
     assert [(g["method"], g["n"]) for g in groups] == [("fgsm", 3)]
 
+    # `bulwark run` folders: each is a run of its own, its method named after its folder
+    two = tmp_path / "two"
+    cmp = subprocess.run([sys.executable, "-m", "workers.client.cli", "compare",
+                          str(out / "seed=7"), str(out / "fgsm_seed=0"), "--out", str(two)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert cmp.returncode == 0, cmp.stderr
+    compared = json.loads((two / "compare.json").read_text())
+    assert [(g["method"], g["n"]) for g in compared["groups"]] == [("seed=7", 1),
+                                                                  ("fgsm_seed=0", 1)]
+    assert {r["name"]: r["clean_acc"] for r in compared["runs"]}["seed=7"] == \
+        report["final"]["clean_acc"]
+    assert [ln.split()[0] for ln in cmp.stdout.splitlines()[1:3]] == ["seed=7", "fgsm_seed=0"]
+
 
 def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     from contract.compare import groups, render

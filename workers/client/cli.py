@@ -134,6 +134,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from contract.artifacts import REPORT
     from contract.compare import write
     from workers.client.sweep import collect, table
 
@@ -141,18 +142,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for source in sources:
         if Path(source).is_dir():
             found = collect(Path(source))
-            label = Path(source).name
+            # a `bulwark run` folder is its own row; a sweep folder's rows get its name
+            label = None if (Path(source) / REPORT).is_file() else Path(source).name
         elif Path(source).exists() or "/" in source:
-            return _fail(f"{source}: not a folder (give `bulwark sweep --out` folders or "
-                         "sweep ids)")
+            return _fail(f"{source}: not a folder (give `bulwark run` or `bulwark sweep` output "
+                         "folders, or sweep ids)")
         else:  # a sweep id on the server
             sweep = _client(args).sweep(source)
             found = [{"name": c.name, "overrides": c.overrides, "state": c.state,
                       **({"error": c.error} if c.error else {}), **(c.figures or {})}
                      for c in sweep.children]
             label = sweep.name or sweep.id[:8]
-        rows += [{**r, "name": f"{label}/{r['name']}" if len(sources) > 1 else r["name"]}
-                 for r in found]
+        rows += [{**r, "name": f"{label}/{r['name']}" if label and len(sources) > 1
+                  else r["name"]} for r in found]
     if not any(r.get("state") == "succeeded" for r in rows):
         return _fail(f"no finished runs in {', '.join(sources)}")
     print(table(rows))

@@ -149,7 +149,12 @@ def run_sweep(children: list[Child], out: Path, *, parallel: int = 1, device: st
 
 def collect(folder: Path) -> list[dict[str, Any]]:
     """The finished runs under ``folder`` (each ``<child>/report.json``), in the order of its
-    ``sweep.json`` where there is one, then by name; with their headline figures."""
+    ``sweep.json`` where there is one, then by name; with their headline figures. A `bulwark run`
+    folder (its own ``report.json``) is one run, its method named after the folder."""
+    if (folder / REPORT).is_file():
+        report = json.loads((folder / REPORT).read_text())
+        return [{"name": folder.name, "overrides": {"variant": folder.name},
+                 "state": "succeeded", **headline(report)}]
     order: list[dict[str, Any]] = []
     if (folder / SWEEP_FILE).is_file():
         order = json.loads((folder / SWEEP_FILE).read_text()).get("children", [])
