@@ -392,6 +392,20 @@ def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path)
     out = tmp_path / "runs" / "s"
     assert (out / "report.json").exists() and not (out / "checkpoint.pt").exists()
     assert f"report: {Path('runs') / 's' / 'report.json'}" in proc.stdout
+    # `bulwark report` reads a run folder as it reads a job: the same summary, or the JSON
+    shown = subprocess.run([sys.executable, "-m", "workers.client.cli", "report", "runs/s"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert f"{report['final']['clean_acc']:.4f}" in shown.stdout
+    assert shown.stdout.strip() in proc.stdout, "the summary `bulwark run` printed"
+    as_json = subprocess.run([sys.executable, "-m", "workers.client.cli", "report", "runs/s",
+                              "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert json.loads(as_json.stdout) == report
+    empty = subprocess.run([sys.executable, "-m", "workers.client.cli", "report", "runs"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert empty.returncode == 2 and "no report.json" in empty.stderr
+    assert "Traceback" not in empty.stderr
 
 
 def test_compiled_step_follows_the_eager_run(tmp_path):

@@ -407,6 +407,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from contract.artifacts import REPORT
+
+    local = Path(args.job_id)
+    if local.is_dir():  # a `bulwark run --out` folder
+        if not (local / REPORT).is_file():
+            return _fail(f"{local}: no {REPORT} (a finished `bulwark run` folder, or a job id)")
+        data = json.loads((local / REPORT).read_text())
+        print(json.dumps(data, indent=2) if args.json else _summary(data))
+        return 0
     job = _client(args).job(args.job_id)
     print(json.dumps(job.report_json(), indent=2) if args.json else job.report().summary())
     return 0
@@ -621,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=50)
     c.add_argument("--offset", type=int, default=0)
     client_parser("status", "show a job", cmd_status)
-    c = client_parser("report", "show a job's robustness report", cmd_report)
+    c = client_parser("report", "show a job's (or a `bulwark run` folder's) robustness report",
+                      cmd_report)
     c.add_argument("--json", action="store_true")
     client_parser("wait", "follow a job until it finishes, then show its report", cmd_wait)
     client_parser("cancel", "cancel a queued or running job", cmd_cancel)
