@@ -120,3 +120,33 @@ def test_the_gpu_runs_are_the_mnist_studys_children_with_a_larger_final_batch():
         assert same_spec(ran["spec"], JobSpec.model_validate(expected).model_dump(mode="json"))
     assert gpu_study.gpu_sweep("mnist.yaml", 2500)["base"]["evaluation"]["final"][
         "batch_size"] == 2500
+
+
+DOC_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "experiments").rglob("README.md"))]
+# a repository path written in prose or code: examples/…, experiments/…, docs/…, bench/…, scripts/…
+_REPO_PATH = r"(?<![\w/.-])((?:examples|experiments|docs|bench|scripts)/[\w./+=-]*\w)"
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_docs_name_only_files_that_exist(page):
+    """Every relative link and every examples/, experiments/, docs/, bench/ or scripts/ path a
+    page names is in the repository (a line that is a `python …` command is skipped: its
+    arguments include the files it writes)."""
+    import re
+
+    text = page.read_text()
+    missing = []
+    for m in re.finditer(r"\]\(([^)#\s]+)", text):
+        if not m.group(1).startswith(("http://", "https://", "mailto:")) and \
+                not (page.parent / m.group(1)).exists():
+            missing.append(m.group(1))
+    for line in text.splitlines():
+        if line.lstrip().startswith("python "):  # a command's arguments: its output paths
+            continue
+        for m in re.finditer(_REPO_PATH, line):
+            path = m.group(1)
+            if not any(c in path for c in "*<") and not (REPO / path).exists() \
+                    and not (page.parent / path).exists():
+                missing.append(path)
+    assert not missing, f"{page.relative_to(REPO)} names files that do not exist: {missing}"
