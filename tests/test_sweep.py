@@ -325,7 +325,7 @@ def test_compare_lists_runs_whose_attacks_disagree():
 
 def test_a_sweep_file_names_its_own_folder(tmp_path):
     """`out` in the file: `bulwark sweep FILE` writes the children beside it, and a finished
-    child of another spec there is reported, not overwritten."""
+    child of another spec there is reported, not overwritten; without one, runs/<stem>."""
     study = tmp_path / "study"
     study.mkdir()
     path = study / "sweep.yaml"
@@ -341,10 +341,13 @@ def test_a_sweep_file_names_its_own_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 1 and "finished run of another spec" in proc.stdout
+    # no `out` and no --out: runs/<the file's stem> under the working directory, as `bulwark run`
     path.write_text(yaml.safe_dump({"base": BASE}))
     proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2 and "give --out DIR" in proc.stderr, proc.stderr
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"in {Path('runs') / 'sweep'}" in proc.stdout
+    assert (tmp_path / "runs" / "sweep" / "base" / "report.json").is_file()
 
 
 def test_dry_run_lists_children(tmp_path):

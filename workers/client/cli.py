@@ -96,9 +96,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         children = expand(sweep)
     except ValueError as e:  # SpecError: the file, the child and the field
         return _fail(str(e))
-    out = Path(args.out) if args.out else sweep_out(args.sweep, sweep)
-    if out is None:
-        return _fail(f"{args.sweep} names no `out` folder: give --out DIR")
+    # --out, else the file's own `out`, else runs/<the file's stem> as `bulwark run` does
+    out = Path(args.out) if args.out else (sweep_out(args.sweep, sweep)
+                                           or Path("runs") / Path(args.sweep).stem)
     for flag in ("parallel", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             return _fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -528,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a sweep (a base spec x a grid) locally, resumable")
     sw.add_argument("sweep", help="sweep file (.yaml, .json): base, grid, variants")
     sw.add_argument("--out", default=None, help="folder for the children and sweep.json "
-                                                "(default: the sweep file's `out`)")
+                                                "(default: the sweep file's `out`, else "
+                                                "runs/SWEEP, the file's name without its "
+                                                "extension)")
     sw.add_argument("--parallel", type=int, default=1, help="children run at once")
     sw.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     sw.add_argument("--threads", type=int, default=None,
