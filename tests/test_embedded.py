@@ -61,6 +61,22 @@ def test_serve_prints_url_and_key_and_keeps_state_in_home(served):
     assert (home / "redis" / "appendonlydir").exists() or list((home / "redis").glob("*.aof*"))
 
 
+def test_a_second_serve_on_a_taken_port_says_so_and_starts_nothing(served, tmp_path):
+    """The port is checked before Redis, the workers or "Bulwark is up": a script reading the
+    key from the output must not go on to talk to whatever holds the port."""
+    _, env, _ = served
+    port = env["BULWARK_URL"].rsplit(":", 1)[1]
+    home = tmp_path / "other"
+    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "serve", "--port", port,
+                           "--home", str(home)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
+    assert "Bulwark is up" not in proc.stdout and "API key" not in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (home / "redis").exists() and not (home / "bulwark.db").exists()
+
+
 def test_submit_wait_report_download(served, tmp_path):
     home, env, _ = served
     spec = tmp_path / "spec.json"

@@ -187,6 +187,12 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
           workers: int = 1, device: str | None = None) -> int:
     home_path = Path(home)
     lock = lock_home(home_path)  # noqa: F841 - kept open: the lock lives as long as serve
+    try:  # the API's port first, before anything starts: "up" is printed only once it is ours
+        listener = socket.create_server((host, port))
+    except OSError as e:
+        raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}): another program "
+                           "holds the port; choose another with --port (scripts/quickstart.sh: "
+                           "BULWARK_PORT=N)") from e
     os.environ.setdefault("BULWARK_HOME", str(home_path))
     if device:
         os.environ["BULWARK_DEVICE"] = device
@@ -224,10 +230,13 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
         print(f"Bulwark is up: {url}  (API docs: {url}/docs)", flush=True)
         print(f"API key: {key}", flush=True)
         print(f"  export BULWARK_URL={url} BULWARK_API_KEY={key}", flush=True)
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                               log_level="warning"))
+        server.run(sockets=[listener])
     except _Terminated:
         pass
     finally:
+        listener.close()
         sup.stop()
     return 0
 
