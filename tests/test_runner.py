@@ -76,6 +76,29 @@ def test_digits_report_is_complete_and_learns(tmp_path):
     assert f"{final['clean_acc']:.4f}" in page
 
 
+def test_best_that_is_the_last_epoch_is_evaluated_once(tmp_path):
+    """One epoch: the monitor's best epoch is the last, so `best` holds the last weights; the
+    suite runs once and both entries carry its result (the same weights, seeds and attacks)."""
+    spec = digits_spec(recipe="fgsm", schedule={"epochs": 1, "batch_size": 64, "seed": 3},
+                       evaluation={"monitor": {"size": 128, "pgd_steps": 3},
+                                   "final": {"n": 128, "pgd": {"steps": 5, "restarts": 2},
+                                             "autoattack": None, "models": ["last", "best"]}})
+    events = []
+    report = run_job(spec, tmp_path / "run", device="cpu", progress=False,
+                     on_event=lambda k, d: events.append((k, d)))
+    assert report["selection"]["epoch"] == report["selection"]["last_epoch"] == 1
+    last, best = report["final_models"]["last"], report["final_models"]["best"]
+    assert best == {**last, "model": "best"}
+    evaluated = [d["model"] for k, d in events if k == "phase" and
+                 d.get("phase") == "final_evaluation" and "model" in d and "attack" not in d]
+    assert evaluated == ["last"]
+    # the same job evaluating `best` alone runs the suite on those weights: what was copied
+    alone = run_job(spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={
+        "final": spec.evaluation.final.model_copy(update={"models": ["best"]})})}),
+        tmp_path / "alone", device="cpu", progress=False)
+    assert alone["final_models"]["best"] == best
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     """Stop after epoch 1, resume: final weights and ELLE-A state equal an uninterrupted run.
     Stop again inside the final suite, resume: the finished batches come from the ledger and

@@ -581,18 +581,24 @@ class Training:
         if self.best is not None and "best" in ev.final.models:
             candidates["best"] = load_weights(self.out / BEST, copy.deepcopy(self.model),
                                               device=self.dev)
-        finals = {}
+        finals: dict[str, Any] = {}
+        evaluated: dict[str, str] = {}  # weights digest -> the model evaluated with them
         # one process keeps a ledger of finished batches: a stopped evaluation resumes
         ledger = FinalLedger(self.out / FINAL_STATE) if self.ranks is None else None
         with self.timing.phase("final_evaluation"):
             for name in ev.final.models:
                 if name not in candidates:
                     continue
+                digest = weights_digest(candidates[name])
+                if digest in evaluated:  # e.g. best = the last epoch: the same weights, seeds
+                    finals[name] = {**finals[evaluated[digest]], "model": name}  # and attacks
+                    continue
+                evaluated[digest] = name
                 emit("phase", {"phase": "final_evaluation", "model": name,
                                "n": int(test_x.shape[0])})
                 torch.manual_seed(epoch_seed(sched.seed, sched.epochs))
                 book = None if ledger is None else ledger.model(name, {
-                    "weights": weights_digest(candidates[name]), "dataset": data.name,
+                    "weights": digest, "dataset": data.name,
                     "n": int(test_x.shape[0]), "eps": self.spec.threat.epsilon,
                     "norm": self.spec.threat.norm, "seed": sched.seed,
                     "channels_last": self.channels_last,
