@@ -190,7 +190,8 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
     try:  # the API's port first, before anything starts: "up" is printed only once it is ours
         listener = socket.create_server((host, port))
     except OSError as e:
-        raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}): another program "
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise RuntimeError(f"cannot listen on {host}:{port} ({why}): another program "
                            "holds the port; choose another with --port (scripts/quickstart.sh: "
                            "BULWARK_PORT=N)") from e
     os.environ.setdefault("BULWARK_HOME", str(home_path))
