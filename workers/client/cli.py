@@ -43,6 +43,12 @@ def _summary(report: dict) -> str:
     return Report.model_validate(report).summary()
 
 
+def _default_out(file: str) -> Path:
+    """Where `bulwark run` and `bulwark sweep` write when neither --out nor the file names a
+    folder: runs/<the file's name without its extension>, under the working directory."""
+    return Path("runs") / Path(file).stem
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contract.artifacts import CHECKPOINT, REPORT, RUN_OUTPUTS
     from contract.spec import SpecError, load_spec_file
@@ -51,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = load_spec_file(args.spec)
     except SpecError as e:
         return _fail(str(e))
-    out = Path(args.out) if args.out else Path("runs") / Path(args.spec).stem
+    out = Path(args.out) if args.out else _default_out(args.spec)
     if (out / REPORT).exists() and not args.resume and not args.force:
         return _fail(f"{out} already holds a finished run (report.json); "
                      "choose another --out, or pass --force to overwrite")
@@ -96,9 +102,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         children = expand(sweep)
     except ValueError as e:  # SpecError: the file, the child and the field
         return _fail(str(e))
-    # --out, else the file's own `out`, else runs/<the file's stem> as `bulwark run` does
     out = Path(args.out) if args.out else (sweep_out(args.sweep, sweep)
-                                           or Path("runs") / Path(args.sweep).stem)
+                                           or _default_out(args.sweep))
     for flag in ("parallel", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             return _fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
