@@ -1,13 +1,13 @@
 """``bulwark compare``: a sweep's runs side by side — ``compare.json`` and ``compare.html``.
 
-Runs are grouped by method (the sweep variant, else the recipe preset) and ε; each group has
-the mean ± std over its seeds of clean, PGD and AutoAttack accuracy, of seconds per epoch and
-of training seconds (the median epoch × the epochs: a paused epoch does not count),
-how many of its runs the watchdog flagged for catastrophic overfitting (CO) and how many were
-still overfit at their last epoch (the others recovered). The page is self-contained: one
-table and three matplotlib figures embedded as SVG data URIs (robust accuracy against ε per
-method with the runs still overfit at their end marked, clean against robust accuracy per
-run, seconds per epoch per method). Every string from a run is escaped.
+Runs are grouped by method (the sweep variant, else the recipe preset, with any other grid
+field the run set) and ε; each group has the mean ± std over its seeds of clean, PGD and
+AutoAttack accuracy, of seconds per epoch and of training seconds (the median epoch × the
+epochs: a paused epoch does not count), how many of its runs the watchdog flagged for
+catastrophic overfitting (CO) and how many were still overfit at their last epoch (the others
+recovered). The page is self-contained: one table and three matplotlib figures embedded as
+SVG data URIs (robust accuracy against ε per method with the runs still overfit at their end
+marked, clean against robust accuracy per run, seconds per epoch per method). Every string from a run is escaped.
 """
 
 from __future__ import annotations
@@ -25,8 +25,22 @@ COMPARE_JSON, COMPARE_HTML = "compare.json", "compare.html"
 METRICS = ("clean_acc", "pgd_acc", "autoattack_acc", "seconds_per_epoch", "train_seconds")
 
 
+# grid fields a method is measured over; any other grid field makes another method
+_ACROSS = {"variant", "schedule.seed", "threat.epsilon"}
+
+
+def _value(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def method_of(row: dict[str, Any]) -> str:
-    return str((row.get("overrides") or {}).get("variant") or row.get("preset") or row["name"])
+    """The sweep variant (else the recipe preset), with every other grid field the run set
+    (``lam0.1 models=best``), so that runs differing in more than seed and ε never share a row."""
+    ov = row.get("overrides") or {}
+    parts = [str(ov["variant"])] if ov.get("variant") else []
+    parts += [_value(v) if k == "recipe.preset" else f"{k.rsplit('.', 1)[-1]}={_value(v)}"
+              for k, v in ov.items() if k not in _ACROSS]
+    return " ".join(parts) or str(row.get("preset") or row["name"])
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

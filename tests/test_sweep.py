@@ -300,6 +300,31 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert "PGD accuracy against ε" in page and "<td class='co'>0.200 CO</td>" in page
 
 
+def test_compare_keeps_runs_apart_that_differ_in_a_grid_field_beyond_seed_and_epsilon():
+    """A grid over `evaluation.final.models` (or a training radius, a learning rate) makes
+    another method: the same variant's runs are not averaged across it."""
+    from contract.compare import groups
+
+    def run(name, seed, pgd, **grid):
+        return {"name": name, "state": "succeeded", "epsilon": 0.3, "seed": seed,
+                "pgd_acc": pgd, "co_epochs": [], "co_at_end": False,
+                "overrides": {"variant": "aaer", **grid, "schedule.seed": seed,
+                              "threat.epsilon": 0.3}}
+
+    rows = [run("l0", 0, 0.9), run("l1", 1, 0.6),
+            run("b0", 0, 0.9, **{"evaluation.final.models": ["best"]}),
+            run("b1", 1, 0.88, **{"evaluation.final.models": ["best"]}),
+            run("r1", 1, 0.5, **{"threat.train_epsilon": 0.36,
+                                 "schedule.lr.lr_max": 0.002})]
+    got = {g["method"]: (g["runs"], round(g["pgd_acc"], 3)) for g in groups(rows)}
+    assert got == {"aaer": (["l0", "l1"], 0.75), "aaer models=best": (["b0", "b1"], 0.89),
+                   "aaer train_epsilon=0.36 lr_max=0.002": (["r1"], 0.5)}
+    preset_grid = {"name": "p", "state": "succeeded", "epsilon": 0.1, "seed": 0,
+                   "pgd_acc": 0.4, "preset": "fgsm",
+                   "overrides": {"recipe.preset": "fgsm", "schedule.seed": 0}}
+    assert [g["method"] for g in groups([preset_grid])] == ["fgsm"]
+
+
 def test_compare_lists_runs_whose_attacks_disagree():
     """headline() carries the final suite's attack checks; compare's Markdown and page list
     them under the tables (the GPU study's GradAlign at ε = 0.2: PGD 0.862, APGD 0.000)."""
