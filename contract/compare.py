@@ -7,7 +7,8 @@ epochs: a paused epoch does not count), how many of its runs the watchdog flagge
 catastrophic overfitting (CO) and how many were still overfit at their last epoch (the others
 recovered). The page is self-contained: one table and three matplotlib figures embedded as
 SVG data URIs (robust accuracy against ε per method with the runs still overfit at their end
-marked, clean against robust accuracy per run, seconds per epoch per method). Every string from a run is escaped.
+marked, clean against robust accuracy per run, seconds per epoch per method). Every string
+from a run is escaped.
 """
 
 from __future__ import annotations
