@@ -93,6 +93,18 @@ def test_the_margin_example_is_the_spec_the_target_study_measured():
     assert shipped.threat.training_epsilon == 0.36 and shipped.threat.epsilon == 0.3
 
 
+def test_the_early_stopping_example_is_the_spec_the_target_study_measured():
+    """examples/mnist-rs-aaer-margin-stop.yaml is (its name aside) the mnist-target-stop child
+    whose figures docs/experiments.md quotes for the second recipe: AAER on the margin, the
+    final suite on the monitor's best epoch."""
+    shipped = _is_the_measured_child("examples/mnist-rs-aaer-margin-stop.yaml",
+                                     "experiments/mnist-target-stop.yaml",
+                                     "rs-aaer-margin-lam0.1_models=best_size=500_"
+                                     "masking_gap=None_seed=0")
+    assert shipped.evaluation.final.models == ["best"]
+    assert shipped.evaluation.monitor.masking_gap is None
+
+
 def test_the_gpu_runs_are_the_mnist_studys_children_with_a_larger_final_batch():
     """experiments/mnist-gpu/runs holds children of experiments/gpu_study.py: the CPU study's
     specs (mnist.yaml + mnist-seeds.yaml) with only the final suite's attack batch raised."""
