@@ -57,6 +57,16 @@ def test_report_page_has_figures_tables_and_escapes():
     assert "http" not in page.replace("http://www.w3.org", ""), "self-contained: no URLs"
 
 
+def test_the_final_table_names_the_epoch_each_model_comes_from():
+    res = report()["final"]
+    page = render(report(final_models={"last": res, "best": res}))
+    assert "<th>last model (epoch 3)</th>" in page and "<th>best model (epoch 2)</th>" in page
+    page = render(report(final_models={"best": res}, selection={**report()["selection"],
+                                                                 "epoch": 1}))
+    assert "<th>best model (epoch 1)</th>" in page and "epoch 2)" not in page
+    assert "<th>last model</th>" in render(report(history=[], selection=None))
+
+
 def test_a_recovery_is_marked_and_told_from_a_lasting_collapse():
     recovered = report(events=[
         {"type": "catastrophic_overfitting", "epoch": 1, "pgd_acc": 0.08, "fgsm_acc": 0.7},

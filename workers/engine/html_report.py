@@ -236,8 +236,16 @@ def _final_table(report: dict[str, Any]) -> str:
     for a in attacks:
         rows.append((a, *(models[m]["attacks"].get(a, {}).get("acc", "–") for m in names),
                      models[names[0]]["attacks"].get(a, {}).get("n", "–")))
-    head = ("accuracy", *(f"{m} model" for m in names), "n")
+    head = ("accuracy", *(_model_label(report, m) for m in names), "n")
     return _table(rows, head, "final")
+
+
+def _model_label(report: dict[str, Any], name: str) -> str:
+    """'best model (epoch 13)': the epoch each model's weights come from, where one does."""
+    hist = report.get("history") or []
+    epoch = {"best": (report.get("selection") or {}).get("epoch"),
+             "last": hist[-1].get("epoch") if hist else None}.get(name)
+    return f"{name} model" + (f" (epoch {epoch})" if epoch is not None else "")
 
 
 def _warnings(report: dict[str, Any]) -> str:
