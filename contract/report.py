@@ -161,6 +161,12 @@ class DatasetInfo(_Open):
     shape: list[int]
 
 
+def final_by_model(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A report's final results per model ("last", "best", "wa"), from its JSON: the runner's
+    ``final_models``, else (a report without them) ``final`` as the last model's."""
+    return report.get("final_models") or {"last": report["final"]}
+
+
 class Report(_Open):
     report_version: int
     spec: dict[str, Any]

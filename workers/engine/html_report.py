@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from contract.export import eps_text
+from contract.report import FinalResult, final_by_model
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -228,7 +229,7 @@ def certification_figure(cert: dict[str, Any], points: list[tuple[float, bool]])
 
 # ---------------------------------------------------------------------------------- the page
 def _final_table(report: dict[str, Any]) -> str:
-    models = report.get("final_models") or {"last": report["final"]}
+    models = final_by_model(report)
     names = list(models)
     attacks = list(dict.fromkeys(a for res in models.values() for a in res["attacks"]))
     rows = [("clean", *(models[m]["clean_acc"] for m in names),
@@ -250,9 +251,7 @@ def _model_label(report: dict[str, Any], name: str) -> str:
 
 def _warnings(report: dict[str, Any]) -> str:
     """The final suite's own sanity checks (contract.report.FinalResult.warnings)."""
-    from contract.report import FinalResult
-
-    models = report.get("final_models") or {"last": report["final"]}
+    models = final_by_model(report)
     items = [f"{w}" + (f" ({name} model)" if len(models) > 1 else "")
              for name, res in models.items()
              for w in FinalResult.model_validate(res).warnings()]

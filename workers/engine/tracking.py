@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
+from contract.report import final_by_model
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -51,7 +52,7 @@ def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
 
 def final_metrics(report: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
-    models = report.get("final_models") or {"last": report["final"]}
+    models = final_by_model(report)
     for model, res in models.items():
         out[f"final_{model}_clean_acc"] = res["clean_acc"]
         for attack, a in res["attacks"].items():
