@@ -3,7 +3,8 @@ alone — never a pickle (torch-free: the API checks an upload with the same cod
 loads it with).
 
 An ``.npz`` holds ``x_train``, ``y_train``, ``x_test``, ``y_test``: images uint8 (or float in
-[0, 1]) NHWC or NHW with 1–4 channels, labels non-negative integers, one per image.
+[0, 1]) NHWC or NHW with 1–4 channels, labels integers in 0 .. MAX_CLASSES - 1 (999), one per
+image.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from contract.spec import MAX_CLASSES
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -119,5 +122,5 @@ def load_npz(path: Path) -> tuple[np.ndarray, ...]:
         y = arrays[key]
         if y.dtype.kind not in "iu":
             raise DataError(f"{path}: {key} must be integers, got {y.dtype}")
-        ys.append(labels(y, path, n, None, key))
+        ys.append(labels(y, path, n, MAX_CLASSES - 1, key))
     return trx, ys[0], tex, ys[1]

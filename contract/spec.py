@@ -18,6 +18,7 @@ from contract.presets import ELLE_A, apply_preset
 from contract.units import parse_epsilon
 
 SPEC_VERSION = 1
+MAX_CLASSES = 1000  # of any dataset: a synthetic one, an upload's labels (0 .. 999), a model's
 
 
 class _Strict(BaseModel):
@@ -34,7 +35,7 @@ DatasetName = Literal[
 class SyntheticSpec(_Strict):
     """Seeded synthetic images for tests: class-dependent blobs, learnable but not trivial."""
 
-    num_classes: int = Field(10, ge=2, le=1000)
+    num_classes: int = Field(10, ge=2, le=MAX_CLASSES)
     image_size: int = Field(28, ge=4, le=256)
     channels: Literal[1, 3] = 1
     n_train: int = Field(2048, ge=16, le=1_000_000)
@@ -506,25 +507,27 @@ class ComputeSpec(_Strict):
 class MLflowSpec(_Strict):
     """Log the job to an MLflow tracking store (needs ``pip install bulwark[mlflow]``)."""
 
-    uri: str = Field(max_length=2000, description="tracking URI: http(s)://host:port of a "
-                     "tracking server, or (bulwark run) sqlite:///path/mlflow.db")
+    target: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="the name of one of the operator's tracking servers "
+                    "(BULWARK_MLFLOW_TARGETS); neither target nor uri: the operator's default")
+    uri: str | None = Field(
+        None, max_length=2000, description="`bulwark run` only: a tracking URI of your own, "
+        "http(s)://host:port of a server or sqlite:///path/mlflow.db (through the API a job "
+        "names a target instead)")
     experiment: str = Field("bulwark", max_length=200)
     run_name: str | None = Field(None, max_length=200, description="default: the job's name")
+
+    @model_validator(mode="after")
+    def _one_server(self) -> MLflowSpec:
+        if self.target is not None and self.uri is not None:
+            raise ValueError("tracking.mlflow: give target (a server the operator named) or "
+                             "uri (bulwark run), not both")
+        return self
 
 
 class TrackingSpec(_Strict):
     mlflow: MLflowSpec | None = None
-
-
-def api_tracking_problem(tracking: TrackingSpec) -> tuple[str, str, str] | None:
-    """Through the API a job may log only to a tracking *server* (http or https): a sqlite or
-    file URI would write to the server's disk. (field, message, value), or None."""
-    m = tracking.mlflow
-    if m is not None and not m.uri.lower().startswith(("http://", "https://")):
-        return ("tracking.mlflow.uri", "must be an http(s):// MLflow tracking server through "
-                "the API (a sqlite or file URI names a server path: a `bulwark run` feature)",
-                m.uri)
-    return None
 
 
 # ---------------------------------------------------------------------------------- job
@@ -598,19 +601,62 @@ def format_validation_error(exc: Exception) -> str:
     return "\n".join(lines)
 
 
-def parse_spec_text(text: str, what: str = "the spec", json_only: bool = False
-                    ) -> dict[str, Any]:
+MAX_NESTING = 64  # a spec nests ~6 deep; a sweep's grid a few more
+MAX_YAML_NODES = 20_000  # a spec has a few hundred
+
+
+def _plain_yaml_loader():
+    """A SafeLoader for text from someone else (the API): no anchors or aliases (an alias bomb
+    of a few hundred bytes expands to gigabytes), at most MAX_NESTING deep and MAX_YAML_NODES
+    nodes, so that reading it is bounded by its size."""
+    import yaml
+
+    class PlainLoader(yaml.SafeLoader):
+        nodes = depth = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise yaml.composer.ComposerError(
+                    None, None, "YAML anchors and aliases (&name, *name) are not accepted "
+                    "here: write the values out", event.start_mark)
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_YAML_NODES} values", event.start_mark)
+            if self.depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_NESTING} levels", event.start_mark)
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return PlainLoader
+
+
+def parse_spec_text(text: str, what: str = "the spec", json_only: bool = False,
+                    plain: bool = False) -> dict[str, Any]:
     """The mapping in YAML (a superset of JSON) or, with ``json_only``, JSON text; not yet
     validated (SpecError naming ``what`` otherwise). YAML is read with ``safe_load``: plain
-    data only, never objects."""
+    data only, never objects; with ``plain`` (text from a tenant) also no anchors or aliases
+    and bounded nesting. An error quotes at most a short excerpt of the text."""
     import json
 
     import yaml
 
     try:
-        data = json.loads(text) if json_only else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{what}: not valid {'JSON' if json_only else 'YAML'}: {e}") from e
+        if json_only:
+            data = json.loads(text)
+        elif plain:
+            data = yaml.load(text, Loader=_plain_yaml_loader())  # noqa: S506 - a SafeLoader
+        else:
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise SpecError(f"{what}: not valid {'JSON' if json_only else 'YAML'}: "
+                        f"{why[:500]}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{what}: the spec must be a mapping at the top level")
     return data

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import re
+import reprlib
+import secrets
 import shutil
 import threading
 import time
@@ -56,17 +58,18 @@ from contract.artifacts import REPORT
 from contract.cost import check_limits, estimate
 from contract.datasets import api_dataset_problem
 from contract.export import leaderboard_row, rank, robustbench_card
+from contract.files import private_files
 from contract.presets import preset_sources
 from contract.presets import presets as preset_table
-from contract.spec import JobSpec, SpecError, api_tracking_problem, parse_spec_text
+from contract.spec import MAX_CLASSES, MAX_NESTING, JobSpec, SpecError, parse_spec_text
 from contract.sweep import SweepSpec, expand, headline
 from service.artifacts import job_dir, job_key
 from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
 from service.events import TERMINAL_EVENTS, Events, stream_key
-from service.limits import BodySizeLimit, Slot, StreamSlots
+from service.limits import BodySizeLimit, NestingLimit, Slot, StreamSlots
 from service.metrics import JobCollector
 from service.models import UploadRejected, store_dataset, store_upload
-from service.queue import broker_job_ids, live_workers, revoke, send
+from service.queue import broker_job_ids, live_workers, most_devices, revoke, send
 from service.schemas import dataset_out, errors, job_out, model_out, sweep_out
 from service.settings import Settings, get_settings
 from service.storage import artifacts
@@ -80,6 +83,11 @@ GRACE_SECONDS = 5.0
 MODEL_REF = re.compile(r"models/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 SPEC_MAX_BYTES = 1024 * 1024
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+# a report (an artifact, /v1/compare) is one self-contained page: no script may run in it,
+# nothing is fetched, and no other site may frame it
+REPORT_CSP = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src "
+                                         "'unsafe-inline'; frame-ancestors 'none'; sandbox"}
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 UI_ASSETS = ("app.js", "app.css")
@@ -210,8 +218,10 @@ def _reaper_loop(store: Store, settings: Settings, events: Events,
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or get_settings()
+    private_files()  # uploads, spooled files, a SQLite database: 0600 / 0700
     store = Store(s.resolved_database_url())
     blobs = artifacts(s)  # the artifact root, or the bucket of BULWARK_ARTIFACT_URL
+    servers = s.tracking_servers()  # the operator's MLflow servers a job may name
     store.migrate()
     events = Events.from_settings(s)
     registry = CollectorRegistry()
@@ -248,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True})
     app.state.store, app.state.events, app.state.settings = store, events, s
     app.state.stream_slots = StreamSlots(s.max_streams_per_tenant, s.max_streams)
+    app.add_middleware(NestingLimit, limit=MAX_NESTING)  # inside the size limit: bounded
     app.add_middleware(BodySizeLimit, limit_for=lambda path: (
         s.max_upload_bytes if path.startswith(("/v1/models", "/v1/datasets"))
         else SPEC_MAX_BYTES))
@@ -256,6 +267,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _timing(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
+        if "content-security-policy" not in response.headers and \
+                response.headers.get("content-type", "").startswith("text/html"):
+            response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"  # /docs
         route = request.scope.get("route")
         latency.labels(request.method, getattr(route, "path", "unmatched"),
                        str(response.status_code)).observe(time.perf_counter() - t0)
@@ -299,6 +313,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, [{"loc": ["body"], "type": "value_error", "msg": problem,
                                        "input": None}])
 
+    def check_devices(spec: JobSpec) -> None:
+        """422 when the job asks for more devices than any worker of this service has ever
+        offered one job: it would wait in the queue for ever, holding a quota slot."""
+        want = spec.compute.devices
+        if want == "all" or want <= 1:
+            return
+        try:
+            most = most_devices(events.redis)
+        except Exception:  # Redis is away: the send that follows answers 503
+            return
+        if want > most:
+            raise HTTPException(422, [{"loc": ["body", "compute", "devices"],
+                                       "type": "value_error", "input": want, "msg": (
+                f"no worker of this service offers {want} devices to one job (the most any "
+                f"has offered: {most or 'none yet'}; BULWARK_WORKER_DEVICES on the worker); "
+                f"ask for 1..{max(most, 1)} or 'all'")}])
+
     def uploaded_dataset_id(spec: JobSpec, tenant_id: str) -> str | None:
         """Through the API a job names a dataset the server has, or one the tenant uploaded:
         never a server path, never a download (both are `bulwark run` features)."""
@@ -313,7 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             field, msg, value = problem
             raise HTTPException(422, [{"loc": ["body", "dataset", field],
                                        "type": "value_error", "msg": msg, "input": value}])
-        tracking = api_tracking_problem(spec.tracking)
+        tracking = servers.api_problem(spec.tracking)
         if tracking is not None:
             field, msg, value = tracking
             raise HTTPException(422, [{"loc": ["body", *field.split(".")],
@@ -337,6 +368,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
         model_id = uploaded_model_id(spec, tenant_id)
         check_cost(spec, tenant_id, uploaded_dataset_id(spec, tenant_id))
+        check_devices(spec)
         job, created = store.create_job(tenant_id, spec.model_dump(mode="json"),
                                         max_attempts=s.max_attempts,
                                         max_queued=s.max_queued_per_tenant,
@@ -414,12 +446,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(404, f"job {job_id} has no artifact {name!r}; "
                                      f"it has {sorted(listed)}")
         key, checksum = f"{job_key(tenant_id, job_id)}/{name}", listed[name]["sha256"]
+        headers = {"X-Checksum-SHA256": checksum, **REPORT_CSP}
         if not blobs.remote:
-            return FileResponse(blobs.local(key), filename=name,
-                                headers={"X-Checksum-SHA256": checksum})
+            return FileResponse(blobs.local(key), filename=name, headers=headers)
         size, chunks = blobs.open(key)  # streamed from the bucket, never spooled here
         return StreamingResponse(chunks, media_type="application/octet-stream", headers={
-            "X-Checksum-SHA256": checksum, "Content-Length": str(size),
+            **headers, "Content-Length": str(size),
             "Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse,
@@ -529,21 +561,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         the source of every value its preset supplied — what `bulwark validate` prints.
         Nothing is stored; submit the returned ``spec`` with ``POST /v1/jobs``."""
         raw = await request.body()
-        try:
-            data = parse_spec_text(raw.decode("utf-8"), "the request body")
-        except UnicodeDecodeError:
-            raise HTTPException(400, "the request body is not UTF-8 text") from None
-        except SpecError as e:
-            raise HTTPException(400, json_safe(str(e))) from None
-        try:
-            spec = JobSpec.model_validate(data)
-        except ValidationError as e:  # 422 field by field, located in the body as POST's
-            raise HTTPException(422, json_safe([{**err, "loc": ["body", *err["loc"]]}
-                                                for err in e.errors(include_url=False)])
-                                ) from None
-        return {"spec": spec.model_dump(mode="json"),
-                "sources": [{"field": f, "value": v, "source": src}
-                            for f, v, src in preset_sources(spec)]}
+        # off the event loop: a large body takes a while to read, and other tenants wait
+        return await asyncio.to_thread(resolve_text, raw)
 
     @app.get("/v1/compare", tags=["jobs"], response_class=HTMLResponse,
              responses=errors(401, 404, 422))
@@ -565,7 +584,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rows.append({"name": job.name or job.id[:8], "state": job.state,
                          **({"error": job.error} if job.error else {}),
                          **(headline(rep) if rep else {})})
-        return HTMLResponse(render_compare(rows, f"Comparison of {len(rows)} jobs"))
+        return HTMLResponse(render_compare(rows, f"Comparison of {len(rows)} jobs"),
+                            headers=REPORT_CSP)
 
     # ------------------------------------------------------------------ sweeps
     def child_figures(job: Job) -> dict[str, Any] | None:
@@ -610,6 +630,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for child in children:
             model_ids.append(uploaded_model_id(child.spec, tenant_id))
             check_cost(child.spec, tenant_id, uploaded_dataset_id(child.spec, tenant_id))
+            check_devices(child.spec)
         row, jobs = store.create_sweep(
             tenant_id, sweep.model_dump(mode="json"),
             [(c.name, c.overrides, c.spec.model_dump(mode="json")) for c in children],
@@ -712,7 +733,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ dashboard
     ui_csp = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                         "frame-src blob:; style-src 'self' 'unsafe-inline'",
+                                         "frame-src blob:; style-src 'self' 'unsafe-inline'; "
+                                         "frame-ancestors 'none'",
               "Cache-Control": "no-cache"}
 
     @app.get("/ui", include_in_schema=False)
@@ -732,7 +754,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses=errors(400, 401, 413, 422))
     async def upload_model(tenant_id: Tenant, file: Annotated[UploadFile, File()],
                            arch: Annotated[str, Form()],
-                           num_classes: Annotated[int, Form(ge=2, le=1000)],
+                           num_classes: Annotated[int, Form(ge=2, le=MAX_CLASSES)],
                            in_channels: Annotated[int, Form(ge=1, le=4)] = 3,
                            image_size: Annotated[int, Form(ge=4, le=512)] = 32) -> ModelOut:
         try:
@@ -776,24 +798,97 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status = "down" if not (db and rd) else "ok" if workers else "degraded"
         return Health(status=status, database=db, redis=rd, workers=len(workers))
 
-    @app.get("/metrics", tags=["operations"])
-    def metrics() -> Response:
+    @app.get("/metrics", tags=["operations"], responses=errors(401))
+    def metrics(bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+                ) -> Response:
+        """Prometheus metrics. With ``BULWARK_METRICS_TOKEN`` set, only for
+        ``Authorization: Bearer <that token>`` (an API key is not enough)."""
+        if s.metrics_token and not (bearer is not None and secrets.compare_digest(
+                bearer.credentials.encode(), s.metrics_token.encode())):
+            raise HTTPException(401, "/metrics needs 'Authorization: Bearer <the operator's "
+                                     "BULWARK_METRICS_TOKEN>'",
+                                headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ValidationError)
     async def _validation(request: Request, exc: ValidationError):
-        return JSONResponse({"detail": json_safe(exc.errors(include_url=False))},
+        return JSONResponse({"detail": short_errors(exc.errors(include_url=False))},
                             status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError):
-        # the default handler echoes the input, which may hold NaN / Infinity / bytes that JSON
-        # cannot carry (a 500): the same 422, with such values as strings
+        # the default handler echoes the whole input, which may be large, or hold NaN /
+        # Infinity / bytes that JSON cannot carry (a 500): the same 422, each input an excerpt
+        # and such values as strings
+        errs = [{**e, "input": excerpt(e["input"])} if "input" in e else e
+                for e in list(exc.errors())[:50]]
         return JSONResponse({"detail": json_safe(jsonable_encoder(
-            exc.errors(), custom_encoder={bytes: lambda b: b.decode(errors="replace")}))},
+            errs, custom_encoder={bytes: lambda b: b.decode(errors="replace")[:EXCERPT_CHARS]}))},
             status_code=422)
 
     return app
+
+
+def resolve_text(raw: bytes) -> dict[str, Any]:
+    """``POST /v1/specs/resolve``'s work: the spec in ``raw`` (YAML or JSON, from a tenant:
+    no anchors or aliases, bounded nesting) resolved, with each preset value's source."""
+    try:
+        data = parse_spec_text(raw.decode("utf-8"), "the request body", plain=True)
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the request body is not UTF-8 text") from None
+    except SpecError as e:
+        raise HTTPException(400, json_safe(str(e))) from None
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:  # 422 field by field, located in the body as POST's
+        raise HTTPException(422, short_errors([{**err, "loc": ["body", *err["loc"]]}
+                                               for err in e.errors(include_url=False)])
+                            ) from None
+    return {"spec": spec.model_dump(mode="json"),
+            "sources": [{"field": f, "value": v, "source": src}
+                        for f, v, src in preset_sources(spec)]}
+
+
+EXCERPT_CHARS = 200
+_REPR = reprlib.Repr()  # bounded: 3 levels, 6 items each, strings of 40
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def excerpt(value: Any) -> Any:
+    """An error's echo of the input, short: a string cut at EXCERPT_CHARS, a small list or
+    mapping as it is, a large or deep one as the start of its repr (never walked whole)."""
+    if isinstance(value, str):
+        return value if len(value) <= EXCERPT_CHARS else value[:EXCERPT_CHARS] + "…"
+    if isinstance(value, dict | list | tuple):
+        if _small(value):
+            return value
+        return _REPR.repr(value)[:EXCERPT_CHARS]
+    return value
+
+
+def _small(value: Any, nodes: int = 40, depth: int = 4) -> bool:
+    """Whether ``value`` holds at most ``nodes`` values, ``depth`` deep (an iterative walk that
+    stops as soon as either is passed)."""
+    todo = [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        nodes -= 1
+        if nodes < 0 or d > depth:
+            return False
+        if isinstance(v, dict):
+            todo.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list | tuple):
+            todo.extend((x, d + 1) for x in v)
+        elif isinstance(v, str) and len(v) > EXCERPT_CHARS:
+            return False
+    return True
+
+
+def short_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validation errors (at most 50) with each echoed input cut to an excerpt, JSON-safe."""
+    return json_safe([{**e, "input": excerpt(e["input"])} if "input" in e else e
+                      for e in errors[:50]])
 
 
 def json_safe(value: Any) -> Any:

@@ -1,9 +1,11 @@
 """Request limits: body sizes counted on the stream (Content-Length alone can be bypassed),
-and the number of event streams a tenant (and everyone) may hold open."""
+JSON nesting checked before anything parses the body, and the number of event streams a
+tenant (and everyone) may hold open."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections import Counter
@@ -94,9 +96,74 @@ class BodySizeLimit:
                 await _reject(send, limit)
 
 
+_JSON_TOKEN = re.compile(rb'[\\"\[\]{}]')
+_NOT_JSON = (b"multipart/", b"application/x-www-form-urlencoded", b"application/yaml",
+             b"application/x-yaml", b"text/yaml")
+
+
+def nested_deeper(raw: bytes, limit: int) -> bool:
+    """Whether JSON text ``raw`` nests arrays and objects deeper than ``limit`` (brackets
+    inside strings do not count). One pass over the bytes that matter, never recursive."""
+    depth, in_string, skip = 0, False, -1
+    for m in _JSON_TOKEN.finditer(raw):
+        p = m.start()
+        if p < skip:
+            continue
+        c = raw[p]
+        if in_string:
+            if c == 0x5C:  # a backslash escapes the next byte
+                skip = p + 2
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+class NestingLimit:
+    """ASGI middleware: a request body with JSON nested deeper than ``limit`` is a 400 before
+    any parser or validator recurses into it (at ~900 levels an error's echo of the input was
+    a RecursionError, a 500). Bodies that are forms or YAML pass on (YAML has its own bound)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"").lower()
+        if ctype.startswith(_NOT_JSON):
+            return await self.app(scope, receive, send)
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        if nested_deeper(body, self.limit):
+            return await _answer(send, 400, f"the JSON body is nested deeper than {self.limit} "
+                                            "levels; a job spec needs fewer than 10")
+        replay = iter(messages)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+
 async def _reject(send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
+    await _answer(send, 413, f"request body larger than {limit} bytes")
+
+
+async def _answer(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

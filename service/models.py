@@ -2,26 +2,31 @@
 and datasets (``.npz`` read with numpy alone, ``allow_pickle=False``).
 
 An upload is copied to a temporary file (bytes counted against the cap), checked — a
-safetensors header of tensors whose byte ranges tile the data section exactly; an npz read as
-the worker will read it — and only then moved into the tenant's artifact folder and registered.
+safetensors header of tensors whose declared shapes fill their byte ranges exactly and whose
+ranges tile the data section (so no shape can claim more elements than the file holds, and the
+upload cap bounds them all); an npz read as the worker will read it, labels below MAX_CLASSES —
+and only then moved into the tenant's artifact folder and registered.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from contract.files import new_file
 from contract.spec import ARCHS
 from service.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
 from service.db import new_id
 from service.storage import Artifacts
 
 ALLOWED_ARCHS = ARCHS
-_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+           "U8": 1, "BOOL": 1}  # bytes per element
+MAX_DIMS = 8
 
 
 class UploadRejected(ValueError):
@@ -56,8 +61,19 @@ def check_safetensors(path: str) -> dict[str, Any]:
                 and isinstance(t.get("shape"), list) and isinstance(t.get("data_offsets"), list)
                 and len(t["data_offsets"]) == 2):
             raise UploadRejected(f"not a safetensors file: bad entry for tensor {name!r}")
-        spans.append(tuple(t["data_offsets"]))
-        tensors[name] = {"dtype": t["dtype"], "shape": t["shape"]}
+        shape, span = t["shape"], t["data_offsets"]
+        if len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+            raise UploadRejected(f"tensor {name!r}: shape {str(shape)[:100]} must be at most "
+                                 f"{MAX_DIMS} non-negative integers")
+        if not all(type(o) is int and o >= 0 for o in span):
+            raise UploadRejected(f"tensor {name!r}: data_offsets must be non-negative integers")
+        elements = math.prod(shape)  # Python ints: [2**40, 2**40] cannot wrap around
+        if elements * _DTYPES[t["dtype"]] != span[1] - span[0]:
+            raise UploadRejected(f"tensor {name!r}: shape {str(shape)[:100]} of {t['dtype']} "
+                                 f"needs {elements * _DTYPES[t['dtype']]} bytes, its data has "
+                                 f"{span[1] - span[0]}")
+        spans.append(tuple(span))
+        tensors[name] = {"dtype": t["dtype"], "shape": shape}
     spans.sort()
     pos = 0
     for begin, end in spans:
@@ -75,7 +91,7 @@ def spool(stream: BinaryIO, dest: Path, limit: int, check) -> Any:
     """Copy an upload to a temporary file next to ``dest`` counting bytes (413 past
     ``limit``), run ``check(tmp_path)`` on it, and only then move it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".upload")
+    fd, tmp = new_file(dest.parent, "", ".upload")
     try:
         with os.fdopen(fd, "wb") as out:
             copied = 0
@@ -85,7 +101,6 @@ def spool(stream: BinaryIO, dest: Path, limit: int, check) -> Any:
                     raise UploadRejected(f"upload larger than {limit} bytes", 413)
                 out.write(block)
         result = check(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the workers (maybe another user) read it
         os.replace(tmp, dest)
         return result
     except BaseException:

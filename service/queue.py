@@ -123,10 +123,23 @@ WORKER_KEY = "bulwark:worker:"
 WORKER_TTL_SECONDS = 30
 
 
+# every number of devices some worker has offered one job (a sorted set: devices -> last seen);
+# kept after the worker goes, so a job waiting for its GPUs to come back is not refused
+DEVICES_SEEN = "bulwark:worker_devices_seen"
+
+
 def announce_worker(client, name: str, info: dict[str, Any]) -> None:
     import json
+    import time
 
     client.set(WORKER_KEY + name, json.dumps(info), ex=WORKER_TTL_SECONDS)
+    if "devices" in info:
+        client.zadd(DEVICES_SEEN, {str(int(info["devices"])): time.time()})
+
+
+def most_devices(client) -> int:
+    """The most devices any worker of this service has ever offered one job (0: none yet)."""
+    return max((int(m) for m in client.zrange(DEVICES_SEEN, 0, -1)), default=0)
 
 
 def live_workers(client) -> list[str]:

@@ -7,13 +7,14 @@ a private Redis that ``bulwark serve`` starts (``redis_url`` empty). Production 
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.tracking import TrackingServers
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -44,8 +45,19 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="devices a worker gives one job (its GPUs, or CPU ranks): "
                                     "it claims jobs whose compute.devices fits; 'all' = these")
     reaper_enabled: bool = Field(True, description="run the stale-job reaper in the API")
-    mlflow_uri: str = Field("", description="an MLflow tracking URI every job is logged to "
-                            "(jobs may name their own http(s) server); needs bulwark[mlflow]")
+    mlflow_uri: str = Field("", description="the MLflow tracking URI a job with no "
+                            "tracking.mlflow.target is logged to; needs bulwark[mlflow]")
+    mlflow_targets: dict[str, str] = Field(
+        default_factory=dict, description='tracking servers a job may name, JSON: {"team": '
+                                          '"http://mlflow.internal:5000"} (a tenant never gives '
+                                          "a URI)")
+    mlflow_artifact_roots: list[str] = Field(
+        default_factory=list, description='JSON list: where a server may have the worker write '
+                                          'artifacts (["s3://team-mlflow/artifacts"]) besides '
+                                          "its own proxied mlflow-artifacts: store")
+
+    metrics_token: str = Field("", description="a bearer token /metrics asks for (Prometheus' "
+                               "authorization: credentials); empty: /metrics is open")
 
     max_attempts: int = Field(3, ge=1, le=20)
     max_queued_per_tenant: int = Field(20, ge=1)
@@ -94,6 +106,11 @@ class Settings(BaseSettings):
                 "max_running": self.max_running_per_tenant,
                 **self.tenant_limits.get(tenant_id, {})}
 
+    def tracking_servers(self) -> TrackingServers:
+        """The operator's tracking servers, as the API and the worker check a job against."""
+        return TrackingServers.operator(self.mlflow_targets, self.mlflow_uri,
+                                        self.mlflow_artifact_roots)
+
     def max_running(self, tenant_id: str) -> int:
         """The running-jobs cap of ``tenant_id`` (0: none)."""
         return int(self.limits(tenant_id)["max_running"])
@@ -101,11 +118,8 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        self.home.mkdir(parents=True, exist_ok=True)
-        db = self.home / "bulwark.db"
-        if not db.exists():  # keys' digests and every tenant's jobs: owner-only (SQLite's
-            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # -wal/-shm follow it)
-        return f"sqlite:///{db.resolve()}"
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return f"sqlite:///{(self.home / 'bulwark.db').resolve()}"  # Store makes it 0600
 
     def resolved_artifact_root(self) -> Path:
         root = self.artifact_root or (self.home / "artifacts")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,9 +91,28 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, **kwargs)
 
 
+def private_sqlite(url: str) -> None:
+    """A SQLite file that does not exist yet is created 0600 before SQLite opens it (its -wal
+    and -shm files take its mode): it holds key digests and every tenant's jobs."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:") \
+            or u.database.startswith("file:"):
+        return
+    db = Path(u.database)
+    if not db.exists():
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # another process made it meanwhile
+            pass
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
+        private_sqlite(url)
         self.engine = make_engine(url)
         if url.startswith("sqlite"):
             from sqlalchemy import event

@@ -69,3 +69,104 @@ def test_a_tracking_failure_is_an_event_and_the_job_still_succeeds(tmp_path):
 def test_flatten_names_parts_by_kind():
     assert flatten({"a": {"b": 1}, "regs": [{"kind": "elle", "lam": 2}], "x": [1, 2]}) == {
         "a.b": "1", "regs.elle.kind": "elle", "regs.elle.lam": "2", "x": "[1, 2]"}
+
+
+# ------------------------------------------------------------------ where a server may write
+@pytest.mark.parametrize("uri, roots, ok", [
+    ("mlflow-artifacts:/1/abc/artifacts", (), True),
+    ("mlflow-artifacts://mlflow.internal:5000/1/abc/artifacts", (), True),
+    ("mlflow-artifacts://evil.example:5000/1/abc", (), False),  # another host: not the server
+    ("mlflow-artifacts:/1/../../x", (), False),
+    ("file:///srv/bulwark/artifacts/tenants/bob/jobs/1", (), False),
+    ("s3://team-mlflow/artifacts/1/abc", ("s3://team-mlflow/artifacts",), True),
+    ("s3://team-mlflow/artifacts-evil/1", ("s3://team-mlflow/artifacts",), False),
+    ("s3://team-mlflow/artifacts/../private/1", ("s3://team-mlflow/artifacts",), False),
+    ("s3://team-mlflow/artifacts/%2e%2e/private", ("s3://team-mlflow/artifacts",), False),
+    ("s3://other-bucket/artifacts/1", ("s3://team-mlflow/artifacts",), False),
+    ("http://169.254.169.254/latest", ("s3://team-mlflow/artifacts",), False),
+    ("file:///anything/at/all", None, True),  # bulwark run: the user's own server
+])
+def test_artifact_uris_a_server_may_answer(uri, roots, ok):
+    from contract.tracking import artifact_uri_problem
+
+    problem = artifact_uri_problem(uri, "http://mlflow.internal:5000", roots)
+    assert (problem is None) == ok, problem
+
+
+def test_a_file_root_holds_no_symlink_out_of_it(tmp_path):
+    from contract.tracking import artifact_uri_problem
+
+    root, outside = tmp_path / "mlartifacts", tmp_path / "tenants"
+    (root / "1").mkdir(parents=True)
+    outside.mkdir()
+    (root / "1" / "link").symlink_to(outside)
+    roots = (root.as_uri(),)
+    assert artifact_uri_problem((root / "1" / "run").as_uri(), "sqlite:///x.db", roots) is None
+    assert artifact_uri_problem((root / "1" / "link").as_uri(), "sqlite:///x.db", roots)
+
+
+def test_a_hostile_server_gets_no_file_written_where_it_points(tmp_path):
+    """The fake tracking server process answers runs/create with a folder of someone else's.
+    The service's servers (artifact roots checked) write nothing there; `bulwark run`, which
+    trusts the server its user named, does write there — which shows the check can fail."""
+    import hashlib
+    import subprocess
+    import sys
+
+    import httpx
+
+    from contract.tracking import TrackingServers
+    from tests.service_stack import REPO
+    from workers.jobs.serve import free_port, wait_for_port
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "report.json").write_text('{"theirs": true}')
+
+    def snapshot() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in victim.iterdir()}
+
+    before = snapshot()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_mlflow.py"), str(port)])
+    try:
+        wait_for_port(port, proc, "the fake tracking server")
+        url = f"http://127.0.0.1:{port}"
+        httpx.post(f"{url}/control", json={"artifact_uri": victim.as_uri()})
+        named = JobSpec.model_validate({**spec("unused").model_dump(mode="json"),
+                                        "tracking": {"mlflow": {"target": "team"}}})
+        events = []
+        run_job(named, tmp_path / "service", progress=False,
+                on_event=lambda k, d: events.append((k, d)),
+                tracking=TrackingServers.operator({"team": url}, None, []))
+        (failed,) = [d for k, d in events if k == "tracking_failed"]
+        assert "artifact URI" in failed["error"] and "finished" in [k for k, _ in events]
+        assert snapshot() == before
+
+        run_job(spec(url), tmp_path / "local", progress=False)  # bulwark run: trusted
+        assert snapshot() != before and (victim / "model.safetensors").is_file()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_named_target_resolves_and_an_unknown_one_is_an_event(tmp_path):
+    from contract.tracking import TrackingServers
+
+    uri = f"sqlite:///{tmp_path / 'team.db'}"
+    servers = TrackingServers.operator({"team": uri}, None, [])
+    named = {**spec("unused").model_dump(mode="json")}
+    named["tracking"] = {"mlflow": {"target": "team", "experiment": "bulwark-test"}}
+    events = []
+    run_job(JobSpec.model_validate(named), tmp_path / "run", progress=False,
+            on_event=lambda k, d: events.append(k), tracking=servers)
+    assert "tracking_failed" not in events, "the operator's own SQLite store: artifacts beside it"
+    assert list((tmp_path / "mlartifacts").rglob("report.json"))
+    named["tracking"] = {"mlflow": {"target": "nobody"}}
+    events = []
+    run_job(JobSpec.model_validate(named), tmp_path / "run2", progress=False,
+            on_event=lambda k, d: events.append((k, d)), tracking=servers)
+    (failed,) = [d for k, d in events if k == "tracking_failed"]
+    assert "'nobody'" in failed["error"]
+    with pytest.raises(ValueError, match="not both"):
+        JobSpec.model_validate({"tracking": {"mlflow": {"target": "team", "uri": uri}}})

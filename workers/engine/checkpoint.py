@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from contract.files import FILE_MODE, atomic_write
+from contract.files import atomic_write
 
 
 class _Recording:
@@ -60,8 +60,7 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None =
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata or {})
-    os.chmod(tmp, FILE_MODE)
+    save_file(tensors, str(tmp), metadata=metadata or {})  # its mode: the process's umask
     os.replace(tmp, path)
 
 

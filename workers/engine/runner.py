@@ -35,6 +35,7 @@ from contract.files import write_json, write_text
 from contract.presets import describe_recipe
 from contract.report import Report
 from contract.spec import JobSpec, RecipeSpec, as_spec, remedied, same_spec
+from contract.tracking import TrackingServers
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
 from workers.engine.checkpoint import (
@@ -679,11 +680,13 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
             weights: str | Path | None = None,
             data_path: str | Path | None = None,
             tracking_tags: dict[str, str] | None = None,
-            tracking_uri: str | None = None) -> dict[str, Any]:
+            tracking: TrackingServers | None = None) -> dict[str, Any]:
     """Train and evaluate ``spec``; write ``report.json`` and ``model.safetensors`` to out_dir.
 
-    ``spec.tracking.mlflow`` (or the operator's ``tracking_uri``) logs the job to MLflow, tagged
-    with ``tracking_tags`` (job id, tenant); a tracking failure is an event, never a failure.
+    ``spec.tracking.mlflow`` (or the default of the operator's ``tracking`` servers) logs the job
+    to MLflow, tagged with ``tracking_tags`` (job id, tenant); a tracking failure is an event,
+    never a failure. The service passes its ``tracking`` servers, which also bound where a
+    server may have artifacts written; ``bulwark run`` trusts the spec's own URI.
 
     ``weights``: the resolved file of ``spec.model.weights`` (the service resolves uploaded
     model ids; ``bulwark run`` takes the spec's path as it is); ``data_path`` likewise for an
@@ -699,7 +702,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     emit = on_event or (lambda kind, data: None)
     from workers.engine.tracking import tracker_for
 
-    tracker = tracker_for(spec, emit=emit, tags=tracking_tags or {}, default_uri=tracking_uri)
+    tracker = tracker_for(spec, emit=emit, tags=tracking_tags or {}, servers=tracking)
     if tracker is None:
         return _run_job(spec, out, emit, device, resume, progress, should_stop, weights,
                         data_path)

@@ -7,6 +7,11 @@ its row (train loss / accuracy, lr, training ε, monitor clean / FGSM / PGD, the
 traces) at step = epoch, watchdog events become tags, and ``finish`` logs the final figures
 and the artifacts (report.json, report.html, the weights). A tracking failure never fails the
 job: it is recorded as a ``tracking_failed`` event and tracking stops.
+
+The server's answer is checked before anything is logged (``contract.tracking``): an artifact
+URI outside the operator's allowed roots (a ``file:`` URI into another tenant's folder, say)
+fails tracking at its start. Artifacts go to the URI that was checked, never to one the
+server is asked for again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 from contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
 from contract.report import final_by_model
+from contract.tracking import TrackingServers, artifact_location, artifact_uri_problem
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -66,20 +72,18 @@ def final_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def artifact_location(uri: str) -> str | None:
-    """Beside a SQLite store, its artifacts go to ``mlartifacts/`` next to the database (MLflow
-    would put them under the process's working directory); a server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return None
+class UnsafeArtifactURI(Exception):
+    """The tracking server asked for artifacts where the operator does not allow them."""
 
 
 class MLflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str | None, spec: dict[str, Any],
-                 tags: dict[str, str], emit: Event):
+                 tags: dict[str, str], emit: Event,
+                 artifact_roots: tuple[str, ...] | None = None):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.spec, self.tags, self.emit = spec, tags, emit
-        self.client = self.run_id = None
+        self.artifact_roots = artifact_roots
+        self.client = self.run_id = self.artifact_uri = None
         self.failed = False
 
     def _guard(self, what: str, fn: Callable[[], None]) -> None:
@@ -101,7 +105,10 @@ class MLflowTracker:
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
                 self.experiment, artifact_location=artifact_location(self.uri))
             run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
-            self.run_id = run.info.run_id
+            problem = artifact_uri_problem(run.info.artifact_uri, self.uri, self.artifact_roots)
+            if problem is not None:
+                raise UnsafeArtifactURI(problem)
+            self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
             params = flatten(self.spec)
             from mlflow.entities import Param
 
@@ -136,24 +143,36 @@ class MLflowTracker:
         def go() -> None:
             if report is not None:
                 self._metrics(final_metrics(report), len(report.get("history") or []))
+                from mlflow.store.artifact.artifact_repository_registry import (
+                    get_artifact_repository,
+                )
+
+                # the URI checked at the start, not whatever the server says when asked again
+                repo = get_artifact_repository(self.artifact_uri, tracking_uri=self.uri)
                 for name in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA):
                     if (out / name).is_file():
-                        self.client.log_artifact(self.run_id, str(out / name))
+                        repo.log_artifact(str(out / name))
             self.client.set_terminated(self.run_id, status=status)
         self._guard("finish", go)
 
 
 def tracker_for(spec, *, emit: Event, tags: dict[str, str],
-                default_uri: str | None = None) -> MLflowTracker | None:
-    """The job's tracker: the spec's ``tracking.mlflow``, else the operator's default URI;
-    None when neither asks for one. A missing mlflow package is a ``tracking_failed`` event."""
+                servers: TrackingServers | None = None) -> MLflowTracker | None:
+    """The job's tracker: the spec's ``tracking.mlflow`` (its own URI on a local run, a server
+    the operator named), else the operator's default; None when neither asks for one. A
+    target no server answers to is a ``tracking_failed`` event, as is a missing mlflow."""
+    servers = servers or TrackingServers()
     cfg = spec.tracking.mlflow
-    uri = cfg.uri if cfg else default_uri
+    uri = servers.uri_for(cfg)
     if not uri:
+        if cfg is not None:
+            emit("tracking_failed", {"tracker": "mlflow", "while": "start", "error": (
+                f"no tracking server named {cfg.target!r} (BULWARK_MLFLOW_TARGETS)"
+                if cfg.target else "no tracking server: give tracking.mlflow.uri")})
         return None
-    tracker = MLflowTracker(uri, cfg.experiment if cfg else "bulwark",
-                            (cfg.run_name if cfg else None) or spec.name,
-                            spec.model_dump(mode="json"),
-                            {**tags, "bulwark.preset": str(spec.recipe.preset),
-                             "bulwark.dataset": spec.dataset.name}, emit)
-    return tracker
+    return MLflowTracker(uri, cfg.experiment if cfg else "bulwark",
+                         (cfg.run_name if cfg else None) or spec.name,
+                         spec.model_dump(mode="json"),
+                         {**tags, "bulwark.preset": str(spec.recipe.preset),
+                          "bulwark.dataset": spec.dataset.name}, emit,
+                         artifact_roots=servers.artifact_roots)

@@ -15,8 +15,10 @@ import time
 
 from celery.signals import worker_ready, worker_shutdown
 
+from contract.files import private_files
 from service.queue import WORKER_KEY, WORKER_TTL_SECONDS, announce_worker, make_celery
 
+private_files()  # this worker's children and trainers write the service's state: 0600 / 0700
 app = make_celery(include=["workers.jobs.tasks"])
 _stop = threading.Event()
 
@@ -32,7 +34,8 @@ def _announce(sender=None, **_kwargs) -> None:
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     atexit.register(_release_jobs, name, os.getpid())
     client = redis.Redis.from_url(get_settings().redis_url)
-    info = {"pid": os.getpid(), "since": time.time()}
+    info = {"pid": os.getpid(), "since": time.time(),
+            "devices": get_settings().worker_devices}  # what it offers one job
 
     def beat() -> None:
         while not _stop.is_set():

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from contract.files import PRIVATE_UMASK, private_files
+
 KEY_FILE = "api_key"
 
 
@@ -46,7 +48,7 @@ def redis_server_binary() -> str:
 
 def redis_password(home: Path) -> str:
     """The private Redis's password, made once and kept (mode 0600) in ``home/password``."""
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = home / "password"
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -64,7 +66,8 @@ def start_redis(home: Path, port: int) -> subprocess.Popen:
          "--dir", str(home.resolve()), "--appendonly", "yes", "--appendfsync", "everysec",
          "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes",
          "--requirepass", password],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        umask=PRIVATE_UMASK)  # its append-only log holds every job message: 0600
     wait_for_port(port, proc, "redis-server")
     return proc
 
@@ -185,6 +188,7 @@ def lock_home(home: Path):
 
 def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-data",
           workers: int = 1, device: str | None = None) -> int:
+    private_files()  # the state folder, Redis' log, the database, artifacts: 0600 / 0700
     home_path = Path(home)
     lock = lock_home(home_path)  # noqa: F841 - kept open: the lock lives as long as serve
     try:  # the API's port first, before anything starts: "up" is printed only once it is ours

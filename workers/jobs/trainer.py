@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.artifacts import CERTIFY_STATE, CHECKPOINT, DOWNLOADABLE, FINAL_STATE, RESUMABLE
+from contract.files import private_files
 from service.artifacts import (
     dataset_key,
     dataset_path,
@@ -111,6 +112,7 @@ def standby() -> list[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    private_files()  # checkpoints, reports, weights: 0600 in 0700 folders
     if args[:1] == ["--standby"]:
         args = standby()
         if args is None:
@@ -151,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             update={"devices": settings.worker_devices})})
 
     from contract.datasets import DataError, DataNotFound, api_dataset_problem
-    from contract.spec import api_tracking_problem
     from workers.engine.runner import Cancelled, run_job
 
     problem = api_dataset_problem(spec.dataset)  # re-checked here: the API is not the only door
     if problem is not None:
         return fail(f"invalid job spec: dataset.{problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
-    problem = api_tracking_problem(spec.tracking)
+    servers = settings.tracking_servers()
+    problem = servers.api_problem(spec.tracking)
     if problem is not None:
         return fail(f"invalid job spec: {problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
     blobs = artifacts(settings)
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                          should_stop=CancelPoll(store, job_id, settings.cancel_poll_seconds),
                          tracking_tags={"bulwark.job_id": job_id,
                                         "bulwark.tenant": job.tenant_id},
-                         tracking_uri=settings.mlflow_uri or None)
+                         tracking=servers)
     except Cancelled:
         end(CANCELLED, {}, error="cancelled by request")
         return EXIT_CANCELLED
