@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from contract.api import JobOut as JobInfo
 from contract.presets import presets
-from contract.report import Certification, Event, FinalResult, HistoryRow, Report
+from contract.report import WATCH_EVENTS, Certification, Event, FinalResult, HistoryRow, Report
 from contract.spec import JobSpec, SpecError
 from workers.client.http import ApiError, Client, ConnectionFailed, Job, JobEvent
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ApiError", "Certification", "Client", "ConnectionFailed", "Event", "FinalResult",
            "HistoryRow", "Job", "JobEvent", "JobInfo", "JobSpec", "Report", "SpecError",
+           "WATCH_EVENTS",
            "__version__", "load_model", "presets", "run"]
 
 

@@ -94,19 +94,28 @@ class HistoryRow(_Open):
     train_epsilon: float | None = None
     metrics: dict[str, float] = {}
     monitor: MonitorResult | None = None
-    catastrophic_overfitting: bool = False
+    probes: list[dict[str, Any]] = []  # checks within the epoch: at (epochs), clean/FGSM/PGD
+    catastrophic_overfitting: bool = False  # the watchdog's alarm is open at the epoch's end
     seconds: float
     train_seconds: float
 
 
+# the watchdog's event types (workers/engine/monitor.py); the alarm is catastrophic_overfitting
+WATCH_EVENTS = ("fgsm_pgd_gap", "fgsm_pgd_gap_closed", "catastrophic_overfitting", "co_recovered",
+                "under_training", "accuracy_collapse", "gradient_masking")
+
+
 class Event(_Open):
-    """A watchdog event: the onset of ``catastrophic_overfitting``, its end
-    (``co_recovered``, with the ``onset_epoch``), the onset of an ``accuracy_collapse``
-    (clean accuracy under half the best the model showed, clean or under FGSM) or of
-    ``gradient_masking`` (PGD on cross-entropy ``masking_gap`` above PGD on DLR)."""
+    """A watchdog event (docs/methods.md, "The watchdog"): ``fgsm_pgd_gap`` (recorded) and
+    its end ``fgsm_pgd_gap_closed``; the alarm ``catastrophic_overfitting`` and its end
+    (``co_recovered``, with the ``onset_epoch``); ``under_training``; the onset of an
+    ``accuracy_collapse`` (clean accuracy under half the best the model showed, clean or under
+    FGSM) or of ``gradient_masking`` (PGD on cross-entropy ``masking_gap`` above PGD on DLR).
+    ``at`` is the check's time in epochs when it was a probe within the epoch."""
 
     type: str
     epoch: int
+    at: float | None = None
     pgd_acc: float | None = None
     dlr_acc: float | None = None
     fgsm_acc: float | None = None
@@ -120,6 +129,35 @@ class Event(_Open):
     def best_acc(self) -> float:
         """The accuracy an ``accuracy_collapse`` fell from: the best clean or FGSM figure."""
         return max(self.best_clean_acc or 0.0, self.best_fgsm_acc or 0.0)
+
+    @property
+    def when(self) -> str:
+        """"epoch 3", or "epoch 3 (at 2.25)" for a probe within the epoch."""
+        return f"epoch {self.epoch}" + (f" (at {self.at:g})" if self.at is not None else "")
+
+    def line(self) -> str | None:
+        """The event as one line for a person (CLI, quick start); "!!" marks the alarm alone.
+        None for a type that is not the watchdog's."""
+        pgd, fgsm = f"PGD {self.pgd_acc or 0:.3f}", f"FGSM {self.fgsm_acc or 0:.3f}"
+        extra = self.model_extra or {}
+        lines = {
+            "fgsm_pgd_gap": f"FGSM-PGD gap at {self.when}: {pgd} while {fgsm} (recorded: "
+                            "common early on; the alarm waits to see whether it persists)",
+            "fgsm_pgd_gap_closed": f"gap since epoch {extra.get('onset_epoch')} closed at "
+                                   f"{self.when}: {pgd}, {fgsm}",
+            "catastrophic_overfitting": f"!! catastrophic overfitting at {self.when}: {pgd} while "
+                                        f"{fgsm} (the gap since epoch "
+                                        f"{extra.get('gap_since_epoch')} persists)",
+            "co_recovered": f"recovered at {self.when} from the overfitting of epoch "
+                            f"{extra.get('onset_epoch')}: {pgd}, {fgsm}",
+            "under_training": f"under-training at {self.when}: {pgd}, {fgsm} of clean "
+                              f"{self.clean_acc or 0:.3f} (the training attack still works)",
+            "accuracy_collapse": f"clean accuracy collapsed at {self.when}: "
+                                 f"{self.clean_acc or 0:.3f} (best {self.best_acc:.3f})",
+            "gradient_masking": f"gradient masking? at {self.when}: {pgd} on cross-entropy, "
+                                f"{self.dlr_acc or 0:.3f} on DLR",
+        }
+        return lines.get(self.type)
 
 
 class SmoothedAttack(_Open):

@@ -398,9 +398,23 @@ class MonitorSpec(_Strict):
     pgd_alpha: float = Field(0.25, gt=0, le=4, description="multiple of ε")
     co_drop: float = Field(
         0.5, gt=0, lt=1,
-        description="catastrophic overfitting: PGD acc below co_drop x its best so far ...",
+        description="the FGSM-PGD gap: PGD acc below co_drop x max(its best so far, FGSM acc) ...",
     )
     co_gap: float = Field(0.2, gt=0, le=1, description="... while FGSM acc exceeds PGD acc by this")
+    co_patience: float = Field(
+        1.0, ge=0, le=100, description="catastrophic overfitting (the alarm): the gap has held "
+        "at every check for this many epochs ...")
+    co_rise: float = Field(0.1, gt=0, le=1, description="... PGD acc rose less than this over "
+                           "that span (a rising PGD acc is a model not robust yet) ...")
+    co_resist: float = Field(
+        0.8, ge=0, le=1, description="... and FGSM acc >= co_resist x clean acc: the training "
+        "attack no longer works (below: an under_training event instead)")
+    probes: Annotated[int, Field(ge=0, le=20)] | Literal["auto"] = Field(
+        "auto", description="checks within each epoch (besides its end) on probe_size images "
+        "with PGD-probe_pgd_steps, evenly spaced; auto: up to 3 for single-step adversaries, as "
+        "many as cost <= 10 % of the epoch's training (none for multi-step ones); 0: off")
+    probe_size: int = Field(256, ge=16, le=10_000, description="capped by the monitor's size")
+    probe_pgd_steps: int = Field(5, ge=1, le=100)
     stop_on_co: bool = Field(
         False, description="the same as on_catastrophic_overfitting: stop (kept for old specs)")
     on_catastrophic_overfitting: Literal["record", "stop", "remediate"] = Field(

@@ -31,18 +31,8 @@ def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str,
             line = (f"epoch {d['epoch']}/{epochs.get(label, '?')}  monitor clean "
                     f"{m['clean_acc']:.3f}  FGSM {m['fgsm_acc']:.3f}  PGD {m['pgd_acc']:.3f}"
                     f"  ({d['train_seconds']:.0f} s)")
-        elif ev.type == "catastrophic_overfitting":
-            line = (f"!! catastrophic overfitting at epoch {d['epoch']}: PGD {d['pgd_acc']:.3f} "
-                    f"while FGSM {d['fgsm_acc']:.3f}")
-        elif ev.type == "co_recovered":
-            line = (f"recovered at epoch {d['epoch']} from the overfitting of epoch "
-                    f"{d['onset_epoch']}: PGD {d['pgd_acc']:.3f}, FGSM {d['fgsm_acc']:.3f}")
-        elif ev.type == "accuracy_collapse":
-            line = (f"!! clean accuracy collapsed at epoch {d['epoch']}: {d['clean_acc']:.3f} "
-                    f"(best {bulwark.Event.model_validate({**d, 'type': ev.type}).best_acc:.3f})")
-        elif ev.type == "gradient_masking":
-            line = (f"!! gradient masking? at epoch {d['epoch']}: PGD {d['pgd_acc']:.3f} on "
-                    f"cross-entropy, {d['dlr_acc']:.3f} on DLR")
+        elif ev.type in bulwark.WATCH_EVENTS:  # "!!" marks the alarm alone
+            line = bulwark.Event.model_validate({**d, "type": ev.type}).line()
         elif ev.type == "phase" and d.get("attack"):
             line = f"final evaluation: {d['attack']} on {d.get('n')} test images"
         elif ev.type in ("succeeded", "failed", "cancelled"):

@@ -43,10 +43,10 @@ def test_remediate_is_refused_for_a_multi_step_recipe():
 
 
 def test_a_real_collapse_is_rolled_back_and_trained_on_with_the_remedy(tmp_path):
-    """Plain FGSM at ε = 0.3 on 8 000 real MNIST images collapses in its first epoch (the
-    watchdog flags it there in every run of experiments/quickstart). Remediation rolls back to
-    the initial weights and trains both epochs with N-FGSM's noise instead; its
-    held-out PGD accuracy stays well above the collapsed epoch's."""
+    """Plain FGSM at ε = 0.3 on 8 000 real MNIST images collapses in its first epoch: the
+    watchdog records the FGSM-PGD gap there and raises the alarm in epoch 2, when it persists.
+    Remediation rolls back to before the gap (the initial weights) and trains both epochs with
+    N-FGSM's noise instead; its held-out PGD accuracy stays well above the collapsed one's."""
     spec = JobSpec.model_validate({
         "dataset": {"name": "mnist", "train_limit": 8512, "val_size": 512},
         "model": {"arch": "small_cnn"},
@@ -69,12 +69,18 @@ def test_a_real_collapse_is_rolled_back_and_trained_on_with_the_remedy(tmp_path)
     assert kinds.index("catastrophic_overfitting") < kinds.index("remediated")
     action = report["remediations"][0]
     collapsed = action["discarded"]
-    assert action["remedy"] == "n_fgsm_noise" and action["rolled_back_to"] == collapsed["epoch"] - 1
+    alarm = next(d for k, d in events if k == "catastrophic_overfitting")
+    assert action["remedy"] == "n_fgsm_noise"
+    assert action["rolled_back_to"] == alarm["gap_since_epoch"] - 1 == 0, "before the gap"
+    assert action["discarded_epochs"] == [1, 2] and collapsed["epoch"] == 2
     assert action["recipe"].startswith("n_fgsm(k=2")
     assert collapsed["catastrophic_overfitting"], collapsed
     assert [h["epoch"] for h in report["history"]] == [1, 2], "every epoch once"
-    after = [h["monitor"]["pgd_acc"] for h in report["history"][collapsed["epoch"] - 1:]]
+    after = [h["monitor"]["pgd_acc"] for h in report["history"]]
     assert min(after) > collapsed["monitor"]["pgd_acc"] + 0.1, (after, collapsed["monitor"])
+    assert [e["type"] for e in report["events"]][:2] == ["fgsm_pgd_gap",
+                                                         "catastrophic_overfitting"], \
+        "what was seen before the rollback stays on record"
     assert report["final"]["attacks"]["pgd10-1"]["acc"] > collapsed["monitor"]["pgd_acc"]
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     resumed_with = RecipeSpec.model_validate_json(state["recipe_spec"])

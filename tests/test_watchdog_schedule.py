@@ -18,148 +18,165 @@ def m(clean, fgsm, pgd):
     return {"clean_acc": clean, "fgsm_acc": fgsm, "pgd_acc": pgd, "n": 100}
 
 
-def test_watchdog_flags_a_collapse_after_robustness():
+def kinds(w: COWatchdog) -> list[tuple[str, int]]:
+    return [(e["type"], e["epoch"]) for e in w.events]
+
+
+def test_a_gap_is_recorded_and_the_alarm_waits_for_it_to_persist():
+    """A collapse after robustness: the gap opens at epoch 3 (recorded), persists at 4 with PGD
+    not rising while FGSM ≈ clean: the alarm at 4, its recovery at 6."""
     w = COWatchdog(co_drop=0.5, co_gap=0.2)
     flags = [w.check(e, x) for e, x in enumerate(
         [m(0.6, 0.4, 0.30), m(0.8, 0.5, 0.40), m(0.9, 0.9, 0.05), m(0.95, 0.95, 0.0),
-         m(0.9, 0.5, 0.41)], start=1)]
-    assert flags == [False, False, True, True, False]
-    assert [(e["type"], e["epoch"]) for e in w.events] == [
-        ("catastrophic_overfitting", 3), ("co_recovered", 5)], "an event at the onset and the end"
-    assert w.events[0]["best_pgd_acc"] == 0.40
-    assert w.events[1]["onset_epoch"] == 3 and w.events[1]["pgd_acc"] == 0.41
+         m(0.95, 0.95, 0.0), m(0.9, 0.5, 0.41)], start=1)]
+    assert flags == [False, False, False, True, True, False]
+    assert kinds(w) == [("fgsm_pgd_gap", 3), ("catastrophic_overfitting", 4),
+                        ("co_recovered", 6)]
+    alarm = w.events[1]
+    assert alarm["gap_since_epoch"] == 3 and alarm["pgd_acc_then"] == 0.05
+    assert alarm["pattern"] == "fell_after_rising" and alarm["best_pgd_acc"] == 0.40
+    assert w.events[2]["onset_epoch"] == 4 and w.events[2]["pgd_acc"] == 0.41
 
 
-def test_watchdog_tells_a_passing_episode_from_a_lasting_collapse():
-    """FGSM-RS on MNIST at ε = 0.3 (experiments/mnist-recipe): flagged after epoch 1 (PGD 0.08
-    against FGSM 0.73), then robust; plain FGSM: flagged at epoch 1 and never again clear."""
+def test_a_passing_gap_raises_no_alarm_and_a_lasting_one_does_in_epoch_two():
+    """The quick start's pair on MNIST at ε = 0.3 (experiments/quickstart/runs-mnist-net):
+    FGSM-RS shows the gap after epoch 1 (PGD 0.064 against FGSM 0.694) and closes it in
+    epoch 2 (0.506): recorded, no alarm. Plain FGSM keeps it (PGD 0.001): the alarm at 2."""
     passing = COWatchdog()
     flags = [passing.check(e, x) for e, x in enumerate(
-        [m(0.945, 0.729, 0.083), m(0.977, 0.834, 0.579), m(0.981, 0.866, 0.726)], start=1)]
-    assert flags == [True, False, False]
-    assert [(e["type"], e["epoch"]) for e in passing.events] == [
-        ("catastrophic_overfitting", 1), ("co_recovered", 2)]
+        [m(0.942, 0.694, 0.064), m(0.979, 0.822, 0.506), m(0.981, 0.866, 0.726)], start=1)]
+    assert flags == [False, False, False]
+    assert kinds(passing) == [("fgsm_pgd_gap", 1), ("fgsm_pgd_gap_closed", 2)]
     lasting = COWatchdog()
     flags = [lasting.check(e, x) for e, x in enumerate(
-        [m(0.931, 0.562, 0.002), m(0.959, 0.815, 0.006), m(0.93, 0.96, 0.0)], start=1)]
-    assert flags == [True, True, True]
-    assert [e["type"] for e in lasting.events] == ["catastrophic_overfitting"]
-    dead = COWatchdog()  # GradAlign at lr 5e-3: flagged, then a constant prediction
-    for e, x in enumerate([m(0.9, 0.94, 0.0), m(0.95, 0.62, 0.07), m(0.10, 0.10, 0.10)], 1):
-        dead.check(e, x)
-    assert [e["type"] for e in dead.events] == ["catastrophic_overfitting", "accuracy_collapse"]
+        [m(0.936, 0.611, 0.002), m(0.959, 0.688, 0.001), m(0.93, 0.96, 0.0)], start=1)]
+    assert flags == [False, True, True]
+    assert kinds(lasting) == [("fgsm_pgd_gap", 1), ("catastrophic_overfitting", 2)]
+    assert lasting.events[1]["pattern"] == "never_robust"
+    slow = COWatchdog()  # PGD rising by ≥ co_rise over the patience: not robust *yet*
+    flags = [slow.check(e, x) for e, x in enumerate(
+        [m(0.90, 0.70, 0.03), m(0.95, 0.85, 0.29), m(0.97, 0.90, 0.30)], start=1)]
+    assert flags == [False, False, True], "0.29 rose 0.26; then 0.30 < 0.29 + 0.1"
     again = COWatchdog()  # a second episode after a recovery is a second onset
-    for e, x in enumerate([m(0.9, 0.6, 0.05), m(0.95, 0.7, 0.6), m(0.95, 0.95, 0.01)], start=1):
+    for e, x in enumerate([m(0.9, 0.9, 0.05), m(0.95, 0.9, 0.05), m(0.95, 0.9, 0.6),
+                           m(0.95, 0.95, 0.01), m(0.95, 0.95, 0.01)], start=1):
         again.check(e, x)
-    assert [(e["type"], e["epoch"]) for e in again.events] == [
-        ("catastrophic_overfitting", 1), ("co_recovered", 2), ("catastrophic_overfitting", 3)]
+    assert kinds(again) == [("fgsm_pgd_gap", 1), ("catastrophic_overfitting", 2),
+                            ("co_recovered", 3), ("fgsm_pgd_gap", 4),
+                            ("catastrophic_overfitting", 5)]
 
 
-def test_watchdog_flags_a_model_that_was_never_robust():
-    """MNIST ε = 0.3 with plain FGSM: PGD is 0 from the first epoch while FGSM climbs."""
+def test_a_persisting_gap_while_the_training_attack_works_is_under_training():
+    """ELLE on MNIST at ε = 0.3 (experiments/mnist/runs, seed 1): FGSM 0.5-0.7 of clean
+    0.8-0.9 in every epoch, PGD rising slowly: the single-step attack still fools the model,
+    so a persisting gap is under-training, recorded once, never the alarm."""
     w = COWatchdog()
-    assert w.check(1, m(0.9, 0.59, 0.004))
-    assert w.events[0]["epoch"] == 1
+    seq = [(0.80, 0.49, 0.20), (0.80, 0.52, 0.22), (0.82, 0.55, 0.21), (0.86, 0.60, 0.25)]
+    flags = [w.check(e, m(*x)) for e, x in enumerate(seq, start=1)]
+    assert flags == [False] * 4
+    assert kinds(w) == [("fgsm_pgd_gap", 1), ("under_training", 2)]
+    assert "training attack still works" in w.events[1]["rule"]
+
+
+def test_probes_within_an_epoch_time_the_alarm_in_epochs():
+    """Checks at fractional times: the patience is in epochs, not checks. An onset at 1.25
+    alarms at 2.25 at the earliest; its event names the epoch (3) and the time (2.25)."""
+    w = COWatchdog()
+    for t in (1.25, 1.5, 1.75, 2.0):
+        assert not w.check(t, m(0.95, 0.9, 0.02))
+    assert not w.check(2.0, m(0.95, 0.9, 0.02)) and kinds(w) == [("fgsm_pgd_gap", 2)]
+    assert w.check(2.25, m(0.95, 0.9, 0.02))
+    alarm = w.events[-1]
+    assert (alarm["type"], alarm["epoch"], alarm["at"]) == ("catastrophic_overfitting", 3, 2.25)
+    assert w.events[0]["at"] == 1.25 and "at" not in COWatchdog().events
+
+
+def test_the_previous_rule_is_the_watchdog_without_patience():
+    """co_patience 0, co_rise ∞, co_resist 0 alarm at the first check where the gap holds:
+    the rule before experiments/watchdog measured it (it flagged FGSM-RS's first epoch)."""
+    w = COWatchdog(co_patience=0.0, co_rise=math.inf, co_resist=0.0, co_deep=0.0)
+    assert w.check(1, m(0.942, 0.694, 0.064))
+    assert kinds(w) == [("fgsm_pgd_gap", 1), ("catastrophic_overfitting", 1)]
 
 
 def test_watchdog_quiet_at_chance_and_for_robust_models():
     w = COWatchdog()
-    assert not w.check(1, m(0.11, 0.11, 0.11)), "chance level: no gap"
+    assert not w.check(1, m(0.11, 0.11, 0.11)) and not w.events, "chance level: no gap"
     assert not w.check(2, m(0.95, 0.70, 0.40)), "PGD above half of FGSM"
-    assert not w.check(3, m(0.95, 0.70, 0.36)), "0.36 > 0.5 * max(0.40, 0.70) = 0.35"
-    assert w.check(4, m(0.95, 0.70, 0.34)), "0.34 < 0.35 and the gap is 0.36"
+    assert not w.check(3, m(0.95, 0.70, 0.36)) and not w.events, "0.36 > 0.5 x 0.70 = 0.35"
+    w.check(4, m(0.95, 0.70, 0.34))
+    assert kinds(w) == [("fgsm_pgd_gap", 4)], "0.34 < 0.35 and the gap is 0.36: recorded"
     w2 = COWatchdog()
-    assert not w2.check(1, m(0.5, 0.25, 0.12)), "gap 0.13 < 0.2"
+    assert not w2.check(1, m(0.5, 0.25, 0.12)) and not w2.events, "gap 0.13 < 0.2"
 
 
 def test_watchdog_records_a_collapse_to_a_constant_predictor():
     """N-FGSM + AAER on MNIST, ε = 0.3, seed 0 (experiments/quickstart): clean 0.92, 0.94,
-    then 0.12 for every attack alike; the CO rule sees no gap, the collapse rule sees it."""
+    then 0.12 for every attack alike; no gap, the collapse rule sees it."""
     w = COWatchdog()
     flags = [w.check(e, x) for e, x in enumerate(
         [m(0.92, 0.60, 0.49), m(0.94, 0.70, 0.58), m(0.12, 0.125, 0.125),
          m(0.12, 0.125, 0.125), m(0.95, 0.7, 0.6)], start=1)]
     assert flags == [False] * 5, "not catastrophic overfitting"
-    assert [(e["type"], e["epoch"]) for e in w.events] == [("accuracy_collapse", 3)]
+    assert kinds(w) == [("accuracy_collapse", 3)]
     assert w.events[0]["best_clean_acc"] == 0.94
 
 
 def test_a_fall_from_fgsm_accuracy_to_a_constant_prediction_is_no_recovery():
     """GradAlign on MNIST, ε = 0.3, seed 1 (experiments/mnist/runs): after epoch 1 the model
     classifies FGSM's images (0.978) and not the clean ones (0.113); from epoch 2 it predicts
-    one class (0.122 under every attack). The CO rule no longer holds, but that is a collapse
-    from 0.978, not a recovery (the run's report said co_recovered before this rule)."""
+    one class (0.122 under every attack): a collapse from 0.978, not a closing gap."""
     w = COWatchdog()
     flags = [w.check(e, x) for e, x in enumerate(
         [m(0.113, 0.978, 0.0), m(0.122, 0.122, 0.122), m(0.122, 0.122, 0.122)], start=1)]
-    assert flags == [True, False, False]
-    assert [(e["type"], e["epoch"]) for e in w.events] == [
-        ("catastrophic_overfitting", 1), ("accuracy_collapse", 2)]
+    assert flags == [False, False, False]
+    assert kinds(w) == [("fgsm_pgd_gap", 1), ("accuracy_collapse", 2),
+                        ("fgsm_pgd_gap_closed", 2)]
     assert w.events[1]["best_fgsm_acc"] == 0.978 and w.events[1]["best_clean_acc"] == 0.113
-    clean_ok = COWatchdog()  # FGSM above clean without a fall is no collapse
-    for e, x in enumerate([m(0.90, 0.95, 0.0), m(0.93, 0.80, 0.60)], start=1):
-        clean_ok.check(e, x)
-    assert [e["type"] for e in clean_ok.events] == ["catastrophic_overfitting", "co_recovered"]
+    leak = COWatchdog()  # FGSM above clean, persisting: the alarm, with that pattern
+    for e, x in enumerate([m(0.45, 0.87, 0.0), m(0.50, 0.90, 0.0)], start=1):
+        leak.check(e, x)
+    assert leak.events[-1]["pattern"] == "fgsm_above_clean"
 
 
-def test_fgsm_accuracy_falling_to_pgd_is_no_recovery_and_co_hides_no_collapse():
+def test_fgsm_accuracy_falling_to_pgd_is_no_recovery():
     """Plain FGSM on MNIST at ε = 0.4, seed 0 (experiments/mnist/runs): PGD is 0.000 at every
-    epoch; FGSM accuracy goes 0.396, 0.176 (the gap closes from above: no robustness came
-    back), then climbs to 0.98 while clean accuracy sags to 0.39 — the label leaking of CO,
-    not a collapse the CO rule cannot see. The watchdog of the time reported a recovery at
-    epoch 2, a second onset at 3 and an accuracy_collapse at 8."""
-    seq = [(0.89, 0.396), (0.825, 0.176), (0.791, 0.7), (0.612, 0.892), (0.454, 0.816),
-           (0.446, 0.984), (0.553, 0.969), (0.472, 0.976), (0.486, 0.973), (0.386, 0.987)]
+    epoch; FGSM accuracy 0.396, 0.176 (the gap closes from above), then climbs to 0.98 while
+    clean accuracy sags: once the alarm is up, only PGD coming back ends it."""
+    seq = [(0.89, 0.8), (0.90, 0.85), (0.825, 0.176), (0.791, 0.7), (0.612, 0.892),
+           (0.454, 0.816), (0.446, 0.984)]
     w = COWatchdog()
     flags = [w.check(e, m(clean, fgsm, 0.0)) for e, (clean, fgsm) in enumerate(seq, start=1)]
-    assert flags == [True, False] + [True] * 8, "the rule itself: the gap was 0.176 at epoch 2"
-    assert [(e["type"], e["epoch"]) for e in w.events] == [("catastrophic_overfitting", 1)]
-    assert w.flagged, "the episode is still open at the end"
+    assert flags == [False] + [True] * 6, "the alarm at 2 stays open through the dip at 3"
+    assert kinds(w) == [("fgsm_pgd_gap", 1), ("catastrophic_overfitting", 2)]
     back = COWatchdog()  # the same start, then PGD comes back: that is the recovery
-    for e, x in enumerate([m(0.89, 0.396, 0.0), m(0.825, 0.176, 0.0), m(0.9, 0.6, 0.35)], 1):
+    for e, x in enumerate([m(0.89, 0.8, 0.0), m(0.90, 0.85, 0.0), m(0.825, 0.176, 0.0),
+                           m(0.9, 0.6, 0.35)], start=1):
         back.check(e, x)
-    assert [(e["type"], e["epoch"]) for e in back.events] == [
-        ("catastrophic_overfitting", 1), ("co_recovered", 3)]
-    assert back.events[1]["onset_epoch"] == 1
-
-
-def test_pgd_and_fgsm_falling_together_to_chance_is_no_recovery():
-    """RS-AAER on MNIST at ε = 0.4, seed 0 (experiments/mnist/runs): flagged after epoch 1
-    (PGD 0.000, FGSM 0.58), then PGD 0.10 / FGSM 0.68, then both 0.11 at clean 0.56: the CO
-    rule no longer holds (no gap), but PGD rose by 0.11 alone: no robustness came back. The
-    watchdog of the time called epoch 3 a recovery and epoch 4 a second onset."""
-    seq = [(0.94, 0.58, 0.0), (0.96, 0.68, 0.10), (0.56, 0.11, 0.11), (0.60, 0.22, 0.01),
-           (0.60, 0.21, 0.03), (0.64, 0.28, 0.02), (0.63, 0.49, 0.01), (0.69, 0.55, 0.0)]
-    w = COWatchdog()
-    for e, x in enumerate(seq, start=1):
-        w.check(e, m(*x))
-    assert [(e["type"], e["epoch"]) for e in w.events] == [("catastrophic_overfitting", 1)]
-    assert w.flagged
-    w2 = COWatchdog()  # the onset's PGD figure survives a resume
-    w2.check(1, m(*seq[0]))
-    w3 = COWatchdog()
-    w3.load_state_dict(w2.state_dict())
-    for e, x in enumerate(seq[1:3], start=2):
-        w3.check(e, m(*x))
-    assert [e["type"] for e in w3.events] == ["catastrophic_overfitting"]
-    w3.check(4, m(0.9, 0.7, 0.35))  # 0.35 ≥ 0.5 · max(0.11, 0.7) and ≥ 0.000 + 0.2: back
-    assert [e["type"] for e in w3.events] == ["catastrophic_overfitting", "co_recovered"]
-    assert w3.onset_pgd is None
+    assert kinds(back) == [("fgsm_pgd_gap", 1), ("catastrophic_overfitting", 2),
+                           ("co_recovered", 4)]
+    assert back.events[2]["onset_epoch"] == 2
 
 
 def test_watchdog_state_round_trip():
+    """The open gap, its checks and the alarm survive a resume."""
     w = COWatchdog()
     w.check(1, m(0.8, 0.5, 0.4))
     w.check(2, m(0.9, 0.9, 0.0))
     w2 = COWatchdog()
     w2.load_state_dict(w.state_dict())
-    assert w2.check(3, m(0.9, 0.9, 0.0)) and len(w2.events) == 1, "still flagged: no new event"
+    assert w2.check(3, m(0.9, 0.9, 0.0)), "the gap since epoch 2 persists: the alarm"
+    assert kinds(w2) == [("fgsm_pgd_gap", 2), ("catastrophic_overfitting", 3)]
+    w3 = COWatchdog()
+    w3.load_state_dict(w2.state_dict())
+    assert w3.check(4, m(0.9, 0.9, 0.0)) and len(w3.events) == 2, "still open: no new event"
     leak = COWatchdog()  # the best FGSM figure survives a resume
     leak.check(1, m(0.1, 0.9, 0.0))
     leak2 = COWatchdog()
     leak2.load_state_dict(leak.state_dict())
     leak2.check(2, m(0.12, 0.12, 0.12))
-    assert [e["type"] for e in leak2.events] == ["catastrophic_overfitting", "accuracy_collapse"]
+    assert [e["type"] for e in leak2.events] == ["fgsm_pgd_gap", "accuracy_collapse",
+                                                 "fgsm_pgd_gap_closed"]
 
 
 def test_epsilon_warmup_is_a_linear_ramp():
@@ -235,20 +252,25 @@ def test_the_watchdog_judges_no_epoch_of_a_longer_warm_up():
     assert warmed_up(1, 1) and warmed_up(1, 0) and not warmed_up(1, 2) and warmed_up(2, 2)
     assert not warmed_up(2, 2.5) and warmed_up(3, 2.5)
     w = COWatchdog()
-    flags = [judge(w, e, m(0.9, 0.7, 0.0), 3) for e in (1, 2, 3)]
-    assert flags == [False, False, True]
-    assert [(e["type"], e["epoch"]) for e in w.events] == [("catastrophic_overfitting", 3)]
+    flags = [judge(w, e, m(0.9, 0.7, 0.0), 3) for e in (1, 2, 3, 4)]
+    assert flags == [False, False, False, True], "the gap is first seen at 3, persists at 4"
+    assert kinds(w) == [("fgsm_pgd_gap", 3), ("catastrophic_overfitting", 4)]
     plain = COWatchdog()
-    assert judge(plain, 1, m(0.9, 0.7, 0.0), 1), "warm-up 1 (the presets'): epoch 1 judged"
-    assert not judge(plain, 2, None, 1), "no monitor, no verdict"
+    assert not judge(plain, 1, m(0.9, 0.7, 0.0), 1) and plain.events, "warm-up 1: judged"
+    assert not judge(plain, 1.5, None, 1), "no monitor, no verdict"
+    assert judge(plain, 2, m(0.9, 0.7, 0.0), 1)
+    assert judge(plain, 2.5, None, 1), "no figures: the alarm's state stands"
+    probe = COWatchdog()  # a probe during the warm-up is not judged either
+    assert not judge(probe, 2.5, m(0.9, 0.7, 0.0), 3) and not probe.events
 
 
 def test_stop_on_co_goes_straight_to_the_final_evaluation(tmp_path):
     # An lr so large that the monitor is fooled early: force the rule with co_gap tiny and
-    # co_drop close to 1, so the first epoch whose PGD is below its FGSM stops the run.
+    # co_drop close to 1, no patience: the first epoch whose PGD is below its FGSM stops it.
     spec = _digits(schedule={"epochs": 6},
                    evaluation={"monitor": {"size": 128, "pgd_steps": 5, "co_drop": 0.99,
-                                           "co_gap": 0.01, "stop_on_co": True}})
+                                           "co_gap": 0.01, "co_patience": 0, "co_resist": 0,
+                                           "stop_on_co": True}})
     events = []
     r = run_job(spec, tmp_path, progress=False, on_event=lambda k, d: events.append(k))
     stopped = r["stopped_early"]
@@ -329,3 +351,45 @@ def test_a_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched():
     train_step(model, opt, scaler, recipe, x, y, lr=0.01, precision="fp32",
                channels_last=False)  # and training goes on from there
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_probes_per_epoch_stay_within_a_tenth_of_the_training_work():
+    from contract.spec import MonitorSpec
+    from workers.engine.runner import PROBE_BUDGET, probe_steps, probes_per_epoch
+
+    auto = MonitorSpec()
+    assert probes_per_epoch(auto, "fgsm_rs", 59_000, 256) == 3, "MNIST: 3 probes fit"
+    cost = 3 * 256 * (auto.probe_pgd_steps + 2) / (2 * 59_000)
+    assert cost <= PROBE_BUDGET and cost == pytest.approx(0.046, abs=0.001)
+    assert probes_per_epoch(auto, "fgsm_rs", 10_000, 256) == 1, "0.1 x 20 000 / 1792 = 1.1"
+    assert probes_per_epoch(auto, "fgsm_rs", 2_000, 256) == 0, "0.1 x 4 000 / 1792 < 1"
+    assert probes_per_epoch(auto, "fgsm", 384, 64) == 0, "a tiny run: no probe fits"
+    assert probes_per_epoch(auto, "pgd", 59_000, 256) == 0, "multi-step: no CO to watch"
+    assert probes_per_epoch(MonitorSpec(probes=2), "pgd", 384, 64) == 2, "as asked"
+    assert probe_steps(3, 590) == {148, 295, 442}
+    assert probe_steps(3, 2) == {1} and probe_steps(0, 100) == set()
+
+
+def test_probes_are_judged_within_the_epoch_and_leave_training_unchanged(tmp_path):
+    """Two probes an epoch: each history row lists them (at 1/3 and 2/3 of the epoch), the
+    watchdog judges them like an epoch's end, and training is the run without probes to the
+    bit (the probes draw from a forked generator)."""
+    over = {"evaluation": {"monitor": {"size": 128, "pgd_steps": 5, "probes": 2,
+                                       "probe_size": 64, "probe_pgd_steps": 3}}}
+    with_probes = run_job(_digits(schedule={"epochs": 2}, **over), tmp_path / "p",
+                          progress=False)
+    over["evaluation"]["monitor"]["probes"] = 0
+    without = run_job(_digits(schedule={"epochs": 2}, **over), tmp_path / "n", progress=False)
+    for a, b in zip(with_probes["history"], without["history"], strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["monitor"] == b["monitor"]
+        assert len(a["probes"]) == 2 and "probes" not in b
+        steps = math.ceil(with_probes["dataset"]["train"] / 64)
+        assert [p["at"] for p in a["probes"]] == [
+            round(a["epoch"] - 1 + round(k * steps / 3) / steps, 4) for k in (1, 2)]
+        assert all(p["n"] == 64 and 0 <= p["pgd_acc"] <= p["clean_acc"] + 1e-9
+                   for p in a["probes"])
+        assert a["train_seconds"] < a["seconds"]
+    assert with_probes["final"] == without["final"]
+    probed = [e for e in with_probes["events"] if e.get("at") is not None]
+    checks = [p for h in with_probes["history"] for p in h["probes"]]
+    assert all(any(abs(e["at"] - p["at"]) < 1e-9 for p in checks) for e in probed)

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from contract.api import TERMINAL_STATES as TERMINAL
-from contract.report import Event
+from contract.report import WATCH_EVENTS, Event
 from workers.engine.bars import bar
 
 
@@ -58,22 +58,10 @@ class ProgressView:
             if mon:
                 b.set_postfix(clean=f"{mon['clean_acc']:.3f}", pgd=f"{mon['pgd_acc']:.3f}")
             b.refresh()
-        elif kind == "catastrophic_overfitting":
-            self.write(f"{self.label}: catastrophic overfitting at epoch {data.get('epoch')} "
-                       f"(monitor PGD {data.get('pgd_acc', 0):.3f} vs FGSM "
-                       f"{data.get('fgsm_acc', 0):.3f})")
-        elif kind == "co_recovered":
-            self.write(f"{self.label}: recovered from the overfitting of epoch "
-                       f"{data.get('onset_epoch')} at epoch {data.get('epoch')} (monitor PGD "
-                       f"{data.get('pgd_acc', 0):.3f} vs FGSM {data.get('fgsm_acc', 0):.3f})")
-        elif kind == "accuracy_collapse":
-            self.write(f"{self.label}: clean accuracy collapsed at epoch {data.get('epoch')} "
-                       f"({data.get('clean_acc', 0):.3f}, "
-                       f"best {Event.model_validate({**data, 'type': kind}).best_acc:.3f})")
-        elif kind == "gradient_masking":
-            self.write(f"{self.label}: gradient masking? at epoch {data.get('epoch')} monitor "
-                       f"PGD {data.get('pgd_acc', 0):.3f} on cross-entropy vs "
-                       f"{data.get('dlr_acc', 0):.3f} on DLR")
+        elif kind in WATCH_EVENTS:
+            line = Event.model_validate({**data, "type": kind}).line()
+            if line:
+                self.write(f"{self.label}: {line}")
         elif kind == "phase" and data.get("attack"):
             self._open(("attack", data.get("model"), data["attack"]), total=data.get("n"),
                        unit="pt", desc=f"{self.label} {data.get('model', '')} {data['attack']}")

@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from contract.export import eps_text
-from contract.report import FinalResult, final_by_model
+from contract.report import Event, FinalResult, final_by_model
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -137,6 +137,12 @@ def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
         values += ys
         ax.plot([e for e, _ in rows], ys, ls=ls, marker=marker, color=color, label=name,
                 markersize=6 if name != "PGD" else 7)
+    probes = [p for h in hist for p in h.get("probes") or []]
+    if probes:  # the checks within epochs: PGD on the probe slice, small markers
+        ax.plot([p["at"] for p in probes], [p["pgd_acc"] for p in probes], ls="none",
+                marker=".", color=STYLES["PGD"][2], alpha=0.6,
+                label=f"PGD, probes ({probes[0].get('n')} images)")
+        values += [p["pgd_acc"] for p in probes]
     _co_lines(ax, co_epochs, recovered=recovered)
     n = rows[0][1].get("n")
     ax.set(xlabel="epoch", ylabel="accuracy", ylim=_acc_limits(values),
@@ -300,6 +306,25 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                            + " (grey dash-dot lines)" if recovered else "")
                         + ("; still overfit at the last epoch" if hist and
                            hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
+    gaps = [e for e in events if e.get("type") == "fgsm_pgd_gap"]
+    if gaps:
+        closed = [e["epoch"] for e in events if e.get("type") == "fgsm_pgd_gap_closed"]
+        sections.append("<p class='note'>An FGSM-PGD gap was recorded at epoch(s) "
+                        + ", ".join(str(e["epoch"]) for e in gaps)
+                        + (" and closed at epoch(s) " + ", ".join(map(str, closed))
+                           if closed else "")
+                        + ": PGD accuracy far under FGSM's, common early in single-step "
+                        "training and often passing. Only a gap that persists while PGD "
+                        "accuracy does not rise and the training attack has stopped working "
+                        "is catastrophic overfitting (docs/methods.md, \"The watchdog\").</p>")
+    under = [e for e in events if e.get("type") == "under_training"]
+    if under:
+        sections.append("<p class='co'>Under-training from epoch(s) "
+                        + ", ".join(str(e["epoch"]) for e in under)
+                        + ": the gap persisted while the single-step training attack still "
+                        "fooled the model (FGSM accuracy well under clean): it has not learned "
+                        "to resist even the attack it trains on (more epochs, a smaller step "
+                        "or a weaker regularizer), which is not catastrophic overfitting.</p>")
     masked = [e for e in events if e.get("type") == "gradient_masking"]
     if masked:
         sections.append("<p class='co'>Gradient masking suspected from epoch(s) "
@@ -309,9 +334,10 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                         "mislead the attack; trust the lower figure and AutoAttack's.</p>")
     if events:
         sections += ["<h2>Watchdog events</h2>", _table(
-            [(e.get("type"), e.get("epoch"), e.get("pgd_acc", "–"), e.get("dlr_acc", "–"),
-              e.get("fgsm_acc", "–"), e.get("clean_acc", "–")) for e in events],
-            ("event", "epoch", "PGD", "PGD (DLR)", "FGSM", "clean"), "events")]
+            [(e.get("type"), Event.model_validate(e).when, e.get("pgd_acc", "–"),
+              e.get("dlr_acc", "–"), e.get("fgsm_acc", "–"), e.get("clean_acc", "–"))
+             for e in events],
+            ("event", "when", "PGD", "PGD (DLR)", "FGSM", "clean"), "events")]
     if report.get("remediations"):
         sections += ["<h2>Remediations</h2>", _table(
             [(r["epoch"], r["remedy"], r["rolled_back_to"], r["recipe"])

@@ -34,7 +34,7 @@ from contract.artifacts import (
 from contract.files import write_json, write_text
 from contract.presets import describe_recipe
 from contract.report import Report
-from contract.spec import JobSpec, RecipeSpec, as_spec, remedied, same_spec
+from contract.spec import SINGLE_STEP, JobSpec, RecipeSpec, as_spec, remedied, same_spec
 from contract.tracking import TrackingServers
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
@@ -177,13 +177,37 @@ def channels_last_on(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type in ("cuda", "cpu"))
 
 
-def judge(watchdog: COWatchdog, epoch: int, mon: dict[str, Any] | None,
+def judge(watchdog: COWatchdog, t: float, mon: dict[str, Any] | None,
           warmup: float) -> bool:
-    """The watchdog's verdict on epoch ``epoch``'s monitor figures: during a longer ε warm-up
-    the figures (at the full ε) are recorded, not judged (``schedule.warmed_up``)."""
-    if not mon or not warmed_up(epoch, warmup):
-        return False
-    return watchdog.check(epoch, mon)
+    """The watchdog's verdict on the monitor figures of check ``t`` (in epochs: an epoch's end,
+    or a probe within it): during a longer ε warm-up the figures (at the full ε) are recorded,
+    not judged (``schedule.warmed_up``)."""
+    if not mon or not warmed_up(t, warmup):
+        return watchdog.flagged
+    return watchdog.check(t, mon)
+
+
+PROBE_BUDGET = 0.10  # of an epoch's training work, at most
+PROBE_AUTO = 3
+
+
+def probes_per_epoch(mon: Any, adversary: str, n_train: int, n_probe: int) -> int:
+    """``monitor.probes`` resolved: ``auto`` is up to PROBE_AUTO probes for a single-step
+    adversary, as many as cost at most PROBE_BUDGET of the epoch's training. Training costs
+    about 2 forward-backward passes an image (the attack's and the step's); a probe about
+    ``probe_pgd_steps + 2`` an image (clean, FGSM and PGD, forward passes a third)."""
+    if mon.probes != "auto":
+        return int(mon.probes)
+    if adversary not in SINGLE_STEP or n_probe == 0:
+        return 0
+    affordable = PROBE_BUDGET * 2 * n_train / (n_probe * (mon.probe_pgd_steps + 2))
+    return max(0, min(PROBE_AUTO, int(affordable)))
+
+
+def probe_steps(probes: int, steps: int) -> set[int]:
+    """The 1-based steps of an epoch after which its ``probes`` probes run, evenly spaced
+    (the epoch's end has its own check)."""
+    return {round(k * steps / (probes + 1)) for k in range(1, probes + 1)} - {0, steps}
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -327,8 +351,14 @@ class Training:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=spec.compute.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
         self.use_recipe(spec.recipe)
-        self.watchdog = COWatchdog(ev.monitor.co_drop, ev.monitor.co_gap,
-                                   mask_gap=ev.monitor.masking_gap)
+        mon_spec = ev.monitor
+        self.watchdog = COWatchdog(mon_spec.co_drop, mon_spec.co_gap,
+                                   co_patience=mon_spec.co_patience, co_rise=mon_spec.co_rise,
+                                   co_resist=mon_spec.co_resist, mask_gap=mon_spec.masking_gap)
+        self.n_probe = min(mon_spec.probe_size, self.n_mon)
+        self.probe_after = probe_steps(probes_per_epoch(
+            mon_spec, spec.recipe.adversary.kind, self.sizes["train"], self.n_probe),
+            self.steps_per_epoch) if self.n_probe else set()
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # the epoch with the best monitor PGD acc
         self.start_epoch = 0
@@ -405,11 +435,12 @@ class Training:
             "watchdog": self.watchdog.state_dict(), "history": self.history,
             "best": self.best})
 
-    def remediate(self, epoch: int, row: dict[str, Any],
-                  onsets: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """CO began in ``epoch``: roll back to the last healthy state and go on with the next
-        remedy of ``evaluation.monitor.remedies`` that applies. None when none is left (the
-        event is then only recorded)."""
+    def remediate(self, epoch: int, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The alarm (or a divergence) in ``epoch``: roll back to the last healthy state (the
+        last epoch's end with no FGSM-PGD gap open: before the gap that became the alarm) and
+        go on with the next remedy of ``evaluation.monitor.remedies`` that applies. The
+        watchdog's events since then stay on record. None when no remedy is left (the event
+        is then only recorded)."""
         tried = {r["remedy"] for r in self.remediations}
         for remedy in self.spec.evaluation.monitor.remedies:
             if remedy in tried:
@@ -418,15 +449,18 @@ class Training:
             if recipe is None:
                 continue
             back = self.healthy
+            seen = self.watchdog.events[len(back["watchdog"]["events"]):]
+            discarded = [h["epoch"] for h in self.history[len(back["history"]):]] + [epoch]
             self.model.load_state_dict(back["model"])
             self.optimizer.load_state_dict(back["optimizer"])
             self.scaler.load_state_dict(back["scaler"])
             self.watchdog.load_state_dict(back["watchdog"])
-            self.watchdog.events.extend(onsets)  # the record keeps what was seen
+            self.watchdog.events.extend(seen)  # the record keeps what was seen
             self.history, self.best = copy.deepcopy(back["history"]), copy.deepcopy(back["best"])
             self.use_recipe(recipe)
             action = {"epoch": epoch, "remedy": remedy, "rolled_back_to": back["epoch"],
-                      "recipe": describe_recipe(recipe), "discarded": row}
+                      "recipe": describe_recipe(recipe), "discarded": row,
+                      "discarded_epochs": discarded}
             self.remediations.append(action)
             self.checkpoint(back["epoch"])  # a resume goes on with the new recipe
             return action
@@ -464,7 +498,7 @@ class Training:
                     row = self.epoch(epoch, should_stop, bar)
                 except StepsDiverged as d:
                     emit("diverged", d.info)
-                    action = (self.remediate(epoch + 1, {"diverged": d.info}, [])
+                    action = (self.remediate(epoch + 1, {"diverged": d.info})
                               if policy == "remediate" else None)
                     if action is None:
                         raise Diverged(str(d)) from None
@@ -473,7 +507,7 @@ class Training:
                 new = self.watchdog.events[seen:]  # onsets this epoch: CO, accuracy collapse
                 co = any(e["type"] == "catastrophic_overfitting" for e in new)
                 if co and policy == "remediate":
-                    action = self.remediate(epoch + 1, row, new)
+                    action = self.remediate(epoch + 1, row)
                     if action is not None:
                         for event in new:
                             emit(event["type"], event)
@@ -483,7 +517,7 @@ class Training:
                 if co and policy == "stop":
                     self.stopped_early = {"epoch": epoch + 1, "reason": "catastrophic_overfitting"}
                 self.checkpoint(epoch + 1)
-                if policy == "remediate" and not co:
+                if policy == "remediate" and not self.watchdog.gap:  # no gap open: healthy
                     self.healthy = self.snapshot(epoch + 1)
                 emit("epoch", row)
                 for event in new:
@@ -505,6 +539,7 @@ class Training:
         self.recipe.begin_epoch(epoch + 1)
         t_epoch = time.perf_counter()
         stats = EpochStats(self.dev)
+        probes: list[dict[str, Any]] = []
         lr = 0.0
         skipped, first_bad = 0, None
         ranks = self.ranks
@@ -536,7 +571,9 @@ class Training:
                         raise StepsDiverged({**first_bad, "skipped_steps": skipped}) from None
                 if bar is not None:
                     bar.update(1)
-        train_seconds = time.perf_counter() - t_epoch
+                if i + 1 in self.probe_after:
+                    probes.append(self.probe(epoch + (i + 1) / self.steps_per_epoch))
+        train_seconds = time.perf_counter() - t_epoch - sum(p["seconds"] for p in probes)
         summary = stats.summary(ranks)
         mon = None
         if self.n_mon:
@@ -562,8 +599,30 @@ class Training:
         return {"epoch": epoch + 1, "lr": lr,  # lr and training ε at the epoch's last step
                 "train_epsilon": self.recipe.eps,
                 **summary, **({"skipped_steps": skipped, "first_nonfinite": first_bad}
-                              if skipped else {}), "monitor": mon, "catastrophic_overfitting": co,
+                              if skipped else {}), "monitor": mon,
+                **({"probes": probes} if probes else {}), "catastrophic_overfitting": co,
                 "seconds": time.perf_counter() - t_epoch, "train_seconds": train_seconds}
+
+    def probe(self, t: float) -> dict[str, Any]:
+        """A check within the epoch at ``t`` (epochs): clean, FGSM and a short PGD on the
+        first ``n_probe`` monitor images, judged by the watchdog like an epoch's end. Its
+        random draws come from a forked generator: training runs the same with or without."""
+        spec, mon_spec = self.spec, self.spec.evaluation.monitor
+        t0 = time.perf_counter()
+        fig = None
+        with self.timing.phase("monitor"):
+            if self.writes:
+                devices = [self.dev] if self.dev.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    fig = monitor(self.model, self.mon_x[:self.n_probe],
+                                  self.mon_y[:self.n_probe], eps=spec.threat.epsilon,
+                                  norm=spec.threat.norm, steps=mon_spec.probe_pgd_steps,
+                                  alpha=mon_spec.pgd_alpha,
+                                  batch_size=max(spec.schedule.batch_size, 256))
+            if self.ranks is not None:
+                fig = self.ranks.broadcast(fig)
+        judge(self.watchdog, t, fig, spec.threat.epsilon_warmup)
+        return {"at": round(t, 4), **fig, "seconds": time.perf_counter() - t0}
 
     # ---------------------------------------------------------------------- evaluation
     def evaluate(self, emit: Event, check: Callable[[], None]) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
-from contract.report import final_by_model
+from contract.report import WATCH_EVENTS, final_by_model
 from contract.tracking import TrackingServers, artifact_location, artifact_uri_problem
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -122,8 +122,7 @@ class MLflowTracker:
             return
         if kind == "epoch":
             self._guard("epoch", lambda: self._metrics(epoch_metrics(data), data["epoch"]))
-        elif kind in ("catastrophic_overfitting", "co_recovered", "accuracy_collapse",
-                      "gradient_masking", "remediated", "diverged", "stopped_early"):
+        elif kind in (*WATCH_EVENTS, "remediated", "diverged", "stopped_early"):
             self._guard(kind, lambda: self.client.set_tag(
                 self.run_id, f"event.{kind}.epoch_{data.get('epoch')}", str(data)[:5000]))
 
