@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from contract.spec import JobSpec
+from contract.verdict import attack_warnings, verdict
 
 
 class _Open(BaseModel):
@@ -24,14 +25,6 @@ class AttackResult(_Open):
     acc: float
     n: int
     params: dict[str, Any] = {}
-
-
-# The evaluation's own sanity checks (Carlini et al. 2019, "On Evaluating Adversarial
-# Robustness", §5; Athalye et al. 2018): a stronger attack must find at least what a weaker one
-# finds. AutoAttack this many points under PGD, or PGD this many above FGSM, says the weaker
-# attack was misled (gradient masking) — the PGD figure then overstates robustness.
-ATTACK_GAP = 0.05   # AutoAttack's accuracy below PGD's
-ORDER_SLACK = 0.01  # PGD's accuracy above FGSM's
 
 
 class FinalResult(_Open):
@@ -63,17 +56,8 @@ class FinalResult(_Open):
 
     def warnings(self) -> list[str]:
         """Where the attacks disagree as a masked gradient makes them (empty when they agree):
-        AutoAttack ≥ ``ATTACK_GAP`` under PGD, or PGD ≥ ``ORDER_SLACK`` above FGSM."""
-        out = []
-        (pgd_name, pgd), aa, fgsm = self._named("pgd"), self.autoattack, self.fgsm
-        if pgd is not None and aa is not None and pgd.acc - aa.acc >= ATTACK_GAP:
-            out.append(f"AutoAttack finds {100 * (pgd.acc - aa.acc):.1f} points more than "
-                       f"{pgd_name} ({pgd.acc:.3f} → {aa.acc:.3f}): PGD is misled on this "
-                       "model (gradient masking?); quote the AutoAttack figure")
-        if pgd is not None and fgsm is not None and pgd.acc - fgsm.acc >= ORDER_SLACK:
-            out.append(f"{pgd_name} ({pgd.acc:.3f}) finds less than one FGSM step "
-                       f"({fgsm.acc:.3f}): the iterative attack is misled (gradient masking?)")
-        return out
+        ``contract.verdict.attack_warnings``."""
+        return attack_warnings({k: a.acc for k, a in self.attacks.items()})
 
 
 class MonitorResult(_Open):
@@ -197,12 +181,23 @@ class DatasetInfo(_Open):
     test: int
     monitor: int
     shape: list[int]
+    majority_share: float | None = None  # of the final suite's images: the chance level
 
 
 def final_by_model(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A report's final results per model ("last", "best", "wa"), from its JSON: the runner's
     ``final_models``, else (a report without them) ``final`` as the last model's."""
     return report.get("final_models") or {"last": report["final"]}
+
+
+class Verdict(_Open):
+    """What the job made (contract/verdict.py): ``label`` one of ``verdict.LABELS``."""
+
+    label: str
+    reason: str
+    clean_acc: float | None = None
+    robust_acc: float | None = None
+    chance: float | None = None
 
 
 class Report(_Open):
@@ -220,6 +215,14 @@ class Report(_Open):
     certification: Certification | None = None
     timing: dict[str, float] = {}
     artifacts: list[str] = []
+    verdict: Verdict | None = None  # read from the final figures when a report lacks one
+
+    @model_validator(mode="before")
+    @classmethod
+    def _verdict(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("verdict") is None and data.get("final"):
+            data = {**data, "verdict": verdict(data)}
+        return data
     finished_at: str | None = None  # RFC 3339 UTC, when the report was written
 
     @property
@@ -239,9 +242,12 @@ class Report(_Open):
         return bool(self.history) and self.history[-1].catastrophic_overfitting
 
     def summary(self) -> str:
-        """The few lines ``bulwark run`` and ``bulwark report`` print."""
+        """The few lines ``bulwark run`` and ``bulwark report`` print: the verdict first."""
         f = self.final
-        lines = [f"clean accuracy   {f.clean_acc:.4f}  (n={f.n})"]
+        lines = []
+        if self.verdict is not None:
+            lines.append(f"verdict          {self.verdict.label}: {self.verdict.reason}")
+        lines.append(f"clean accuracy   {f.clean_acc:.4f}  (n={f.n})")
         for name, r in f.attacks.items():
             lines.append(f"{name:<16} {r.acc:.4f}  (n={r.n})")
         for name, other in self.final_models.items():
@@ -263,20 +269,12 @@ class Report(_Open):
                 lines.append(f"warning: {w}" + (f" [{name} weights]" if name != f.model
                                                  else ""))
         for e in self.events:
-            if e.type == "accuracy_collapse" and e.clean_acc is not None:
-                figures = f" (clean {e.clean_acc:.3f}, best {e.best_acc:.3f})"
-            elif e.pgd_acc is not None and e.dlr_acc is not None:
-                figures = f" (pgd {e.pgd_acc:.3f}, pgd on DLR {e.dlr_acc:.3f})"
-            elif e.pgd_acc is not None and e.fgsm_acc is not None:
-                figures = f" (pgd {e.pgd_acc:.3f}, fgsm {e.fgsm_acc:.3f})"
-            else:
-                figures = ""
-            lines.append(f"event: {e.type} at epoch {e.epoch}{figures}")
+            lines.append(f"event: {e.line() or f'{e.type} at {e.when}'}")
         if self.stopped_early:
             lines.append(f"stopped early after epoch {self.stopped_early.get('epoch')} "
                          f"({self.stopped_early.get('reason')})")
         for r in self.remediations:
-            lines.append(f"remediated: CO at epoch {r.get('epoch')}; rolled back to epoch "
+            lines.append(f"remediated: the alarm at epoch {r.get('epoch')}; rolled back to epoch "
                          f"{r.get('rolled_back_to')} and went on with {r.get('remedy')} "
                          f"({r.get('recipe')})")
         return "\n".join(lines)

@@ -402,7 +402,7 @@ class MonitorSpec(_Strict):
     )
     co_gap: float = Field(0.2, gt=0, le=1, description="... while FGSM acc exceeds PGD acc by this")
     co_patience: float = Field(
-        1.0, ge=0, le=100, description="catastrophic overfitting (the alarm): the gap has held "
+        0.5, ge=0, le=100, description="catastrophic overfitting (the alarm): the gap has held "
         "at every check for this many epochs ...")
     co_rise: float = Field(0.1, gt=0, le=1, description="... PGD acc rose less than this over "
                            "that span (a rising PGD acc is a model not robust yet) ...")

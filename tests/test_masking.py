@@ -140,7 +140,7 @@ def test_report_summary_names_the_masking_event():
                     "monitor": 0, "shape": [1, 28, 28]},
         "history": [], "events": [event],
         "final": {"clean_acc": 0.9, "n": 1, "model": "last", "attacks": {}}})
-    assert "event: gradient_masking at epoch 3 (pgd 0.940, pgd on DLR 0.700)" in \
+    assert "event: gradient masking? at epoch 3: PGD 0.940 on cross-entropy, 0.700 on DLR" in \
         report.summary()
     assert np.isclose(report.events[0].dlr_acc, 0.7)
 

@@ -80,15 +80,23 @@ def test_a_persisting_gap_while_the_training_attack_works_is_under_training():
 
 def test_probes_within_an_epoch_time_the_alarm_in_epochs():
     """Checks at fractional times: the patience is in epochs, not checks. An onset at 1.25
-    alarms at 2.25 at the earliest; its event names the epoch (3) and the time (2.25)."""
+    alarms half an epoch later, at 1.75; its event names the epoch (2) and the time."""
     w = COWatchdog()
-    for t in (1.25, 1.5, 1.75, 2.0):
-        assert not w.check(t, m(0.95, 0.9, 0.02))
-    assert not w.check(2.0, m(0.95, 0.9, 0.02)) and kinds(w) == [("fgsm_pgd_gap", 2)]
-    assert w.check(2.25, m(0.95, 0.9, 0.02))
+    assert w.co_patience == 0.5
+    assert not w.check(1.25, m(0.95, 0.9, 0.02)) and kinds(w) == [("fgsm_pgd_gap", 2)]
+    assert not w.check(1.5, m(0.95, 0.9, 0.02)), "a quarter of an epoch: not yet"
+    assert w.check(1.75, m(0.95, 0.9, 0.02))
     alarm = w.events[-1]
-    assert (alarm["type"], alarm["epoch"], alarm["at"]) == ("catastrophic_overfitting", 3, 2.25)
-    assert w.events[0]["at"] == 1.25 and "at" not in COWatchdog().events
+    assert (alarm["type"], alarm["epoch"], alarm["at"]) == ("catastrophic_overfitting", 2, 1.75)
+    assert w.events[0]["at"] == 1.25
+    at_end = COWatchdog()
+    at_end.check(1, m(0.95, 0.9, 0.02))
+    assert "at" not in at_end.events[0], "an epoch's end is named by its epoch alone"
+    rising = COWatchdog()  # PGD rising over the last half epoch: not yet
+    for t, pgd in ((1.0, 0.02), (1.25, 0.08), (1.5, 0.15), (1.75, 0.2)):
+        rising.check(t, m(0.95, 0.9, pgd))
+    assert kinds(rising) == [("fgsm_pgd_gap", 1)], "0.15 ≥ 0.02 + 0.1; 0.2 ≥ 0.08 + 0.1"
+    assert rising.check(2.0, m(0.95, 0.9, 0.2)), "0.2 < 0.15 + 0.1: no longer rising"
 
 
 def test_the_previous_rule_is_the_watchdog_without_patience():

@@ -4,18 +4,19 @@ Every committed study run with a history is labelled by its *outcome*, from its 
 its training curves, without the watchdog's events or flags; the watchdog is then replayed over
 the run's per-epoch monitor figures and its alarm compared with the label.
 
-Outcome labels (the rule, in order), on the last model's final figures:
-  chance     clean accuracy <= the largest class's share of the test set + 0.05
-  robust     PGD accuracy >= 0.5 x FGSM accuracy: multi-step attacks find no much more than
-             the single-step one
-  co         catastrophic overfitting: PGD < 0.5 x FGSM while the model resists the
-             single-step attack it trained on (FGSM >= 0.8 x clean): that attack no longer
-             works, a multi-step one does (Wong et al. 2020; Kim et al. 2021)
-  not_robust PGD < 0.5 x FGSM and FGSM < 0.8 x clean: the training attack still works
-             (under-training, or a run that went astray in another way)
-"Final" is the last model's final suite (the last epoch's monitor when only the best epoch
-was evaluated). Runs the watchdog acted on (remediated, stopped early) are left out: their
-outcome is not the one without intervention.
+Outcome labels: the verdict a report gets (contract/verdict.py; docs/methods.md, "Verdicts"),
+from the last model's final figures alone, read as
+  co          catastrophic_overfitting: PGD < 0.5 x FGSM while FGSM >= 0.8 x clean (the
+              single-step attack no longer works, a multi-step one does; Wong et al. 2020,
+              Kim et al. 2021)
+  robust      robust
+  not_robust  not_robust or unverified (under-training: FGSM still fools the model; or
+              robustness within 0.1 of chance)
+  chance      chance (a constant prediction): left out of precision and recall, counted apart
+  masking     gradient_masking (the final attack checks disagree): left out, counted apart
+The last model's final suite (the last epoch's monitor when only the best epoch was
+evaluated). Runs the watchdog acted on (remediated, stopped early) are left out: their outcome
+is not the one without intervention.
 
     python experiments/watchdog/measure.py [--json OUT]
 """
@@ -33,41 +34,66 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-MNIST_MAJORITY = 0.1135  # digit 1: 1135 of the 10 000 test images
+LABELS = {"catastrophic_overfitting": "co", "robust": "robust", "not_robust": "not_robust",
+          "unverified": "not_robust", "chance": "chance", "gradient_masking": "masking"}
 
 
-def final_figures(report: dict) -> tuple[dict, str] | None:
-    """(clean, fgsm, pgd) of the last model and where they come from."""
+def last_model(report: dict) -> dict | None:
+    """The report with ``final`` the last model's result: the outcome without early stopping
+    (None when only the best epoch was evaluated; the last epoch's monitor stands in then)."""
     models = report.get("final_models") or {}
-    fin = models.get("last") if "last" in models else (
-        report.get("final") if not models or "best" not in models else None)
-    if fin is not None and fin.get("attacks"):
-        att = fin["attacks"]
-        pgd = next((a["acc"] for k, a in att.items() if k.startswith("pgd")), None)
-        fgsm = (att.get("fgsm") or {}).get("acc")
-        if pgd is not None and fgsm is not None:
-            return {"clean": fin["clean_acc"], "fgsm": fgsm, "pgd": pgd}, "final suite"
-    hist = report.get("history") or []
-    mon = hist[-1].get("monitor") if hist else None
-    if mon:
-        return {"clean": mon["clean_acc"], "fgsm": mon["fgsm_acc"],
-                "pgd": mon["pgd_acc"]}, "last monitor"
-    return None
+    if "last" in models:
+        return {**report, "final": models["last"]}
+    if not models or "best" not in models:
+        return report
+    mon = (report.get("history") or [{}])[-1].get("monitor")
+    if not mon:
+        return None
+    return {**report, "final": {"clean_acc": mon["clean_acc"], "n": mon["n"], "attacks": {
+        "fgsm": {"acc": mon["fgsm_acc"]}, "pgd-monitor": {"acc": mon["pgd_acc"]}}}}
+
+
+_SHARES: dict[tuple[str, int], float] = {}
+
+
+def with_chance_level(report: dict) -> dict:
+    """A report written before runs recorded ``dataset.majority_share`` gets its dataset's
+    (MNIST's first 1 000 test images: 0.126; all 10 000: 0.1135), as a new run records it."""
+    data = report.get("dataset") or {}
+    if data.get("majority_share") is not None:
+        return report
+    n = report["final"].get("n") or data.get("test")
+    key = (data.get("name"), n)
+    if key not in _SHARES:
+        from contract.spec import DatasetSpec
+        from workers.engine.data import load_dataset
+        from workers.engine.runner import majority_share
+
+        _SHARES[key] = majority_share(load_dataset(DatasetSpec(name=key[0])).test_y, n)
+    return {**report, "dataset": {**data, "majority_share": _SHARES[key]}}
 
 
 def label(report: dict) -> tuple[str, str]:
-    got = final_figures(report)
-    if got is None:
+    """The run's outcome: the product's own verdict (contract/verdict.py) on its last model."""
+    from contract.verdict import verdict
+
+    last = last_model(report)
+    if last is None:
         return "unknown", "no figures"
-    f, _src = got
-    clean, fgsm, pgd = f["clean"], f["fgsm"], f["pgd"]
-    if clean <= MNIST_MAJORITY + 0.05:
-        return "chance", f"clean {clean:.3f}"
-    if pgd >= 0.5 * fgsm:
-        return "robust", f"PGD {pgd:.3f} >= 0.5 x FGSM {fgsm:.3f}"
-    if fgsm >= 0.8 * clean:
-        return "co", f"PGD {pgd:.3f} < 0.5 x FGSM {fgsm:.3f}, FGSM >= 0.8 x clean {clean:.3f}"
-    return "not_robust", f"PGD {pgd:.3f} < 0.5 x FGSM {fgsm:.3f}, FGSM < 0.8 x clean {clean:.3f}"
+    v = verdict(with_chance_level(last))
+    return LABELS[v["label"]], v["reason"]
+
+
+def hindsight_onset(report: dict) -> int | None:
+    """The epoch from which the monitor shows the FGSM-PGD gap at every epoch's end to the
+    last (PGD < 0.5 x FGSM, FGSM - PGD >= 0.2): where the lasting collapse began, seen from
+    the end. None when the last epoch shows no gap."""
+    onset = None
+    for h in report.get("history") or []:
+        m = h.get("monitor")
+        gap = bool(m) and m["pgd_acc"] < 0.5 * m["fgsm_acc"] and m["fgsm_acc"] - m["pgd_acc"] >= 0.2
+        onset = (onset or h["epoch"]) if gap else None
+    return onset
 
 
 def runs() -> list[tuple[str, dict]]:
@@ -86,14 +112,18 @@ def half(name: str) -> str:
 
 
 def replay(report: dict, make) -> list[dict]:
-    """The events a watchdog built by ``make(report)`` records over the run's history."""
+    """The events a watchdog built by ``make(report)`` records over the run's history (its
+    probes too, where the run had them)."""
     from workers.engine.runner import warmed_up
 
     dog = make(report)
     warm = (report["spec"].get("threat") or {}).get("epsilon_warmup", 0) or 0
-    for h in report["history"]:
+    for h in report["history"]:  # the probes within the epoch, then its end, as in training
+        for p in h.get("probes") or []:
+            if warmed_up(p["at"], warm):
+                dog.check(p["at"], p)
         if h.get("monitor") and warmed_up(h["epoch"], warm):
-            dog.check(h["epoch"], {**h["monitor"], "train_acc": h.get("train_acc")})
+            dog.check(h["epoch"], h["monitor"])
     return dog.events
 
 
@@ -115,35 +145,83 @@ def previous(report: dict):
 
 
 def score(rows: list[dict]) -> dict:
+    lags = sorted(r["alarm_at"] - r["onset"] for r in rows
+                  if r["alarm"] is not None and r["label"] == "co" and r["onset"] is not None)
     tp = sum(r["alarm"] is not None and r["label"] == "co" for r in rows)
     fp = sum(r["alarm"] is not None and r["label"] in ("robust", "not_robust") for r in rows)
     fn = sum(r["alarm"] is None and r["label"] == "co" for r in rows)
-    return {"tp": tp, "fp": fp, "fn": fn,
-            "precision": tp / (tp + fp) if tp + fp else None,
-            "recall": tp / (tp + fn) if tp + fn else None}
+    return {"runs": len(rows), "co": tp + fn, "tp": tp, "fp": fp, "fn": fn,
+            "precision": round(tp / (tp + fp), 3) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 3) if tp + fn else None,
+            "alarms_on_chance": sum(r["alarm"] is not None and r["label"] == "chance"
+                                    for r in rows),
+            # epochs from the lasting gap's first epoch (seen from the end) to the alarm
+            "lag_median": lags[len(lags) // 2] if lags else None,
+            "lag_range": [round(lags[0], 2), round(lags[-1], 2)] if lags else None}
+
+
+CONFIRM_SEEDS = ("seed=5", "seed=6", "seed=7", "seed=8", "seed=9")
+
+
+def part(name: str) -> str:
+    """The runs made for this study apart — ``targets`` (quickstart.yaml, seeds 0-4, where the
+    patience within the epoch was chosen) and ``confirm`` (seeds 5-9, run after) — and the
+    committed studies split in two halves."""
+    if name.startswith("watchdog/"):
+        return "confirm" if name.endswith(CONFIRM_SEEDS) else "targets"
+    return half(name)
+
+
+def measure(make) -> list[dict]:
+    rows = []
+    for name, report in runs():
+        lab, why = label(report)
+        events = replay(report, make)
+        alarm = next((e for e in events if e["type"] == "catastrophic_overfitting"), None)
+        spec = report["spec"]
+        rows.append({"run": name, "part": part(name), "label": lab, "why": why,
+                     "alarm": alarm["epoch"] if alarm else None,
+                     "alarm_at": alarm.get("at", alarm["epoch"]) if alarm else None,
+                     "onset": hindsight_onset(report),
+                     "adversary": spec["recipe"]["adversary"]["kind"],
+                     "epsilon": spec["threat"]["epsilon"],
+                     "events": [(e["type"], e.get("at", e["epoch"])) for e in events]})
+    return rows
+
+
+def table(rows: list[dict]) -> dict:
+    out = {p: score([r for r in rows if r["part"] == p])
+           for p in ("design", "holdout", "targets", "confirm")}
+    out["all"] = score(rows)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="write every run's label and alarm here")
     args = ap.parse_args()
-    rows = []
-    for name, report in runs():
-        lab, why = label(report)
-        events = replay(report, current)
-        alarm = next((e["epoch"] for e in events if e["type"] == "catastrophic_overfitting"),
-                     None)
-        rows.append({"run": name, "half": half(name), "label": lab, "why": why,
-                     "alarm": alarm, "adversary": report["spec"]["recipe"]["adversary"]["kind"],
-                     "events": [(e["type"], e["epoch"]) for e in events]})
-    from collections import Counter
-
-    print(Counter((r["label"], r["alarm"] is not None) for r in rows))
-    for part in ("design", "holdout", None):
-        sel = [r for r in rows if part is None or r["half"] == part]
-        print(part or "all", len(sel), score(sel))
+    results = {}
+    for name, make in (("previous", previous), ("current", current)):
+        rows = measure(make)
+        results[name] = {"score": table(rows), "rows": rows}
+        print(f"{name} rule")
+        for p, sc in results[name]["score"].items():
+            print(f"  {p:<8} {sc}")
+        fgsm = [r for r in rows if r["adversary"] == "fgsm" and r["epsilon"] == 0.3
+                and r["run"].startswith(("watchdog/", "quickstart/runs-mnist-net/"))
+                and "/fgsm_" in r["run"]]
+        print("  plain FGSM (quick start spec) alarmed at epoch:",
+              [r["alarm"] for r in fgsm])
+        rs = [r for r in rows if r["run"].startswith("watchdog/") and "fgsm-rs" in r["run"]]
+        print("  FGSM-RS (quick start spec) alarms:", [r["alarm"] for r in rs],
+              "labels:", [r["label"] for r in rs])
+        wrong = [r for r in rows if (r["alarm"] is not None) != (r["label"] == "co")
+                 and r["label"] != "chance"]
+        print(f"  wrong: {len(wrong)}")
+        for r in wrong if name == "current" else []:
+            print(f"    {r['part']:<8} {r['label']:<10} alarm {r['alarm']}  {r['run']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

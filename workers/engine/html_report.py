@@ -23,6 +23,7 @@ from typing import Any
 
 from contract.export import eps_text
 from contract.report import Event, FinalResult, final_by_model
+from contract.verdict import verdict
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -234,6 +235,26 @@ def certification_figure(cert: dict[str, Any], points: list[tuple[float, bool]])
 
 
 # ---------------------------------------------------------------------------------- the page
+VERDICT_TEXT = {"robust": "Robust", "not_robust": "Not robust",
+                "catastrophic_overfitting": "Catastrophic overfitting",
+                "chance": "At chance: the model predicts about one class",
+                "gradient_masking": "Gradient masking: the attacks disagree",
+                "unverified": "Unverified: no multi-step attack was run"}
+
+
+def _verdict_banner(report: dict[str, Any]) -> str:
+    """The verdict at the top of the page: what the job made (the job's state only says it
+    ran). Green for robust, red otherwise."""
+    if not report.get("final"):
+        return ""
+    v = report.get("verdict") or verdict(report)
+    label = v["label"]
+    return (f"<div class='verdict {'ok' if label == 'robust' else 'bad'}' "
+            f"data-verdict='{_esc(label)}'><strong>Verdict: "
+            f"{_esc(VERDICT_TEXT.get(label, label))}</strong> — {_esc(v['reason'])}. "
+            "<span class='note'>(The rule: docs/methods.md, \"Verdicts\".)</span></div>")
+
+
 def _final_table(report: dict[str, Any]) -> str:
     models = final_by_model(report)
     names = list(models)
@@ -286,7 +307,8 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
             f"mode {spec.get('mode', 'train')}",
             *([f"finished {report['finished_at']}"] if report.get("finished_at") else [])))
         + f" · report_version {_esc(report['report_version'])}</p>",
-        "<h2>Final evaluation</h2>", _final_table(report), _warnings(report)]
+        _verdict_banner(report), "<h2>Final evaluation</h2>", _final_table(report),
+        _warnings(report)]
     if hist:
         sections += ["<h2>Training</h2>", training_figure(hist, co_epochs),
                      "<h2>Robustness per epoch</h2>", monitor_figure(hist, co_epochs,
@@ -306,32 +328,26 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                            + " (grey dash-dot lines)" if recovered else "")
                         + ("; still overfit at the last epoch" if hist and
                            hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
-    gaps = [e for e in events if e.get("type") == "fgsm_pgd_gap"]
-    if gaps:
-        closed = [e["epoch"] for e in events if e.get("type") == "fgsm_pgd_gap_closed"]
-        sections.append("<p class='note'>An FGSM-PGD gap was recorded at epoch(s) "
-                        + ", ".join(str(e["epoch"]) for e in gaps)
-                        + (" and closed at epoch(s) " + ", ".join(map(str, closed))
-                           if closed else "")
-                        + ": PGD accuracy far under FGSM's, common early in single-step "
-                        "training and often passing. Only a gap that persists while PGD "
-                        "accuracy does not rise and the training attack has stopped working "
-                        "is catastrophic overfitting (docs/methods.md, \"The watchdog\").</p>")
-    under = [e for e in events if e.get("type") == "under_training"]
-    if under:
-        sections.append("<p class='co'>Under-training from epoch(s) "
-                        + ", ".join(str(e["epoch"]) for e in under)
-                        + ": the gap persisted while the single-step training attack still "
-                        "fooled the model (FGSM accuracy well under clean): it has not learned "
-                        "to resist even the attack it trains on (more epochs, a smaller step "
-                        "or a weaker regularizer), which is not catastrophic overfitting.</p>")
-    masked = [e for e in events if e.get("type") == "gradient_masking"]
-    if masked:
-        sections.append("<p class='co'>Gradient masking suspected from epoch(s) "
-                        + ", ".join(str(e["epoch"]) for e in masked)
-                        + ": PGD on cross-entropy leaves more accuracy than the same PGD on the "
-                        "DLR loss (the purple dash-dot line), so cross-entropy's gradients "
-                        "mislead the attack; trust the lower figure and AutoAttack's.</p>")
+    closed = [e["epoch"] for e in events if e.get("type") == "fgsm_pgd_gap_closed"]
+    for kind, css, lead, text in (
+            ("fgsm_pgd_gap", "note", "An FGSM-PGD gap was recorded at",
+             (" and closed at epoch(s) " + ", ".join(map(str, closed)) if closed else "")
+             + ": PGD accuracy far under FGSM's, common early in single-step training and "
+             "often passing. Only a gap that persists while PGD accuracy does not rise and the "
+             "training attack has stopped working is catastrophic overfitting (docs/methods.md, "
+             "\"The watchdog\")"),
+            ("under_training", "co", "Under-training from",
+             ": the gap persisted while the single-step training attack still fooled the model "
+             "(FGSM accuracy well under clean): it has not learned to resist even the attack "
+             "it trains on (more epochs, a smaller step or a weaker regularizer), which is not "
+             "catastrophic overfitting"),
+            ("gradient_masking", "co", "Gradient masking suspected from",
+             ": PGD on cross-entropy leaves more accuracy than the same PGD on the DLR loss (the "
+             "purple dash-dot line), so cross-entropy's gradients mislead the attack; trust the "
+             "lower figure and AutoAttack's")):
+        epochs = [str(e["epoch"]) for e in events if e.get("type") == kind]
+        if epochs:
+            sections.append(f"<p class='{css}'>{lead} epoch(s) {', '.join(epochs)}{text}.</p>")
     if events:
         sections += ["<h2>Watchdog events</h2>", _table(
             [(e.get("type"), Event.model_validate(e).when, e.get("pgd_acc", "–"),
@@ -378,6 +394,9 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
              "color:#222}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:left}"
              ".co{color:#d62728;font-weight:600}.meta,.note{color:#555}"
+             ".verdict{padding:.7em 1em;border-radius:6px;margin:1em 0}"
+             ".verdict.ok{background:#e6f4ea;border:1px solid #2ca02c}"
+             ".verdict.bad{background:#fdecea;border:1px solid #d62728}"
              "figure{margin:1em 0}img{max-width:100%}"
              "pre{background:#f6f6f6;padding:1em;overflow:auto}")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"

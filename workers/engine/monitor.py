@@ -94,7 +94,7 @@ class COWatchdog:
 
     co_drop: float = 0.5
     co_gap: float = 0.2
-    co_patience: float = 1.0  # epochs the gap must persist before it is an alarm
+    co_patience: float = 0.5  # epochs the gap must persist before it is an alarm
     co_rise: float = 0.1  # PGD accuracy rising this much over that span: not (yet) CO
     co_resist: float = 0.8  # FGSM ≥ this x clean: the training attack no longer works ...
     co_deep: float = 0.01  # ... or PGD < this x FGSM: multi-step attacks find (nearly) all

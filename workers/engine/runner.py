@@ -36,6 +36,7 @@ from contract.presets import describe_recipe
 from contract.report import Report
 from contract.spec import SINGLE_STEP, JobSpec, RecipeSpec, as_spec, remedied, same_spec
 from contract.tracking import TrackingServers
+from contract.verdict import verdict
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
 from workers.engine.checkpoint import (
@@ -185,6 +186,13 @@ def judge(watchdog: COWatchdog, t: float, mon: dict[str, Any] | None,
     if not mon or not warmed_up(t, warmup):
         return watchdog.flagged
     return watchdog.check(t, mon)
+
+
+def majority_share(labels: torch.Tensor, n: int | None) -> float:
+    """The largest class's share of the first ``n`` labels (the images the final suite
+    evaluates): the accuracy of always predicting it."""
+    y = labels[:n] if n is not None else labels
+    return round(float(torch.bincount(y.long()).max()) / max(int(y.numel()), 1), 6)
 
 
 PROBE_BUDGET = 0.10  # of an epoch's training work, at most
@@ -718,7 +726,10 @@ class Training:
                                        spec.compute.precision, self.compiled),
             "dataset": {"name": data.name, "num_classes": data.num_classes, **self.sizes,
                         "test": int(data.test_x.shape[0]), "monitor": self.n_mon,
-                        "shape": list(data.train_x.shape[1:])},
+                        "shape": list(data.train_x.shape[1:]),
+                        # the chance level of the final figures (contract/verdict.py)
+                        "majority_share": majority_share(data.test_y,
+                                                         self.spec.evaluation.final.n)},
             "history": self.history,
             "events": self.watchdog.events,
             "final": finals.get("last") or next(iter(finals.values())),
@@ -815,12 +826,13 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
     import datetime as dt
 
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    report["verdict"] = verdict(report)  # what the job made, beside its state
     write_json(out / REPORT, report)
     (out / FINAL_STATE).unlink(missing_ok=True)  # the report holds what it kept
     tsv = out / CERTIFY_TSV
     write_text(out / REPORT_HTML, render_html(
         report, tsv.read_text() if certification is not None and tsv.is_file() else None))
-    emit("finished", {"final": report["final"]})
+    emit("finished", {"final": report["final"], "verdict": report["verdict"]})
     return report
 
 
