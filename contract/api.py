@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
@@ -55,6 +55,9 @@ class JobOut(BaseModel):
     finished_at: UTCDateTime | None
     spec: dict[str, Any]
     model_id: str | None = None
+    verdict: dict[str, Any] | None = Field(
+        None, description="what a succeeded job made: {label, reason} (docs/methods.md, "
+                          "\"Verdicts\"); the state only says it ran")
 
     @property
     def terminal(self) -> bool:
@@ -106,7 +109,7 @@ class SweepList(BaseModel):
 
 
 class LeaderboardRow(BaseModel):
-    rank: int
+    rank: int | None            # within its threat (dataset, norm, ε); None: not robust
     job_id: str
     name: str | None
     dataset: str
@@ -119,11 +122,18 @@ class LeaderboardRow(BaseModel):
     clean_acc: float
     n: int                      # evaluation points
     seconds: float | None       # the job's wall time
+    suite: str = ""             # the final suite's attacks
+    standard: bool = False      # AutoAttack standard on the whole test set
+    verdict: str | None = None  # contract/verdict.py: only "robust" is ranked
+    radius: float | None = None  # a certified figure's radius ...
+    sigma: float | None = None   # ... and the noise level it was certified at
 
 
 class Leaderboard(BaseModel):
-    """The tenant's finished jobs ranked by one figure; ``skipped`` counts the matching jobs
-    whose report lacks it (no AutoAttack run, no certification)."""
+    """The tenant's finished jobs by one figure, grouped by threat (dataset, norm, ε: ℓ2 and
+    ℓ∞ never share a ranking), each group ranked best first among jobs whose verdict is
+    ``robust`` (a certified figure, a guarantee, always); the others follow their group with
+    no rank. ``skipped`` counts the matching jobs whose report lacks the figure."""
 
     metric: Literal["autoattack", "pgd", "certified"]
     radius: float | None

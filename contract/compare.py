@@ -1,14 +1,17 @@
 """``bulwark compare``: a sweep's runs side by side — ``compare.json`` and ``compare.html``.
 
-Runs are grouped by method (the sweep variant, else the recipe preset, with any other grid
-field the run set) and ε; each group has the mean ± std over its seeds of clean, PGD and
-AutoAttack accuracy, of seconds per epoch and of training seconds (the median epoch × the
-epochs: a paused epoch does not count), how many of its runs the watchdog flagged for
-catastrophic overfitting (CO) and how many were still overfit at their last epoch (the others
-recovered). The page is self-contained: one table and three matplotlib figures embedded as
-SVG data URIs (robust accuracy against ε per method with the runs still overfit at their end
-marked, clean against robust accuracy per run, seconds per epoch per method). Every string
-from a run is escaped.
+Runs are pooled as seeds only when their resolved specs are equal apart from the seed (a
+digest, ``contract.sweep.pool_key``); each pool is a row per ε, named by its method (the sweep
+variant, else the recipe preset, with any other grid field the run set) and, where two pools
+share a method, by the spec fields they differ in. Each row has the mean ± std over its seeds
+of clean, PGD and AutoAttack accuracy, of seconds per epoch and of training seconds (the
+median epoch × the epochs: a paused epoch does not count), how many of its runs the watchdog
+flagged for catastrophic overfitting (CO) and how many were still overfit at their last epoch
+(the others recovered). The page is self-contained: one table and three matplotlib figures
+embedded as SVG data URIs (robust accuracy against ε per method with the runs still overfit
+at their end marked, clean against robust accuracy per run, seconds per epoch per method); an
+error bar is drawn only over two runs or more and never leaves [0, 1]. Every string from a
+run is escaped.
 """
 
 from __future__ import annotations
@@ -51,27 +54,76 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (method, ε) over the finished runs: methods in first-seen order, each
-    method's ε ascending."""
-    out: dict[tuple[str, Any], dict[str, Any]] = {}
+def labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each pool's row label: its method, and where two pools share a method at one ε, the
+    spec fields their runs differ in (``n-aaer epochs=5 train_limit=20000``; ``#2`` when the
+    rows carry no spec). A pool is the runs whose resolved specs are equal apart from the seed
+    (``contract.sweep.pool_key``): only those are seeds of one method."""
+    from contract.sweep import POOL_APART, flat_fields
+
+    first: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r.get("state") != "succeeded":
+        first.setdefault(_pool(r), r)
+    clash: dict[tuple[str, Any], list[str]] = {}
+    for pool, r in first.items():
+        clash.setdefault((method_of(r), r.get("epsilon")), []).append(pool)
+    out = {}
+    for (method, _eps), pools in clash.items():
+        if len(pools) == 1:
+            out[pools[0]] = method
             continue
-        g = out.setdefault((method_of(r), r.get("epsilon")), {
-            "method": method_of(r), "epsilon": r.get("epsilon"), "runs": [], "seeds": []})
+        flats = {p: flat_fields(first[p].get("spec") or {}) for p in pools}
+        keys = sorted({k for f in flats.values() for k in f} - set(POOL_APART))
+        varying = [k for k in keys if len({repr(f.get(k)) for f in flats.values()}) > 1]
+        for i, p in enumerate(pools, start=1):
+            diff = " ".join(f"{k.rsplit('.', 1)[-1]}={_value(flats[p].get(k))}"
+                            for k in varying)
+            out[p] = f"{method} {diff}" if diff else f"{method} #{i}"
+    return out
+
+
+def _pool(row: dict[str, Any]) -> str:
+    """The row's pool: its method and its spec digest (a row from before digests: its method
+    alone). Runs named apart (two `bulwark run` folders, two sweep variants) stay apart even
+    where their specs agree."""
+    return f"{method_of(row)}|{row.get('pool') or ''}"
+
+
+def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per pool (runs whose resolved specs differ in the seed alone) and ε over the
+    finished runs: methods in first-seen order, each method's ε ascending. A run that differs
+    in anything else — the training set, the epochs, a regularizer's weight — is another row,
+    labelled by what differs, never another seed."""
+    done = [r for r in rows if r.get("state") == "succeeded"]
+    names = labels(done)
+    out: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in done:
+        g = out.setdefault((_pool(r), r.get("epsilon")), {
+            "method": names[_pool(r)], "epsilon": r.get("epsilon"), "runs": [], "seeds": []})
         g["runs"].append(r["name"])
         g["seeds"].append(r.get("seed"))
-    for g in out.values():
-        runs = [r for r in rows if r.get("state") == "succeeded" and r["name"] in g["runs"]]
+    for (pool, _eps), g in out.items():
+        runs = [r for r in done if _pool(r) == pool and r["name"] in g["runs"]]
         for m in METRICS:
             g[m], g[m + "_std"] = _mean_std([r.get(m) for r in runs])
         g["co_runs"] = sum(bool(r.get("co_epochs")) for r in runs)
         g["co_end_runs"] = sum(bool(r.get("co_at_end")) for r in runs)
         g["n"] = len(runs)
-    first = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in out))}
+    first = {m: i for i, m in enumerate(dict.fromkeys(g["method"] for g in out.values()))}
     return sorted(out.values(), key=lambda g: (
         first[g["method"]], g["epsilon"] is None, g["epsilon"] if g["epsilon"] is not None else 0))
+
+
+def bounded(mean: float, std: float | None, top: float | None = 1.0) -> tuple[float, float]:
+    """An error bar's (below, above) lengths: the std, cut so the bar stays in [0, top]."""
+    std = std or 0.0
+    return min(std, mean), std if top is None else min(std, max(top - mean, 0.0))
+
+
+def _yerr(gs: list[dict[str, Any]], key: str, top: float | None = 1.0) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars for ``key`` over groups: none for a single run."""
+    bars = [bounded(g[key], g[key + "_std"] if g["n"] > 1 else 0.0, top) for g in gs]
+    return [[b for b, _ in bars], [a for _, a in bars]]
 
 
 def by_epsilon(grouped: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[str, dict]]]:
@@ -123,6 +175,8 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if r.get("state") == "succeeded"]
+    names = labels(done)
+    label = {r["name"]: names[_pool(r)] for r in done}
     methods = list(dict.fromkeys(g["method"] for g in grouped))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     out = {}
@@ -135,7 +189,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
                         key=lambda g: g["epsilon"] or 0)
             if gs:
                 ax.errorbar([g["epsilon"] for g in gs], [g["pgd_acc"] for g in gs],
-                            yerr=[g["pgd_acc_std"] for g in gs], marker="o", capsize=3,
+                            yerr=_yerr(gs, "pgd_acc"), marker="o", capsize=3,
                             label=m, color=colors[m])
         if co:
             ax.scatter([r["epsilon"] for r in co], [r["pgd_acc"] for r in co], marker="x",
@@ -145,10 +199,10 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
     else:  # one ε: a bar per method, every run a dot, CO runs a red cross
         gs = [g for g in grouped if g["pgd_acc"] is not None]
         xs = range(len(gs))
-        ax.bar(xs, [g["pgd_acc"] for g in gs], yerr=[g["pgd_acc_std"] for g in gs],
+        ax.bar(xs, [g["pgd_acc"] for g in gs], yerr=_yerr(gs, "pgd_acc"),
                capsize=3, color=[colors[g["method"]] for g in gs], alpha=0.8)
         for x, g in zip(xs, gs, strict=True):
-            runs = [r for r in done if method_of(r) == g["method"]
+            runs = [r for r in done if label[r["name"]] == g["method"]
                     and r.get("pgd_acc") is not None]
             ax.scatter([x] * len(runs), [r["pgd_acc"] for r in runs], s=14, color="black",
                        zorder=4)
@@ -165,7 +219,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for m in methods:
-        pts = [r for r in done if method_of(r) == m and r.get("pgd_acc") is not None]
+        pts = [r for r in done if label[r["name"]] == m and r.get("pgd_acc") is not None]
         ax.scatter([r["clean_acc"] for r in pts], [r["pgd_acc"] for r in pts], label=m,
                    color=colors[m], marker="o")
     ax.set(xlabel="clean accuracy", ylabel="PGD accuracy", xlim=(-0.02, 1.02),
@@ -177,7 +231,7 @@ def figures(rows: list[dict[str, Any]], grouped: list[dict[str, Any]]) -> dict[s
     ref, per = cost_groups(grouped)
     fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.4 * max(len(per), 1)))
     ax.barh([g["method"] for g in per], [g["seconds_per_epoch"] for g in per],
-            xerr=[g["seconds_per_epoch_std"] for g in per],
+            xerr=_yerr(per, "seconds_per_epoch", top=None),
             color=[colors[g["method"]] for g in per])
     ax.invert_yaxis()
     where = f" at ε = {ref:g}" if isinstance(ref, float | int) else ""
@@ -301,9 +355,10 @@ def epsilon_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
-    """``compare.json`` (runs and groups) and ``compare.html`` in ``out``."""
+    """``compare.json`` (runs, without their specs, and groups) and ``compare.html``."""
     out.mkdir(parents=True, exist_ok=True)
     j, h = out / COMPARE_JSON, out / COMPARE_HTML
-    j.write_text(json.dumps({"runs": rows, "groups": groups(rows)}, indent=2))
+    j.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "spec"}
+                                      for r in rows], "groups": groups(rows)}, indent=2))
     h.write_text(render(rows, title))
     return j, h

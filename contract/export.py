@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from contract.verdict import verdict
+
 ARCH_NAMES = {"small_cnn": "SmallCNN", "mnist_net": "MNIST-Net (Wong et al. 2020)",
               "preact_resnet18": "PreActResNet-18",
               "wide_resnet": "WideResNet"}
@@ -69,9 +71,10 @@ def leaderboard_row(report: dict[str, Any], metric: str = "autoattack",
                     radius: float = 0.5) -> dict[str, Any] | None:
     """A finished job's entry for ``metric`` (None when the report has no such figure):
     AutoAttack or PGD accuracy, or certified accuracy at ``radius`` (the largest tabulated
-    radius not above it)."""
+    radius not above it), with the threat it is ranked within, the attack suite and its n,
+    whether that suite is AutoAttack ``standard`` on the whole test set, and the verdict."""
     spec, final = report["spec"], report["final"]
-    value, what = None, None
+    value, what, extra = None, None, {}
     if metric in ("autoattack", "pgd"):
         found = _attack(final, metric)
         if found:
@@ -84,20 +87,49 @@ def leaderboard_row(report: dict[str, Any], metric: str = "autoattack",
                 r = max(radii)
                 what = f"certified@{r:g}"
                 value = cert["certified_accuracy"][cert["radii"].index(r)]
+                extra = {"radius": r, "sigma": cert.get("sigma")}
     else:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if value is None:
         return None
     threat = spec["threat"]
+    test = (report.get("dataset") or {}).get("test")
+    attacks = list(final.get("attacks") or {})
     return {"name": spec.get("name"), "dataset": spec["dataset"]["name"],
             "norm": threat["norm"], "epsilon": threat["epsilon"],
             "method": (spec.get("recipe") or {}).get("preset"), "arch": spec["model"]["arch"],
             "metric": what, "robust_acc": value, "clean_acc": final["clean_acc"],
-            "n": final["n"], "seconds": (report.get("timing") or {}).get("total")}
+            "n": final["n"], "seconds": (report.get("timing") or {}).get("total"),
+            "suite": ", ".join(attacks) or "none",
+            "standard": "autoattack-standard" in attacks and test is not None
+                        and final["n"] >= test,
+            "verdict": (report.get("verdict") or verdict(report))["label"], **extra}
+
+
+def threat_of(row: dict[str, Any]) -> tuple[str, str, float]:
+    """What a ranking is within: one dataset, one norm, one ε (ℓ2 and ℓ∞ never share one)."""
+    return (row["dataset"], row["norm"], row["epsilon"])
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first: robust accuracy, then clean accuracy, then fewer seconds."""
-    ordered = sorted(rows, key=lambda r: (-r["robust_acc"], -r["clean_acc"],
-                                          r.get("seconds") or 0.0))
-    return [{"rank": i + 1, **r} for i, r in enumerate(ordered)]
+    """Rows grouped by threat (dataset, norm, ε), each group best first: robust accuracy,
+    then clean accuracy, then fewer seconds. Only a ``robust`` verdict is ranked (a certified
+    figure, a guarantee, is ranked whatever the empirical verdict); the rest follow their
+    group with no rank, so a model at chance or overfit never sits among robust ones."""
+    def key(r: dict[str, Any]) -> tuple:
+        return (-r["robust_acc"], -r["clean_acc"], r.get("seconds") or 0.0)
+
+    out = []
+    for threat in sorted({threat_of(r) for r in rows}):
+        group = [r for r in rows if threat_of(r) == threat]
+        ranked = sorted((r for r in group if _ranked(r)), key=key)
+        apart = sorted((r for r in group if not _ranked(r)), key=key)
+        out += [{"rank": i + 1, **r} for i, r in enumerate(ranked)]
+        out += [{"rank": None, **r} for r in apart]
+    return out
+
+
+def _ranked(row: dict[str, Any]) -> bool:
+    return row.get("verdict") == "robust" or str(row.get("metric", "")).startswith("certified")
+
+

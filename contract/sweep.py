@@ -34,6 +34,7 @@ from pydantic import Field, ValidationError, field_validator
 from contract.presets import merge
 from contract.report import FinalResult
 from contract.spec import JobSpec, SpecError, _Strict, format_validation_error, read_spec_file
+from contract.verdict import verdict
 
 MAX_CHILDREN = 1000
 MAX_INCLUDE_DEPTH = 8
@@ -195,6 +196,44 @@ def _warnings(final: dict[str, Any]) -> list[str]:
         return []
 
 
+POOL_APART = ("name", "schedule.seed", "compute.devices", "compute.compile")
+
+
+def pool_key(spec: dict[str, Any]) -> str:
+    """Runs may be pooled as seeds of one method only when this is equal: a digest of the
+    resolved spec apart from its name, seed and what does not change what a run computes
+    (``compute.devices``, ``compute.compile``)."""
+    import hashlib
+    import json
+
+    from contract.spec import JobSpec
+
+    try:
+        data = JobSpec.model_validate(spec).model_dump(mode="json")
+    except ValueError:
+        data = dict(spec)
+    flat = {k: v for k, v in flat_fields(data).items() if k not in POOL_APART}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flat_fields(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flat_fields(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _verdict_label(report: dict[str, Any]) -> str | None:
+    """The report's verdict (read from its figures when it has none); None when malformed."""
+    try:
+        return (report.get("verdict") or verdict(report))["label"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The figures a sweep table shows for one finished child."""
     final = report["final"]
@@ -221,6 +260,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
                         for h in history],
         "seconds": report.get("timing", {}).get("total"),
         "warnings": _warnings(final),
+        "verdict": _verdict_label(report),
+        "pool": pool_key(spec),
         "seconds_per_epoch": per_epoch,
         # the whole training's cost on the same terms: what a recipe's budget is compared by
         "train_seconds": per_epoch * len(history) if history else None,

@@ -583,7 +583,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rep = job_report(job)
             rows.append({"name": job.name or job.id[:8], "state": job.state,
                          **({"error": job.error} if job.error else {}),
-                         **(headline(rep) if rep else {})})
+                         # the spec names what differs where two jobs are not seeds of one
+                         **(headline(rep) if rep else {}), "spec": job.spec})
         return HTMLResponse(render_compare(rows, f"Comparison of {len(rows)} jobs"),
                             headers=REPORT_CSP)
 

@@ -46,7 +46,8 @@ def job_out(job: Job) -> JobOut:
                   progress=progress, error=job.error,
                   artifacts=[ArtifactOut(**a) for a in job.artifacts or []],
                   created_at=job.created_at, started_at=job.started_at,
-                  finished_at=job.finished_at, spec=job.spec, model_id=job.model_id)
+                  finished_at=job.finished_at, spec=job.spec, model_id=job.model_id,
+                  verdict=progress.get("verdict"))
 
 
 def model_out(m: UploadedModel) -> ModelOut:

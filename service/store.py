@@ -613,8 +613,10 @@ class Store:
             return res.rowcount == 1, bool(cancel)
 
     def finish(self, job_id: str, owner: str, state: str, *, error: str | None = None,
-               artifacts: list[dict[str, Any]] | None = None) -> bool:
-        """Terminal (or back to queued for a retry) transition, only by the lease owner."""
+               artifacts: list[dict[str, Any]] | None = None,
+               progress: dict[str, Any] | None = None) -> bool:
+        """Terminal (or back to queued for a retry) transition, only by the lease owner;
+        ``progress`` replaces the row's (a succeeded job's carries its verdict)."""
         assert state in (SUCCEEDED, FAILED, CANCELLED, QUEUED)
         values: dict[str, Any] = {"state": state, "error": error, "lease_owner": None}
         if state != QUEUED:
@@ -623,6 +625,8 @@ class Store:
             values["enqueued_at"] = None  # to be sent again
         if artifacts is not None:
             values["artifacts"] = artifacts
+        if progress is not None:
+            values["progress"] = progress
         with self.session() as s:
             res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
                                               Job.state == RUNNING).values(**values)

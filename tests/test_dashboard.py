@@ -79,11 +79,19 @@ def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
         page.screenshot(path=str(shots / "ui-jobs.png"), full_page=True)
         clean = page.locator("#jobs tbody tr").first.locator("td.num").first
         assert 0.0 <= float(clean.inner_text()) <= 1.0
+        from contract.verdict import LABELS
+
+        badges = page.locator("#jobs td.verdict")  # succeeded is the state; this, the verdict
+        for i in range(2):
+            label = badges.nth(i).inner_text().replace(" ", "_")
+            assert label in LABELS, label
+            assert badges.nth(i).get_attribute("title"), "the reason on hover"
 
         page.locator("#jobs tbody tr", has_text="one").get_by_role("button",
                                                                    name="report").click()
         frame = page.frame_locator("#viewer-frame")
         expect(frame.locator("h1")).to_contain_text("Bulwark report: one")
+        expect(frame.locator(".verdict")).to_contain_text("Verdict:")
         expect(frame.locator("img")).to_have_count(2)
         page.screenshot(path=str(shots / "ui-report.png"), full_page=True)
 

@@ -94,7 +94,8 @@ def test_submit_wait_report_download(served, tmp_path):
     dest = tmp_path / "w.safetensors"
     dl = _cli(env, "download", job_id[:8], "model.safetensors", "-o", str(dest))
     assert dl.returncode == 0 and dest.stat().st_size > 1000, "a job-id prefix is enough"
-    assert _cli(env, "report", job_id[:6]).stdout.startswith("clean accuracy")
+    summary = _cli(env, "report", job_id[:6]).stdout.splitlines()
+    assert summary[0].startswith("verdict ") and summary[1].startswith("clean accuracy")
     bad = _cli(env, "download", job_id, "checkpoint.pt")
     assert bad.returncode == 2 and "report.json" in bad.stderr
     assert (home / "artifacts" / "tenants" / "default" / "jobs" / job_id / "report.json").exists()
@@ -183,7 +184,8 @@ def test_sdk_submit_wait_report_download_and_load_model(served, tmp_path):
     assert isinstance(report, bulwark.Report)
     assert [h.epoch for h in report.history] == [1, 2]
     assert report.final.n == 64 and report.final.pgd.n == 64
-    assert report.summary().startswith("clean accuracy")
+    assert report.summary().startswith("verdict ") and report.verdict is not None
+    assert report.summary().splitlines()[1].startswith("clean accuracy")
 
     events = list(job.events())
     kinds = [e.type for e in events]

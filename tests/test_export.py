@@ -20,12 +20,13 @@ from workers.engine.runner import run_job
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _report(name, aa, clean, pgd=None, cert=None, seconds=10.0):
+def _report(name, aa, clean, pgd=None, cert=None, seconds=10.0, norm="linf", eps=0.3):
     attacks = {"pgd20-1": {"acc": pgd if pgd is not None else aa, "n": 100}}
     if aa is not None:
         attacks["autoattack-standard"] = {"acc": aa, "n": 100}
     return {"spec": {"name": name, "dataset": {"name": "mnist"}, "model": {"arch": "small_cnn"},
-                     "threat": {"norm": "linf", "epsilon": 0.3}, "recipe": {"preset": "n-aaer"}},
+                     "threat": {"norm": norm, "epsilon": eps}, "recipe": {"preset": "n-aaer"}},
+            "dataset": {"name": "mnist", "num_classes": 10, "test": 100},
             "final": {"clean_acc": clean, "n": 100, "model": "last", "attacks": attacks},
             "certification": cert, "timing": {"total": seconds}}
 
@@ -38,11 +39,33 @@ def test_leaderboard_ranks_by_robust_then_clean_then_time():
     assert [r["rank"] for r in rank(rows)] == [1, 2, 3, 4]
     pgd = rank([leaderboard_row(x, "pgd") for x in reports])
     assert pgd[0]["name"] == "b" and pgd[0]["metric"] == "pgd20-1" and len(pgd) == 5
-    cert = {"radii": [0.0, 0.25, 0.5, 1.0], "certified_accuracy": [0.9, 0.7, 0.5, 0.1]}
+    assert pgd[-1]["name"] == "d" and pgd[-1]["rank"] is None, "PGD 0.1: not robust, apart"
+    assert all(r["standard"] for r in rank(rows)), "AutoAttack standard on all 100 images"
+    cert = {"radii": [0.0, 0.25, 0.5, 1.0], "certified_accuracy": [0.9, 0.7, 0.5, 0.1],
+            "sigma": 0.25}
     row = leaderboard_row(_report("s", None, 0.9, cert=cert), "certified", radius=0.6)
     assert (row["metric"], row["robust_acc"]) == ("certified@0.5", 0.5)
+    assert (row["radius"], row["sigma"]) == (0.5, 0.25), "a certified figure carries both"
     with pytest.raises(ValueError, match="metric"):
         leaderboard_row(reports[0], "bogus")
+
+
+def test_the_leaderboard_ranks_within_one_threat_and_only_robust_verdicts():
+    """The issue's case: an ℓ2 smoothing-style model and a model at chance among ℓ∞ ones.
+    Each threat (dataset, norm, ε) is its own ranking; a model at chance or overfit is listed
+    apart, unranked, never above a robust one."""
+    reports = [_report("linf-a", 0.40, 0.90), _report("linf-b", 0.55, 0.80),
+               _report("chance", 0.11, 0.112),  # everything at the largest class's share
+               _report("l2", 0.90, 0.95, norm="l2", eps=0.5),
+               _report("eps0.1", 0.93, 0.98, eps=0.1)]
+    board = rank([leaderboard_row(x) for x in reports])
+    order = [(r["norm"], r["epsilon"], r["name"], r["rank"]) for r in board]
+    assert order == [("l2", 0.5, "l2", 1), ("linf", 0.1, "eps0.1", 1),
+                     ("linf", 0.3, "linf-b", 1), ("linf", 0.3, "linf-a", 2),
+                     ("linf", 0.3, "chance", None)]
+    assert board[-1]["verdict"] == "chance"
+    short = dict(_report("few", 0.5, 0.9), dataset={"name": "mnist", "test": 10_000})
+    assert leaderboard_row(short)["standard"] is False, "100 of 10 000 images"
 
 
 def test_a_real_run_exports_a_robustbench_card_and_its_weights_load_back(tmp_path):

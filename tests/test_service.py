@@ -335,9 +335,14 @@ def test_sweep_queues_its_children_streams_them_and_summarizes(stack, alice, bob
                                                  "limit": 500}).json()
     mine = {c["job_id"] for c in out["children"]}
     assert mine <= {r["job_id"] for r in board["items"]}
-    accs = [(r["robust_acc"], r["clean_acc"]) for r in board["items"]]
-    assert accs == sorted(accs, reverse=True) and [r["rank"] for r in board["items"]] == \
-        list(range(1, len(accs) + 1))
+    ranked = [r for r in board["items"] if r["rank"] is not None]  # one threat: synthetic 8/255
+    assert {(r["norm"], r["epsilon"]) for r in board["items"]} == {("linf", 8 / 255)}
+    assert all(r["verdict"] == "robust" for r in ranked), "only robust verdicts are ranked"
+    assert all(r["verdict"] != "robust" for r in board["items"] if r["rank"] is None)
+    accs = [(r["robust_acc"], r["clean_acc"]) for r in ranked]
+    assert accs == sorted(accs, reverse=True)
+    assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    assert board["items"][:len(ranked)] == ranked, "the unranked follow the ranked"
     for r in board["items"]:
         if r["job_id"] in mine:
             rep = alice.get(f"/v1/jobs/{r['job_id']}/report").json()

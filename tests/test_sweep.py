@@ -325,6 +325,37 @@ def test_compare_keeps_runs_apart_that_differ_in_a_grid_field_beyond_seed_and_ep
     assert [g["method"] for g in groups([preset_grid])] == ["fgsm"]
 
 
+def test_compare_pools_only_runs_whose_specs_differ_in_the_seed_alone():
+    """The dashboard's "Compare selected" of the issue: a 20 000-image 5-epoch job and a
+    3 000-image 4-epoch job of one preset were pooled as two seeds ("PGD 0.428 ± 0.502", an
+    error bar below 0). Jobs carry no sweep overrides there; their specs decide."""
+    from contract.compare import bounded, groups, render
+    from contract.sweep import pool_key
+
+    def job(name, seed, pgd, train_limit, epochs):
+        spec = {"name": name, "recipe": "n-aaer", "dataset": {"name": "digits",
+                                                              "train_limit": train_limit},
+                "schedule": {"epochs": epochs, "seed": seed}}
+        return {"name": name, "state": "succeeded", "epsilon": 0.1, "seed": seed,
+                "preset": "n-aaer", "clean_acc": 0.9, "pgd_acc": pgd, "co_epochs": [],
+                "co_at_end": False, "pool": pool_key(spec), "spec": spec}
+
+    big, small = job("big", 0, 0.783, 20000, 5), job("small", 0, 0.073, 3000, 4)
+    got = {g["method"]: (g["runs"], g["pgd_acc_std"]) for g in groups([big, small])}
+    assert got == {"n-aaer train_limit=20000 epochs=5": (["big"], 0.0),
+                   "n-aaer train_limit=3000 epochs=4": (["small"], 0.0)}, got
+    seeds = [job("s0", 0, 0.6, 20000, 5), job("s1", 1, 0.7, 20000, 5)]
+    assert pool_key(seeds[0]["spec"]) == pool_key(seeds[1]["spec"]), "the seed alone: pooled"
+    (g,) = groups(seeds)
+    assert g["method"] == "n-aaer" and g["n"] == 2
+    assert bounded(0.428, 0.502) == (0.428, 0.502), "the issue's bar: cut at 0 below"
+    assert bounded(0.9, 0.3) == (0.3, pytest.approx(0.1)), "cut at 1 above"
+    assert bounded(10.0, 3.0, top=None) == (3.0, 3.0), "seconds: no top"
+    page = render([big, small], "t")
+    assert "train_limit=3000 epochs=4" in page and "± " not in page.split("<h2>")[0].split(
+        "<table>")[1], "one run a row: no ± drawn"
+
+
 def test_compare_lists_runs_whose_attacks_disagree():
     """headline() carries the final suite's attack checks; compare's Markdown and page list
     them under the tables (the GPU study's GradAlign at ε = 0.2: PGD 0.862, APGD 0.000)."""

@@ -27,8 +27,11 @@ function headline(report) {
   const pick = (p) => Object.entries(attacks).find(([k]) => k.startsWith(p));
   const pgd = pick("pgd"), aa = pick("autoattack");
   const cert = report.certification;
+  const i = cert ? Math.min(2, cert.radii.length - 1) : 0;
   return {clean: report.final.clean_acc, pgd: pgd && pgd[1].acc, aa: aa && aa[1].acc,
-          cert: cert ? cert.certified_accuracy[Math.min(2, cert.radii.length - 1)] : null};
+          cert: cert ? cert.certified_accuracy[i] : null,
+          // a certified figure means nothing without its radius and σ
+          certAt: cert ? `r = ${cert.radii[i]}, σ = ${cert.sigma}` : ""};
 }
 
 function progressText(job) {
@@ -121,10 +124,14 @@ async function refresh() {
                         checked: picked.has(job.id), disabled: job.state !== "succeeded"});
     box.addEventListener("change", updateCompare);
     const td0 = document.createElement("td"); td0.append(box);
+    const verdict = (job.verdict || {}).label || "";
+    const badge = cell(verdict.replaceAll("_", " "), `verdict verdict-${verdict || "none"}`);
+    if (job.verdict) badge.title = job.verdict.reason;
     tr.append(td0, cell(job.id.slice(0, 8)), cell(job.name),
-              cell(job.state, `state-${job.state}`), cell(progressText(job), "progress"),
+              cell(job.state, `state-${job.state}`), badge, cell(progressText(job), "progress"),
               cell(pct(f.clean), "num"), cell(pct(f.pgd), "num"), cell(pct(f.aa), "num"),
-              cell(pct(f.cert), "num"));
+              cell(f.cert === null || f.cert === undefined ? "–"
+                   : `${pct(f.cert)} (${f.certAt})`, "num"));
     const acts = document.createElement("td");
     if (job.state === "succeeded") acts.append(actionButton("report", () => openReport(job)));
     if (job.state === "queued" || job.state === "running")

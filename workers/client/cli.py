@@ -399,8 +399,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for j in page.items:
         epoch = j.progress.get("epoch")
         what = j.name or j.spec.get("recipe", {}).get("preset") or "-"
-        print(f"{j.id}  {j.state:<9}  {j.created_at:%Y-%m-%d %H:%M:%S%z}  {what}"
-              f"{f'  epoch {epoch}' if epoch and not j.terminal else ''}")
+        verdict = (j.verdict or {}).get("label") or ("-" if j.terminal else "")
+        print(f"{j.id}  {j.state:<9}  {verdict:<24}  {j.created_at:%Y-%m-%d %H:%M:%S%z}  "
+              f"{what}{f'  epoch {epoch}' if epoch and not j.terminal else ''}")
     print(f"{len(page.items)} of {page.total}")
     return 0
 
@@ -481,14 +482,27 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         print(f"no finished job has a {args.metric} figure"
               + (f" ({board.skipped} matching jobs lack it)" if board.skipped else ""))
         return 0
-    rows = [("rank", "job", "name", "dataset", "ε", "method", "metric", "robust", "clean", "n",
-             "seconds")] + [
-        (str(r.rank), r.job_id[:8], r.name or "-", r.dataset, f"{r.epsilon:.4g}",
-         r.method or "-", r.metric, f"{r.robust_acc:.4f}", f"{r.clean_acc:.4f}", str(r.n),
-         "-" if r.seconds is None else f"{r.seconds:.0f}") for r in board.items]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    from contract.export import threat_of
+
+    head = ("rank", "job", "name", "method", "metric", "robust", "clean", "n", "verdict",
+            "suite", "seconds")
+    groups: dict[tuple, list] = {}
+    for r in board.items:
+        groups.setdefault(threat_of(r.model_dump()), []).append(r)
+    for (dataset, norm, eps), items in groups.items():
+        print(f"{dataset} · {norm} ε = {eps:.4g}" + ("" if all(r.standard for r in items)
+              else "  (not every row is AutoAttack standard on the whole test set)"))
+        rows = [head] + [
+            ("-" if r.rank is None else str(r.rank), r.job_id[:8], r.name or "-",
+             r.method or "-", r.metric + (f" σ={r.sigma:g}" if r.sigma is not None else ""),
+             f"{r.robust_acc:.4f}", f"{r.clean_acc:.4f}", str(r.n), r.verdict or "-",
+             r.suite + ("" if r.standard else " *"),
+             "-" if r.seconds is None else f"{r.seconds:.0f}") for r in items]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print("ranked within each threat, robust verdicts only ('-': not robust, listed apart); "
+          "* short of AutoAttack standard on the whole test set")
     if board.skipped:
         print(f"({board.skipped} matching jobs have no {args.metric} figure)")
     return 0

@@ -154,7 +154,7 @@ def collect(folder: Path) -> list[dict[str, Any]]:
     if (folder / REPORT).is_file():
         report = json.loads((folder / REPORT).read_text())
         return [{"name": folder.name, "overrides": {"variant": folder.name},
-                 "state": "succeeded", **headline(report)}]
+                 "state": "succeeded", **headline(report), "spec": report["spec"]}]
     order: list[dict[str, Any]] = []
     if (folder / SWEEP_FILE).is_file():
         order = json.loads((folder / SWEEP_FILE).read_text()).get("children", [])
@@ -167,7 +167,8 @@ def collect(folder: Path) -> list[dict[str, Any]]:
         if path.is_file():
             report = json.loads(path.read_text())
             rows.append({"name": name, "overrides": known.get(name, {}).get("overrides", {}),
-                         "state": "succeeded", **headline(report)})
+                         "state": "succeeded", **headline(report),
+                         "spec": report["spec"]})  # compare names what unlike runs differ in
         elif name in known:
             rows.append(known[name])
     return rows

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     listed = describe_artifacts(out)
     mirror((*DOWNLOADABLE, CERTIFY_STATE))  # in the store before the row says so
-    if end(SUCCEEDED, {"final": report["final"]}, artifacts=listed):
+    verdict = {k: report["verdict"][k] for k in ("label", "reason")}
+    if end(SUCCEEDED, {"final": report["final"], "verdict": verdict}, artifacts=listed,
+           progress={**progress, "verdict": verdict}):
         # only now: a crash before the row said succeeded retries from this checkpoint
         mirror.forget(CHECKPOINT)
         mirror.forget(FINAL_STATE)  # the runner removed it here; the store's copy goes too
