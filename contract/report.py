@@ -78,10 +78,15 @@ class HistoryRow(_Open):
     train_epsilon: float | None = None
     metrics: dict[str, float] = {}
     monitor: MonitorResult | None = None
-    probes: list[dict[str, Any]] = []  # checks within the epoch: at (epochs), clean/FGSM/PGD
+    probes: list[dict[str, Any]] = []  # checks within the epoch: at_epoch, clean/FGSM/PGD
     catastrophic_overfitting: bool = False  # the watchdog's alarm is open at the epoch's end
     seconds: float
     train_seconds: float
+
+
+def probe_time(probe: dict[str, Any]) -> float:
+    """A probe's time in epochs (``at_epoch``; ``at`` in reports of 2026-12-06 morning)."""
+    return probe["at_epoch"] if "at_epoch" in probe else probe["at"]
 
 
 # the watchdog's event types (workers/engine/monitor.py); the alarm is catastrophic_overfitting
@@ -95,11 +100,12 @@ class Event(_Open):
     (``co_recovered``, with the ``onset_epoch``); ``under_training``; the onset of an
     ``accuracy_collapse`` (clean accuracy under half the best the model showed, clean or under
     FGSM) or of ``gradient_masking`` (PGD on cross-entropy ``masking_gap`` above PGD on DLR).
-    ``at`` is the check's time in epochs when it was a probe within the epoch."""
+    ``at_epoch`` is the check's time in epochs when it was a probe within the epoch."""
 
     type: str
     epoch: int
-    at: float | None = None
+    at_epoch: float | None = None  # a probe's time within the epoch (an SSE event's "at" is
+    # the server's timestamp)
     pgd_acc: float | None = None
     dlr_acc: float | None = None
     fgsm_acc: float | None = None
@@ -117,7 +123,8 @@ class Event(_Open):
     @property
     def when(self) -> str:
         """"epoch 3", or "epoch 3 (at 2.25)" for a probe within the epoch."""
-        return f"epoch {self.epoch}" + (f" (at {self.at:g})" if self.at is not None else "")
+        return f"epoch {self.epoch}" + (f" (at {self.at_epoch:g})" if self.at_epoch is not None
+                                        else "")
 
     def line(self) -> str | None:
         """The event as one line for a person (CLI, quick start); "!!" marks the alarm alone.

@@ -87,16 +87,33 @@ def test_probes_within_an_epoch_time_the_alarm_in_epochs():
     assert not w.check(1.5, m(0.95, 0.9, 0.02)), "a quarter of an epoch: not yet"
     assert w.check(1.75, m(0.95, 0.9, 0.02))
     alarm = w.events[-1]
-    assert (alarm["type"], alarm["epoch"], alarm["at"]) == ("catastrophic_overfitting", 2, 1.75)
-    assert w.events[0]["at"] == 1.25
+    assert (alarm["type"], alarm["epoch"], alarm["at_epoch"]) == (
+        "catastrophic_overfitting", 2, 1.75)
+    assert w.events[0]["at_epoch"] == 1.25
     at_end = COWatchdog()
     at_end.check(1, m(0.95, 0.9, 0.02))
-    assert "at" not in at_end.events[0], "an epoch's end is named by its epoch alone"
+    assert "at_epoch" not in at_end.events[0], "an epoch's end is named by its epoch alone"
     rising = COWatchdog()  # PGD rising over the last half epoch: not yet
     for t, pgd in ((1.0, 0.02), (1.25, 0.08), (1.5, 0.15), (1.75, 0.2)):
         rising.check(t, m(0.95, 0.9, pgd))
     assert kinds(rising) == [("fgsm_pgd_gap", 1)], "0.15 ≥ 0.02 + 0.1; 0.2 ≥ 0.08 + 0.1"
     assert rising.check(2.0, m(0.95, 0.9, 0.2)), "0.2 < 0.15 + 0.1: no longer rising"
+
+
+def test_an_event_as_a_stream_delivers_it_reads_as_a_line():
+    """Over server-sent events each event's data carries the server's timestamp as ``at``
+    (service/app.py): the watchdog's own time within the epoch is ``at_epoch``, and the CLI
+    and the quick start read either without a clash."""
+    from contract.report import Event
+
+    w = COWatchdog()
+    for t in (1.25, 1.5, 1.75):
+        w.check(t, m(0.95, 0.9, 0.02))
+    sse = {**w.events[-1], "at": "2026-12-06T05:08:27.985+00:00"}
+    line = Event.model_validate({**sse, "type": sse["type"]}).line()
+    assert line.startswith("!! catastrophic overfitting at epoch 2 (at 1.75): PGD 0.020")
+    gap = Event.model_validate({**w.events[0], "at": "2026-12-06T05:08:20+00:00"}).line()
+    assert "FGSM-PGD gap at epoch 2 (at 1.25)" in gap and "!!" not in gap
 
 
 def test_the_previous_rule_is_the_watchdog_without_patience():
@@ -392,12 +409,13 @@ def test_probes_are_judged_within_the_epoch_and_leave_training_unchanged(tmp_pat
         assert a["train_loss"] == b["train_loss"] and a["monitor"] == b["monitor"]
         assert len(a["probes"]) == 2 and "probes" not in b
         steps = math.ceil(with_probes["dataset"]["train"] / 64)
-        assert [p["at"] for p in a["probes"]] == [
+        assert [p["at_epoch"] for p in a["probes"]] == [
             round(a["epoch"] - 1 + round(k * steps / 3) / steps, 4) for k in (1, 2)]
         assert all(p["n"] == 64 and 0 <= p["pgd_acc"] <= p["clean_acc"] + 1e-9
                    for p in a["probes"])
         assert a["train_seconds"] < a["seconds"]
     assert with_probes["final"] == without["final"]
-    probed = [e for e in with_probes["events"] if e.get("at") is not None]
+    probed = [e for e in with_probes["events"] if e.get("at_epoch") is not None]
     checks = [p for h in with_probes["history"] for p in h["probes"]]
-    assert all(any(abs(e["at"] - p["at"]) < 1e-9 for p in checks) for e in probed)
+    assert all(any(abs(e["at_epoch"] - p["at_epoch"]) < 1e-9 for p in checks)
+               for e in probed)

@@ -114,14 +114,16 @@ def half(name: str) -> str:
 def replay(report: dict, make) -> list[dict]:
     """The events a watchdog built by ``make(report)`` records over the run's history (its
     probes too, where the run had them)."""
+    from contract.report import probe_time
     from workers.engine.runner import warmed_up
 
     dog = make(report)
     warm = (report["spec"].get("threat") or {}).get("epsilon_warmup", 0) or 0
     for h in report["history"]:  # the probes within the epoch, then its end, as in training
         for p in h.get("probes") or []:
-            if warmed_up(p["at"], warm):
-                dog.check(p["at"], p)
+            t = probe_time(p)
+            if warmed_up(t, warm):
+                dog.check(t, p)
         if h.get("monitor") and warmed_up(h["epoch"], warm):
             dog.check(h["epoch"], h["monitor"])
     return dog.events
@@ -181,11 +183,11 @@ def measure(make) -> list[dict]:
         spec = report["spec"]
         rows.append({"run": name, "part": part(name), "label": lab, "why": why,
                      "alarm": alarm["epoch"] if alarm else None,
-                     "alarm_at": alarm.get("at", alarm["epoch"]) if alarm else None,
+                     "alarm_at": alarm.get("at_epoch", alarm["epoch"]) if alarm else None,
                      "onset": hindsight_onset(report),
                      "adversary": spec["recipe"]["adversary"]["kind"],
                      "epsilon": spec["threat"]["epsilon"],
-                     "events": [(e["type"], e.get("at", e["epoch"])) for e in events]})
+                     "events": [(e["type"], e.get("at_epoch", e["epoch"])) for e in events]})
     return rows
 
 

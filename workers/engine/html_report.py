@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from contract.export import eps_text
-from contract.report import Event, FinalResult, final_by_model
+from contract.report import Event, FinalResult, final_by_model, probe_time
 from contract.verdict import verdict
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
@@ -140,7 +140,7 @@ def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
                 markersize=6 if name != "PGD" else 7)
     probes = [p for h in hist for p in h.get("probes") or []]
     if probes:  # the checks within epochs: PGD on the probe slice, small markers
-        ax.plot([p["at"] for p in probes], [p["pgd_acc"] for p in probes], ls="none",
+        ax.plot([probe_time(p) for p in probes], [p["pgd_acc"] for p in probes], ls="none",
                 marker=".", color=STYLES["PGD"][2], alpha=0.6,
                 label=f"PGD, probes ({probes[0].get('n')} images)")
         values += [p["pgd_acc"] for p in probes]

@@ -130,7 +130,7 @@ class COWatchdog:
         prediction from epoch 2): its fall is no recovery."""
         clean, fgsm, pgd = m["clean_acc"], m["fgsm_acc"], m["pgd_acc"]
         epoch = math.ceil(t - 1e-9)
-        at = {} if t == epoch else {"at": round(t, 4)}
+        at = {} if t == epoch else {"at_epoch": round(t, 4)}
         figures = {"pgd_acc": pgd, "fgsm_acc": fgsm, "clean_acc": clean}
         pgd_low = pgd < self.co_drop * max(self.best_pgd or 0.0, fgsm)
         holds = pgd_low and fgsm - pgd >= self.co_gap

@@ -630,7 +630,7 @@ class Training:
             if self.ranks is not None:
                 fig = self.ranks.broadcast(fig)
         judge(self.watchdog, t, fig, spec.threat.epsilon_warmup)
-        return {"at": round(t, 4), **fig, "seconds": time.perf_counter() - t0}
+        return {"at_epoch": round(t, 4), **fig, "seconds": time.perf_counter() - t0}
 
     # ---------------------------------------------------------------------- evaluation
     def evaluate(self, emit: Event, check: Callable[[], None]) -> dict[str, dict[str, Any]]:
