@@ -45,7 +45,7 @@ def follow(job: bulwark.Job, label: str, lock: threading.Lock, epochs: dict[str,
 def row(label: str, job: bulwark.Job) -> list[str]:
     info = job.status()
     if info.state != "succeeded":
-        return [label, info.state, "-", "-", "-", "-", "-"]
+        return [label, info.state, "-", "-", "-", "-", "-", "-"]
     r = job.report()
     pgd_names.add(next((k for k in r.final.attacks if k.startswith("pgd")), "pgd"))
     f = r.final
@@ -56,7 +56,8 @@ def row(label: str, job: bulwark.Job) -> list[str]:
         co += " (recovered)" if recovered and not r.co_at_end else " (to the end)"
     pgd = f.pgd
     return [label, info.state, f"{f.clean_acc:.3f}", f"{f.fgsm.acc:.3f}" if f.fgsm else "-",
-            f"{pgd.acc:.3f}" if pgd else "-", co, f"{seconds:.0f}"]
+            f"{pgd.acc:.3f}" if pgd else "-", co, r.verdict.label if r.verdict else "-",
+            f"{seconds:.0f}"]
 
 
 def main() -> int:
@@ -84,15 +85,15 @@ def main() -> int:
     wall = time.monotonic() - t0
 
     eps = jobs[0][1].info.spec["threat"]["epsilon"]
-    head = ["job", "state", "clean", "FGSM", "PGD", "CO at epoch", "seconds"]
+    head = ["job", "state", "clean", "FGSM", "PGD", "CO at epoch", "verdict", "seconds"]
     rows = [head] + [row(label, job) for label, job in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     attack = ", ".join(sorted(pgd_names)) or "PGD"
     print(f"\nSide by side: accuracy on {jobs[0][1].info.spec['evaluation']['final'].get('n')} "
           f"MNIST test images at ε = {eps:g} (PGD = {attack})")
     for r in rows:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print("  ".join(c.ljust(w) if i < 2 or i == 6 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
     print(f"(the jobs ran at once, one worker each; {wall:.0f} s wall)")
 
     args.reports.mkdir(parents=True, exist_ok=True)

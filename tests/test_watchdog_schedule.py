@@ -76,6 +76,11 @@ def test_a_persisting_gap_while_the_training_attack_works_is_under_training():
     assert flags == [False] * 4
     assert kinds(w) == [("fgsm_pgd_gap", 1), ("under_training", 2)]
     assert "training attack still works" in w.events[1]["rule"]
+    passing = COWatchdog()  # on its way into CO a model passes through that state briefly
+    for t, fgsm in ((1.0, 0.36), (1.25, 0.64), (1.5, 0.76), (1.75, 0.81)):
+        passing.check(t, m(0.95, fgsm, 0.02))
+    assert [k for k, _ in kinds(passing)] == ["fgsm_pgd_gap", "catastrophic_overfitting"], \
+        "half an epoch of it is not under-training"
 
 
 def test_probes_within_an_epoch_time_the_alarm_in_epochs():

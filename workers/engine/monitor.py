@@ -80,10 +80,10 @@ class COWatchdog:
       nearly every image FGSM does not (PGD < ``co_deep`` x FGSM): the training attack no
       longer works while a multi-step one does (Wong et al. 2020; Kim et al. 2021; de Jorge et
       al. 2022). It stays open until PGD accuracy is back (``co_recovered``).
-    - ``under_training`` (recorded): the same persisting gap while the training attack still
-      works (FGSM under ``co_resist`` x clean, PGD not under ``co_deep`` x FGSM): the model
-      has not learned to resist even the single-step attack (ELLE on MNIST at ε = 0.3: FGSM
-      0.5-0.7 against clean 0.8-0.9, PGD 0.2-0.35).
+    - ``under_training`` (recorded): a gap that has persisted ``under_after`` epochs (1) while
+      the training attack still works (FGSM under ``co_resist`` x clean, PGD not under
+      ``co_deep`` x FGSM): the model has not learned to resist even the single-step attack
+      (ELLE on MNIST at ε = 0.3: FGSM 0.5-0.7 against clean 0.8-0.9, PGD 0.2-0.35).
     - ``accuracy_collapse`` and ``gradient_masking``: below.
 
     The thresholds were chosen on half of the project's committed study runs and checked on
@@ -98,6 +98,7 @@ class COWatchdog:
     co_rise: float = 0.1  # PGD accuracy rising this much over that span: not (yet) CO
     co_resist: float = 0.8  # FGSM ≥ this x clean: the training attack no longer works ...
     co_deep: float = 0.01  # ... or PGD < this x FGSM: multi-step attacks find (nearly) all
+    under_after: float = 1.0  # epochs a gap with the training attack still working must last
     best_pgd: float | None = None
     flagged: bool = False  # the alarm's episode is open
     events: list[dict] = field(default_factory=list)
@@ -179,11 +180,13 @@ class COWatchdog:
                 "rule": f"the gap held for {self.co_patience:g} epoch(s), pgd_acc rose less "
                         f"than {self.co_rise}, and fgsm_acc >= {self.co_resist} x clean_acc or "
                         f"pgd_acc < {self.co_deep} x fgsm_acc"})
-        elif not self.under:
+        elif not self.under and t - onset >= self.under_after - 1e-9:
+            # a model on its way into CO passes through this state for a probe or two: only a
+            # gap that has lasted under_after epochs so is recorded
             self.under = True
             self.events.append({
                 "type": "under_training", "epoch": epoch, **at, **figures, **since,
-                "rule": f"the gap held for {self.co_patience:g} epoch(s) while fgsm_acc < "
+                "rule": f"the gap held for {self.under_after:g} epoch(s) while fgsm_acc < "
                         f"{self.co_resist} x clean_acc and pgd_acc >= {self.co_deep} x "
                         "fgsm_acc: the training attack still works"})
 
