@@ -281,9 +281,12 @@ def test_quickstart_script_runs_jobs_side_by_side_and_keeps_reports(served, tmp_
     lines = out.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("job "))
     assert lines[head].split() == ["job", "state", "clean", "FGSM", "PGD", "CO", "at", "epoch",
-                                   "seconds"]
+                                   "verdict", "seconds"]
     table = {ln.split()[0]: ln.split() for ln in lines[head + 1:head + 3]}
     assert set(table) == {"fgsm", "n-aaer"} and all(r[1] == "succeeded" for r in table.values())
+    from contract.verdict import LABELS
+
+    assert all(r[-2] in LABELS for r in table.values()), "each job's verdict beside its state"
     assert "[fgsm        ] epoch 2/2" in out.stdout, "one line per epoch and job"
     report = json.loads((tmp_path / "reports" / "n-aaer.json").read_text())
     assert table["n-aaer"][2] == f"{report['final']['clean_acc']:.3f}"
