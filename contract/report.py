@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from contract.spec import JobSpec
-from contract.verdict import attack_warnings, verdict
+from contract.verdict import attack_warnings, pgd_reach, verdict
 
 
 class _Open(BaseModel):
@@ -54,10 +54,10 @@ class FinalResult(_Open):
     def autoattack(self) -> AttackResult | None:
         return self._first("autoattack")
 
-    def warnings(self) -> list[str]:
+    def warnings(self, pgd_reach: float | None = None) -> list[str]:
         """Where the attacks disagree as a masked gradient makes them (empty when they agree):
-        ``contract.verdict.attack_warnings``."""
-        return attack_warnings({k: a.acc for k, a in self.attacks.items()})
+        ``contract.verdict.attack_warnings`` (``pgd_reach``: the final PGD's steps × α)."""
+        return attack_warnings({k: a.acc for k, a in self.attacks.items()}, self.n, pgd_reach)
 
 
 class MonitorResult(_Open):
@@ -272,7 +272,7 @@ class Report(_Open):
                 lines.append(f"smoothed PGD (ℓ2 ε={c.empirical.params.get('eps', '?')}) "
                              f"{c.empirical.acc:.4f}  (n={c.empirical.n})")
         for name, res in {f.model: f, **self.final_models}.items():
-            for w in res.warnings():
+            for w in res.warnings(pgd_reach({"spec": self.spec})):
                 lines.append(f"warning: {w}" + (f" [{name} weights]" if name != f.model
                                                  else ""))
         for e in self.events:

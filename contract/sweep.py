@@ -32,9 +32,8 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from contract.presets import merge
-from contract.report import FinalResult
 from contract.spec import JobSpec, SpecError, _Strict, format_validation_error, read_spec_file
-from contract.verdict import verdict
+from contract.verdict import attack_warnings, pgd_reach, verdict
 
 MAX_CHILDREN = 1000
 MAX_INCLUDE_DEPTH = 8
@@ -188,11 +187,14 @@ def expand(sweep: SweepSpec) -> list[Child]:
     return children
 
 
-def _warnings(final: dict[str, Any]) -> list[str]:
-    """The final suite's attack checks (``FinalResult.warnings``); none for a malformed one."""
+def _warnings(report: dict[str, Any]) -> list[str]:
+    """The final suite's attack checks (``contract.verdict.attack_warnings``, with its noise on
+    n images and the PGD's reach); none for a malformed one."""
     try:
-        return FinalResult.model_validate(final).warnings()
-    except ValueError:
+        final = report["final"]
+        return attack_warnings({k: a["acc"] for k, a in (final.get("attacks") or {}).items()},
+                               final.get("n"), pgd_reach(report))
+    except (KeyError, TypeError, AttributeError):
         return []
 
 
@@ -259,7 +261,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
                         for h in history],
         "seconds": report.get("timing", {}).get("total"),
-        "warnings": _warnings(final),
+        "warnings": _warnings(report),
         "verdict": _verdict_label(report),
         "pool": pool_key(spec),
         "seconds_per_epoch": per_epoch,

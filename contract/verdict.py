@@ -6,8 +6,9 @@ in experiments/watchdog). Rules, in order (docs/methods.md, "Verdicts"):
 
   chance                    clean accuracy at most the largest class's share of the evaluated
                             images plus a margin: the model predicts (about) one class
-  gradient_masking          the final suite's attack checks fail: AutoAttack >= 5 points under
-                            PGD, or PGD above FGSM (FinalResult.warnings)
+  gradient_masking          the final suite's attack checks fail: AutoAttack >= 5 points
+                            (and two standard errors) under PGD, or PGD above FGSM by more
+                            than noise where PGD's steps reach ε (attack_warnings)
   catastrophic_overfitting  PGD accuracy under half of FGSM's while the model resists the
                             single-step attack (FGSM >= 0.8 x clean): that attack no longer
                             works, a multi-step one does
@@ -43,20 +44,40 @@ def _first(accs: dict[str, float], prefix: str) -> tuple[str | None, float | Non
     return next(((k, a) for k, a in accs.items() if k.startswith(prefix)), (None, None))
 
 
-def attack_warnings(accs: dict[str, float]) -> list[str]:
-    """Where a final suite's attacks (name -> accuracy) disagree as a masked gradient makes
-    them: AutoAttack ≥ ``ATTACK_GAP`` under PGD, or PGD ≥ ``ORDER_SLACK`` above FGSM."""
+def _noise(acc: float, n: int | None) -> float:
+    """Two standard errors of an accuracy on ``n`` images (0 when n is unknown)."""
+    if not n:
+        return 0.0
+    return 2 * math.sqrt(max(acc * (1 - acc), 0.01) / n)
+
+
+def attack_warnings(accs: dict[str, float], n: int | None = None,
+                    pgd_reach: float | None = None) -> list[str]:
+    """Where a final suite's attacks (name -> accuracy on ``n`` images) disagree as a masked
+    gradient makes them: AutoAttack more than max(``ATTACK_GAP``, two standard errors) under
+    PGD, or PGD more than max(``ORDER_SLACK``, two standard errors) above FGSM — the last only
+    where PGD's steps can carry it as far as FGSM's one step of ε (``pgd_reach`` = steps × α,
+    in ε, ≥ 1: PGD-2 at α = ε/4 reaches half of ε and may find less than FGSM honestly)."""
     out = []
     (pgd_name, pgd), (_, aa), fgsm = _first(accs, "pgd"), _first(accs, "autoattack"), \
         accs.get("fgsm")
-    if pgd is not None and aa is not None and pgd - aa >= ATTACK_GAP:
+    if pgd is not None and aa is not None and pgd - aa >= max(ATTACK_GAP, _noise(pgd, n)):
         out.append(f"AutoAttack finds {100 * (pgd - aa):.1f} points more than {pgd_name} "
                    f"({pgd:.3f} → {aa:.3f}): PGD is misled on this model (gradient masking?); "
                    "quote the AutoAttack figure")
-    if pgd is not None and fgsm is not None and pgd - fgsm >= ORDER_SLACK:
+    if pgd is not None and fgsm is not None and (pgd_reach is None or pgd_reach >= 1) \
+            and pgd - fgsm >= max(ORDER_SLACK, _noise(pgd, n)):
         out.append(f"{pgd_name} ({pgd:.3f}) finds less than one FGSM step ({fgsm:.3f}): the "
                    "iterative attack is misled (gradient masking?)")
     return out
+
+
+def pgd_reach(report: dict[str, Any]) -> float | None:
+    """How far the final PGD's steps carry it, in ε: steps × α (None when the spec lacks it)."""
+    pgd = (((report.get("spec") or {}).get("evaluation") or {}).get("final") or {}).get("pgd")
+    if not isinstance(pgd, dict) or "steps" not in pgd:
+        return None
+    return pgd["steps"] * pgd.get("alpha", 0.25)
 
 
 def majority_share(report: dict[str, Any]) -> float:
@@ -93,7 +114,8 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
         return out("chance", f"clean accuracy {clean:.3f} is at chance (the largest class is "
                              f"{share:.3f} of the {n} images): the model predicts about one "
                              "class")
-    warnings = attack_warnings({k: a["acc"] for k, a in attacks.items()})
+    warnings = attack_warnings({k: a["acc"] for k, a in attacks.items()}, n,
+                               pgd_reach(report))
     if warnings:
         return out("gradient_masking", warnings[0])
     if pgd is not None and fgsm is not None and pgd < CO_PGD_OF_FGSM * fgsm \

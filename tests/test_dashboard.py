@@ -93,7 +93,12 @@ def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
         expect(frame.locator("h1")).to_contain_text("Bulwark report: one")
         expect(frame.locator(".verdict")).to_contain_text("Verdict:")
         expect(frame.locator("img")).to_have_count(2)
-        page.screenshot(path=str(shots / "ui-report.png"), full_page=True)
+        # the sandboxed frame (an opaque origin) paints in a process of its own, which a
+        # full-page capture leaves blank: scroll it into view and capture the viewport
+        page.locator("#viewer-frame").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(shots / "ui-report.png"))
+        page.evaluate("window.scrollTo(0, 0)")
 
         for box in page.locator("input.pick").all():
             box.check()

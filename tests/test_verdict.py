@@ -84,3 +84,24 @@ def test_a_run_writes_its_verdict_the_chance_level_and_a_banner(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert f"data-verdict='{r['verdict']['label']}'" in page
     assert page.index("Verdict:") < page.index("Final evaluation"), "the banner comes first"
+
+
+def test_the_attack_checks_allow_for_noise_and_for_a_pgd_that_cannot_reach_epsilon():
+    """The dashboard's tiny jobs (64 images, PGD-2 at α = ε/4) were called gradient masking:
+    PGD 0.750 against FGSM 0.73 — noise on 64 images, and two steps of ε/4 reach half of ε,
+    where FGSM's one step reaches all of it. Neither is masking; 10 points on 1 000 images
+    with PGD-50 is."""
+    def with_pgd(r, steps, alpha=0.25):
+        return {**r, "spec": {"evaluation": {"final": {"pgd": {"steps": steps,
+                                                               "alpha": alpha}}}}}
+
+    tiny = with_pgd(report(0.84, fgsm=0.73, pgd=0.75, n=64), steps=2)
+    assert verdict(tiny)["label"] != "gradient_masking"
+    reach = with_pgd(report(0.84, fgsm=0.60, pgd=0.75, n=1000), steps=2)
+    assert verdict(reach)["label"] != "gradient_masking", "PGD-2 at ε/4 reaches ε/2"
+    far = with_pgd(report(0.84, fgsm=0.60, pgd=0.75, n=1000), steps=50)
+    assert verdict(far)["label"] == "gradient_masking"
+    noisy_aa = report(0.9, fgsm=0.8, pgd=0.75, aa=0.69, n=64)  # 6 points on 64: noise
+    assert verdict(noisy_aa)["label"] != "gradient_masking"
+    assert verdict(report(0.9, fgsm=0.8, pgd=0.75, aa=0.69, n=10_000))["label"] == \
+        "gradient_masking"

@@ -109,13 +109,15 @@ async function refresh() {
   const r = await api("/v1/jobs?limit=100");
   const {items} = await r.json();
   const tbody = $("jobs").querySelector("tbody");
-  const picked = new Set([...document.querySelectorAll("input.pick:checked")].map((b) => b.value));
-  tbody.replaceChildren();
-  for (const job of items) {
+  for (const job of items) {  // every await first: a tick made meanwhile must not be lost
     if (job.state === "succeeded" && !figures.has(job.id)) {
       const rep = await api(`/v1/jobs/${job.id}/report`);
       if (rep.ok) figures.set(job.id, headline(await rep.json()));
     }
+  }
+  const picked = new Set([...document.querySelectorAll("input.pick:checked")].map((b) => b.value));
+  tbody.replaceChildren();
+  for (const job of items) {
     const f = figures.get(job.id) || {};
     const tr = document.createElement("tr");
     tr.dataset.job = job.id;

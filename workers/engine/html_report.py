@@ -23,7 +23,7 @@ from typing import Any
 
 from contract.export import eps_text
 from contract.report import Event, FinalResult, final_by_model, probe_time
-from contract.verdict import verdict
+from contract.verdict import pgd_reach, verdict
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -281,7 +281,7 @@ def _warnings(report: dict[str, Any]) -> str:
     models = final_by_model(report)
     items = [f"{w}" + (f" ({name} model)" if len(models) > 1 else "")
              for name, res in models.items()
-             for w in FinalResult.model_validate(res).warnings()]
+             for w in FinalResult.model_validate(res).warnings(pgd_reach(report))]
     return ("<ul class='co warnings'>" + "".join(f"<li>{_esc(w)}</li>" for w in items)
             + "</ul>") if items else ""
 
