@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from contract.spec import load_spec_file
-from contract.sweep import expand, load_sweep
+from contract.sweep import expand, load_sweep, sweep_out
 from workers.engine.data import locate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +162,81 @@ def test_docs_name_only_files_that_exist(page):
                     and not (page.parent / path).exists():
                 missing.append(path)
     assert not missing, f"{page.relative_to(REPO)} names files that do not exist: {missing}"
+
+
+VERDICT_LINE = r"^# Verdict: (\w+)"
+# the shipped MNIST examples' verdicts, read from the committed runs that measured them (each
+# the same spec as the example, checked above): 10-17 epochs of MNIST are a study's, not a
+# test's; the digits examples run here
+MEASURED = {
+    "examples/quickstart/mnist-fgsm.yaml": ("experiments/quickstart/mnist-net.yaml", "fgsm_seed="),
+    "examples/quickstart/mnist-fgsm-rs.yaml": ("experiments/quickstart/mnist-net.yaml",
+                                               "fgsm-rs_seed="),
+    "examples/mnist-fgsm-rs-margin.yaml": ("experiments/mnist-target.yaml",
+                                           "fgsm-rs-margin-alpha1_seed="),
+    "examples/mnist-rs-aaer-margin-stop.yaml": ("experiments/mnist-target-stop.yaml",
+                                                "rs-aaer-margin-lam0.1_models=best_size=500"),
+}
+EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
+
+
+def stated_verdict(path: Path) -> str:
+    import re
+
+    from contract.verdict import LABELS
+
+    found = re.search(VERDICT_LINE, path.read_text(), re.MULTILINE)
+    assert found, f"{path.relative_to(REPO)} states no '# Verdict: <label>' line"
+    assert found.group(1) in LABELS, found.group(1)
+    return found.group(1)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_example_states_the_verdict_it_produces(path, tmp_path):
+    """Each example says what it makes; the digits ones are run here (CPU-sized, ~25 s), the
+    MNIST ones are judged by every committed run of their exact spec."""
+    import json
+
+    from contract.sweep import pool_key
+    from contract.verdict import verdict
+
+    stated = stated_verdict(path)
+    rel = str(path.relative_to(REPO))
+    if rel in MEASURED:
+        sweep, prefix = MEASURED[rel]
+        out = sweep_out(REPO / sweep, load_sweep(REPO / sweep))
+        shipped = load_spec_file(str(path)).model_dump(mode="json")
+        runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{prefix}*/report.json"))]
+        runs = [r for r in runs if pool_key(r["spec"]) == pool_key(shipped)]  # any seed
+        assert len(runs) >= 3, rel
+        assert {verdict(r)["label"] for r in runs} == {stated}, rel
+        return
+    from workers.engine.runner import run_job
+
+    report = run_job(load_spec_file(str(path)), tmp_path, progress=False)
+    assert report["verdict"]["label"] == stated, report["verdict"]
+
+
+def test_the_dashboards_default_form_makes_a_robust_model():
+    """The dashboard's form as it loads (service/ui: digits, ε 0.1, preset n-aaer, no epochs:
+    the preset's) is the spec of experiments/digits-smoke/form-default.yaml, whose every
+    committed seed is robust (it submitted 1 epoch and ended at chance before)."""
+    import json
+    import re
+
+    from contract.spec import JobSpec
+    from contract.sweep import pool_key
+    from contract.verdict import verdict
+
+    ui = (REPO / "service/ui/index.html").read_text()
+    dataset = re.search(r"<option selected>(\w+)</option>", ui).group(1)
+    epsilon = re.search(r'id="epsilon" value="([^"]+)"', ui).group(1)
+    assert 'id="epochs" type="number" min="1" value=""' in ui, "epochs: the preset's"
+    preset = re.search(r'o.selected = n === "([\w-]+)"',
+                       (REPO / "service/ui/app.js").read_text()).group(1)
+    form = JobSpec.model_validate({"dataset": {"name": dataset}, "recipe": preset,
+                                   "threat": {"epsilon": epsilon}}).model_dump(mode="json")
+    runs = [json.loads(p.read_text()) for p in sorted(
+        (REPO / "experiments/digits-smoke/form-default-runs").glob("*/report.json"))]
+    assert len(runs) == 3 and all(pool_key(r["spec"]) == pool_key(form) for r in runs)
+    assert {verdict(r)["label"] for r in runs} == {"robust"}

@@ -199,8 +199,10 @@ $("signin-form").addEventListener("submit", async (e) => {
 $("signout").addEventListener("click", () => signOut());
 $("submit-form").addEventListener("submit", (e) => {
   e.preventDefault();
+  // the form's defaults are experiments/digits-smoke/form-default.yaml: a robust model
   const spec = {dataset: {name: $("dataset").value}, recipe: $("preset").value,
-                threat: {epsilon: $("epsilon").value}, schedule: {epochs: +$("epochs").value}};
+                threat: {epsilon: $("epsilon").value}};
+  if ($("epochs").value) spec.schedule = {epochs: +$("epochs").value};
   if ($("name").value) spec.name = $("name").value;
   submit(spec);
 });
