@@ -116,9 +116,40 @@ def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
         page.screenshot(path=str(shots / "ui-compare.png"))
         page.evaluate("window.scrollTo(0, 0)")
 
+        # a third threat (ε 0.2): the leaderboard ranks within each threat, never across
+        # and lr 1e-6: a model that learned nothing, listed apart with no rank
+        three = digits_job("three", "fgsm")
+        three["schedule"]["lr"] = {"lr_max": 1e-6}
+        page.fill("#spec-json", json.dumps({**three, "threat": {"epsilon": 0.2}}))
+        page.click("#submit-json")
+        expect(page.locator("#jobs td.state-succeeded")).to_have_count(3, timeout=120_000)
+        board = page.locator("#board tbody")
+        expect(board.locator("th.threat")).to_have_count(2)
+        expect(board.locator("th.threat").nth(0)).to_have_text("digits · ℓ∞ ε = 0.1")
+        expect(board.locator("th.threat").nth(1)).to_have_text("digits · ℓ∞ ε = 0.2")
+        expect(board.locator("tr.ranked, tr.apart")).to_have_count(3)
+        with stack.client(key) as c:
+            api = {r["job_id"]: r for r in c.get("/v1/leaderboard?metric=pgd").json()["items"]}
+        for tr in board.locator("tr.ranked, tr.apart").all():
+            cells = tr.locator("td").all_inner_texts()
+            row = next(r for j, r in api.items() if j.startswith(cells[1]))
+            # ranked only when robust, the rest shown apart with "–"
+            assert cells[0] == ("–" if row["rank"] is None else str(row["rank"]))
+            assert (row["rank"] is not None) == (row["verdict"] == "robust")
+            assert cells[9].replace(" ", "_") == row["verdict"]
+            assert cells[8].endswith(" *"), "64 images: short of AutoAttack standard"
+        assert api[next(j for j, r in api.items() if r["name"] == "three")]["rank"] is None
+        expect(board.locator("tr.apart", has_text="three").locator("td").first).to_have_text("–")
+        page.locator("#board").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "ui-leaderboard.png"))
+        page.select_option("#board-metric", "autoattack")  # the suite ran no AutoAttack
+        expect(board.locator("tr")).to_have_count(0)
+        expect(page.locator("#board-note")).to_contain_text("no finished job has an AutoAttack figure")
+        page.evaluate("window.scrollTo(0, 0)")
+
         page.locator("#jobs tbody tr", has_text="two").get_by_role("button",
                                                                    name="delete").click()
-        expect(rows).to_have_count(1)
+        expect(rows).to_have_count(2)
         browser.close()
     assert errors == [], errors
     assert remote == [], "the dashboard fetched from outside its server"

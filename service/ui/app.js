@@ -155,6 +155,43 @@ async function refresh() {
               cell(counts.join(", ")));
     return tr;
   }));
+  await refreshBoard();
+}
+
+const NORM = {linf: "ℓ∞", l2: "ℓ2"};
+const FIGURE = {autoattack: "an AutoAttack", pgd: "a PGD", certified: "a certified"};
+
+async function refreshBoard() {   // one table, a heading row per threat: never one ranking
+  const metric = $("board-metric").value;
+  const r = await api(`/v1/leaderboard?metric=${metric}&limit=100`);
+  if (!r.ok) return;
+  const board = await r.json();
+  const body = $("board").querySelector("tbody"), out = [];
+  let threat = null;
+  for (const row of board.items) {
+    const t = `${row.dataset} · ${NORM[row.norm] || row.norm} ε = ${+row.epsilon.toPrecision(4)}`;
+    if (t !== threat) {
+      threat = t;
+      const tr = document.createElement("tr"), th = document.createElement("th");
+      Object.assign(th, {colSpan: 10, className: "threat", textContent: t});
+      tr.append(th); out.push(tr);
+    }
+    const tr = document.createElement("tr");
+    tr.className = row.rank === null ? "apart" : "ranked";
+    const what = row.radius === null || row.radius === undefined ? row.metric
+      : `certified r = ${row.radius}, σ = ${row.sigma}`;
+    const suite = cell(row.suite + (row.standard ? "" : " *"));
+    if (!row.standard) suite.title = "short of AutoAttack standard on the whole test set";
+    tr.append(cell(row.rank === null ? "–" : String(row.rank), "num"), cell(row.job_id.slice(0, 8)),
+              cell(row.name), cell(row.method), cell(what), cell(pct(row.robust_acc), "num"),
+              cell(pct(row.clean_acc), "num"), cell(String(row.n), "num"), suite,
+              cell((row.verdict || "").replaceAll("_", " "), `verdict verdict-${row.verdict}`));
+    out.push(tr);
+  }
+  body.replaceChildren(...out);
+  $("board-note").textContent = board.items.length ? (board.skipped
+    ? `${board.skipped} finished jobs have no ${FIGURE[metric]} figure` : "")
+    : `no finished job has ${FIGURE[metric]} figure yet`;
 }
 
 function updateCompare() {
@@ -222,5 +259,6 @@ $("submit-json").addEventListener("click", async () => {
   submit(out.spec);
 });
 $("compare").addEventListener("click", compareSelected);
+$("board-metric").addEventListener("change", refreshBoard);
 $("viewer-close").addEventListener("click", () => { $("viewer").hidden = true; });
 if (KEY) start();
