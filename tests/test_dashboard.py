@@ -144,7 +144,8 @@ def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
         page.screenshot(path=str(shots / "ui-leaderboard.png"))
         page.select_option("#board-metric", "autoattack")  # the suite ran no AutoAttack
         expect(board.locator("tr")).to_have_count(0)
-        expect(page.locator("#board-note")).to_contain_text("no finished job has an AutoAttack figure")
+        expect(page.locator("#board-note")).to_contain_text(
+            "no finished job has an AutoAttack figure")
         page.evaluate("window.scrollTo(0, 0)")
 
         page.locator("#jobs tbody tr", has_text="two").get_by_role("button",
