@@ -127,6 +127,7 @@ class LeaderboardRow(BaseModel):
     verdict: str | None = None  # contract/verdict.py: only "robust" is ranked
     radius: float | None = None  # a certified figure's radius ...
     sigma: float | None = None   # ... and the noise level it was certified at
+    split: str = "test"          # evaluation.final.split: validation figures are never ranked
 
 
 class Leaderboard(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.verdict import verdict
+from contract.verdict import final_split, verdict
 
 ARCH_NAMES = {"small_cnn": "SmallCNN", "mnist_net": "MNIST-Net (Wong et al. 2020)",
               "preact_resnet18": "PreActResNet-18",
@@ -102,8 +102,9 @@ def leaderboard_row(report: dict[str, Any], metric: str = "autoattack",
             "n": final["n"], "seconds": (report.get("timing") or {}).get("total"),
             "suite": ", ".join(attacks) or "none",
             "standard": "autoattack-standard" in attacks and test is not None
-                        and final["n"] >= test,
-            "verdict": (report.get("verdict") or verdict(report))["label"], **extra}
+                        and final["n"] >= test and final_split(report) == "test",
+            "verdict": (report.get("verdict") or verdict(report))["label"],
+            "split": final_split(report), **extra}
 
 
 def threat_of(row: dict[str, Any]) -> tuple[str, str, float]:
@@ -115,7 +116,8 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows grouped by threat (dataset, norm, ε), each group best first: robust accuracy,
     then clean accuracy, then fewer seconds. Only a ``robust`` verdict is ranked (a certified
     figure, a guarantee, is ranked whatever the empirical verdict); the rest follow their
-    group with no rank, so a model at chance or overfit never sits among robust ones."""
+    group with no rank, so a model at chance or overfit never sits among robust ones; nor does
+    a figure on the validation slice (evaluation.final.split), whatever its verdict."""
     def key(r: dict[str, Any]) -> tuple:
         return (-r["robust_acc"], -r["clean_acc"], r.get("seconds") or 0.0)
 
@@ -130,6 +132,8 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _ranked(row: dict[str, Any]) -> bool:
+    if row.get("split", "test") != "test":  # a figure used to choose a setting, not a result
+        return False
     return row.get("verdict") == "robust" or str(row.get("metric", "")).startswith("certified")
 
 

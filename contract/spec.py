@@ -465,8 +465,13 @@ class AutoAttackEval(_Strict):
 
 
 class FinalEval(_Strict):
+    split: Literal["test", "validation"] = Field(
+        "test", description="the images the final suite (and certification) evaluates: the "
+        "test set, or the held-out validation slice of the training set (dataset.val_size "
+        "images) for choosing a setting without touching the test images; a validation "
+        "figure is never ranked on the leaderboard")
     n: int | None = Field(None, ge=1, le=10_000_000,
-                          description="test points; None = the whole test set")
+                          description="points evaluated; None = the whole split")
     models: list[Literal["last", "best", "wa"]] = Field(
         default_factory=lambda: ["last", "wa"], min_length=1,
         description="which weights to evaluate: last epoch, best monitor PGD epoch, weight "
@@ -588,6 +593,9 @@ class JobSpec(_Strict):
         if self.threat.epsilon_warmup > self.schedule.epochs:
             raise ValueError(f"threat.epsilon_warmup must be in [0, schedule.epochs = "
                              f"{self.schedule.epochs}], got {self.threat.epsilon_warmup:g}")
+        if self.evaluation.final.split == "validation" and not self.dataset.val_size:
+            raise ValueError("evaluation.final.split 'validation' evaluates the held-out slice: "
+                             "dataset.val_size must be > 0")
         if self.mode == "evaluate" and not self.model.weights:
             raise ValueError("model.weights is required when mode is 'evaluate'")
         adv = self.recipe.adversary

@@ -80,6 +80,13 @@ def pgd_reach(report: dict[str, Any]) -> float | None:
     return pgd["steps"] * pgd.get("alpha", 0.25)
 
 
+def final_split(report: dict[str, Any]) -> str:
+    """Which images the final suite evaluated: ``test`` or ``validation``
+    (evaluation.final.split; reports before it: test)."""
+    final = ((report.get("spec") or {}).get("evaluation") or {}).get("final") or {}
+    return final.get("split", "test")
+
+
 def majority_share(report: dict[str, Any]) -> float:
     """The largest class's share of the evaluated test images (the runner records it), else
     one over the number of classes."""

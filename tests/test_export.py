@@ -66,6 +66,13 @@ def test_the_leaderboard_ranks_within_one_threat_and_only_robust_verdicts():
     assert board[-1]["verdict"] == "chance"
     short = dict(_report("few", 0.5, 0.9), dataset={"name": "mnist", "test": 10_000})
     assert leaderboard_row(short)["standard"] is False, "100 of 10 000 images"
+    # a figure on the validation slice chose a setting: it is never ranked, however robust
+    chosen = _report("chosen", 0.97, 0.99)
+    chosen["spec"]["evaluation"] = {"final": {"split": "validation"}}
+    board = rank([leaderboard_row(x) for x in [*reports[:2], chosen]])
+    assert [(r["name"], r["rank"], r["split"]) for r in board] == [
+        ("linf-b", 1, "test"), ("linf-a", 2, "test"), ("chosen", None, "validation")]
+    assert board[-1]["verdict"] == "robust" and board[-1]["standard"] is False
 
 
 def test_a_real_run_exports_a_robustbench_card_and_its_weights_load_back(tmp_path):

@@ -99,6 +99,40 @@ def test_best_that_is_the_last_epoch_is_evaluated_once(tmp_path):
     assert alone["final_models"]["best"] == best
 
 
+def test_final_split_validation_evaluates_the_held_out_slice_not_the_test_set(tmp_path):
+    """evaluation.final.split: validation, for choosing a setting: the suite's clean accuracy is
+    the saved weights' accuracy on the held-out training images (recomputed here from
+    scikit-learn's digits and the documented seeded permutation), on all of them, and the
+    report and its page say so."""
+    import bulwark
+    from sklearn.datasets import load_digits
+
+    from workers.engine.data import load_dataset, split_validation
+
+    spec = digits_spec(recipe="fgsm", evaluation={
+        "monitor": {"size": 64, "pgd_steps": 2},
+        "final": {"split": "validation", "pgd": {"steps": 2, "restarts": 1},
+                  "autoattack": None}})
+    report = run_job(spec, tmp_path / "run", device="cpu", progress=False)
+    assert report["dataset"]["final_split"] == "validation"
+    assert report["final"]["n"] == 256 == spec.dataset.val_size
+    data = load_dataset(spec.dataset)
+    _, _, val_x, val_y = split_validation(data.train_x, data.train_y, 256, seed=3)
+    digits = load_digits()  # the held-out images are training images, never test ones
+    pixels = {bytes(x.flatten().tolist()) for x in data.train_x}
+    assert all(bytes(x.flatten().tolist()) in pixels for x in val_x)
+    assert len(data.train_x) + len(data.test_x) == len(digits.target)
+    model = bulwark.load_model(tmp_path / "run" / "model.safetensors")
+    with torch.no_grad():
+        val_acc = (model(val_x.float() / 255).argmax(1) == val_y).float().mean().item()
+    assert report["final"]["clean_acc"] == pytest.approx(val_acc, abs=1e-6)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Final evaluation on the validation slice (not the test set)" in page
+    with pytest.raises(ValueError, match="val_size must be > 0"):
+        digits_spec(dataset={"name": "digits", "val_size": 0},
+                    evaluation={"final": {"split": "validation"}})
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     """Stop after epoch 1, resume: final weights and ELLE-A state equal an uninterrupted run.
     Stop again inside the final suite, resume: the finished batches come from the ledger and

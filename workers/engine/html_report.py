@@ -23,7 +23,7 @@ from typing import Any
 
 from contract.export import eps_text
 from contract.report import Event, FinalResult, final_by_model, probe_time
-from contract.verdict import pgd_reach, verdict
+from contract.verdict import final_split, pgd_reach, verdict
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -307,7 +307,10 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
             f"mode {spec.get('mode', 'train')}",
             *([f"finished {report['finished_at']}"] if report.get("finished_at") else [])))
         + f" · report_version {_esc(report['report_version'])}</p>",
-        _verdict_banner(report), "<h2>Final evaluation</h2>", _final_table(report),
+        _verdict_banner(report),
+        "<h2>Final evaluation" + (" on the validation slice (not the test set)"
+                                  if final_split(report) == "validation" else "") + "</h2>",
+        _final_table(report),
         _warnings(report)]
     if hist:
         sections += ["<h2>Training</h2>", training_figure(hist, co_epochs),

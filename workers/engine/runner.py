@@ -326,6 +326,9 @@ class Training:
             train_x, train_y, val_x, val_y = split_validation(
                 data.train_x, data.train_y, spec.dataset.val_size, sched.seed)
             self.sizes = {"train": int(train_x.shape[0]), "validation": int(val_x.shape[0])}
+            # the final suite's images: the test set, or (to choose a setting) the held-out slice
+            self.eval_x, self.eval_y = ((val_x, val_y) if ev.final.split == "validation"
+                                        else (data.test_x, data.test_y))
             self.loader = DeviceLoader(train_x, train_y, sched.batch_size, device=dev,
                                        crop_padding=data.crop_padding, flip=data.flip,
                                        shuffle=True)
@@ -636,7 +639,7 @@ class Training:
     def evaluate(self, emit: Event, check: Callable[[], None]) -> dict[str, dict[str, Any]]:
         """The final suite for each of ``evaluation.final.models`` that exists."""
         ev, sched, data = self.spec.evaluation, self.spec.schedule, self.data
-        test_x, test_y = data.test_x, data.test_y
+        test_x, test_y = self.eval_x, self.eval_y
         if ev.final.n is not None:
             test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
         if self.ranks is not None:  # this rank's contiguous share of the test images
@@ -692,8 +695,8 @@ class Training:
         emit("phase", {"phase": "certification"})
         with self.timing.phase("certification"):
             return run_certification(
-                self.model, self.data.test_x.to(self.dev).float().div_(255),
-                self.data.test_y.to(self.dev), plan, num_classes=self.data.num_classes,
+                self.model, self.eval_x.to(self.dev).float().div_(255),
+                self.eval_y.to(self.dev), plan, num_classes=self.data.num_classes,
                 out=self.out, precision=self.spec.compute.precision,
                 channels_last=self.channels_last, seed=self.spec.schedule.seed, emit=emit,
                 check=check, ranks=None if self.ranks is None else (
@@ -727,8 +730,9 @@ class Training:
             "dataset": {"name": data.name, "num_classes": data.num_classes, **self.sizes,
                         "test": int(data.test_x.shape[0]), "monitor": self.n_mon,
                         "shape": list(data.train_x.shape[1:]),
+                        "final_split": self.spec.evaluation.final.split,
                         # the chance level of the final figures (contract/verdict.py)
-                        "majority_share": majority_share(data.test_y,
+                        "majority_share": majority_share(self.eval_y,
                                                          self.spec.evaluation.final.n)},
             "history": self.history,
             "events": self.watchdog.events,
