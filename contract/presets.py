@@ -70,11 +70,12 @@ MADRY_MNIST_SCHEDULE: dict[str, Any] = {
     "epochs": 83, "batch_size": 50, "optimizer": "adam", "momentum": 0.9, "weight_decay": 0.0,
     "lr": {"kind": "constant", "lr_max": 1e-4},
 }
-# MNIST TRADES (train_trades_mnist.py): SGD 0.01, no wd, 100 epochs; lr ×0.1 from epoch 55
-# (its ×0.01 and ×0.001 branches follow in an elif chain and never run).
+# MNIST TRADES (train_trades_mnist.py as it stands since commit c56d2f2, 2019-05-13, "fix
+# adjust_learning_rate", which turned an elif chain that stopped at ×0.1 into three ifs): SGD
+# 0.01, no wd, 100 epochs; lr ×0.1 from epoch 55, ×0.01 from 75, ×0.001 from 90 (1-based).
 TRADES_MNIST_SCHEDULE: dict[str, Any] = {
     "epochs": 100, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
-    "lr": {"kind": "piecewise", "lr_max": 0.01, "milestones": [0.54], "gamma": 0.1},
+    "lr": {"kind": "piecewise", "lr_max": 0.01, "milestones": [0.54, 0.74, 0.89], "gamma": 0.1},
 }
 
 SRC_FAST = ("ELLE, N-FGSM and AAER CIFAR-10 scripts: 30 epochs, SGD momentum 0.9, wd 5e-4, "
@@ -114,8 +115,9 @@ MNIST_REGULARIZER: dict[tuple[str, str], tuple[dict[str, Any], str]] = {
 }
 SRC_MADRY = ("Madry et al. 2018, MadryLab/mnist_challenge (config.json, train.py): PGD-40, step "
              "0.01, random start; Adam 1e-4, 100 000 steps of batch 50 (83 epochs)")
-SRC_TRADES_MNIST = ("TRADES train_trades_mnist.py: SGD 0.01 momentum 0.9, no wd, 100 epochs, "
-                    "batch 128, ×0.1 from epoch 55; attack 40 steps of 0.01; β 1")
+SRC_TRADES_MNIST = ("TRADES train_trades_mnist.py (since commit c56d2f2, 2019-05-13): SGD 0.01 "
+                    "momentum 0.9, no wd, 100 epochs, batch 128, lr ×0.1 from epoch 55, ×0.01 "
+                    "from 75, ×0.001 from 90; attack 40 steps of 0.01; β 1")
 SRC_NOT_TUNED = "{what}: no {family} value published; the CIFAR-10 value"
 
 # ADR (config/cifar10/*.gin): τ 2.5 → 2.0 and λ 0.7 → 0.95 with SGD; 1.5 / 0.85 with AWP.

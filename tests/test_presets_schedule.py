@@ -221,8 +221,20 @@ def test_mnist_multi_step_presets_follow_madry_and_trades_mnist_scripts():
     assert trades.recipe.loss.beta == 1.0 and trades.recipe.adversary.steps == 40
     s = trades.schedule
     assert (s.optimizer, s.lr.lr_max, s.weight_decay, s.epochs) == ("sgd", 0.01, 0.0, 100)
-    assert lr_at(s.lr, 53.9, 100) == pytest.approx(0.01)
-    assert lr_at(s.lr, 99, 100) == pytest.approx(0.001)
+
+    def trades_lr(epoch: int) -> float:  # train_trades_mnist.py's adjust_learning_rate (c56d2f2)
+        lr = 0.01
+        if epoch >= 55:
+            lr = 0.01 * 0.1
+        if epoch >= 75:
+            lr = 0.01 * 0.01
+        if epoch >= 90:
+            lr = 0.01 * 0.001
+        return lr
+
+    for epoch in range(1, 101):  # its epochs count from 1; t here from 0 within the run
+        for t in (epoch - 1, epoch - 0.5, epoch - 1e-3):
+            assert lr_at(s.lr, t, 100) == pytest.approx(trades_lr(epoch)), (epoch, t)
     # the add-ons keep their (CIFAR-10) values on MNIST's base recipe
     awp = mnist("pgd-awp")
     assert awp.recipe.weight_perturbation.gamma == 0.01 and awp.schedule.optimizer == "adam"
