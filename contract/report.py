@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from contract.spec import JobSpec
+from contract.spec import JobSpec, as_ran
 from contract.verdict import attack_warnings, pgd_reach, verdict
 
 
@@ -235,7 +235,7 @@ class Report(_Open):
     @property
     def job_spec(self) -> JobSpec:
         """The spec as it ran, as a ``JobSpec``."""
-        return JobSpec.model_validate(self.spec)
+        return JobSpec.model_validate(as_ran(self.spec))
 
     @property
     def co_epochs(self) -> list[int]:

@@ -715,6 +715,18 @@ def load_spec_file(path: str) -> JobSpec:
         raise SpecError(f"{path}: invalid job spec\n{e}") from e
 
 
+def as_ran(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A spec as a run dumped it (report.json's ``spec``), completed with the values its fields
+    had before they existed: a dump holds every field, so a missing ``model.normalization`` was
+    written before the field was added, when every model normalized with the dataset's
+    statistics. Without this an old MNIST run would read as trained on raw pixels, the presets'
+    value since."""
+    model = dumped.get("model")
+    if isinstance(model, dict) and "depth" in model and "normalization" not in model:
+        return {**dumped, "model": {**model, "normalization": "dataset"}}
+    return dumped
+
+
 def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Equal job specs (as dumped), whatever their names, ``compute.devices`` and
     ``compute.compile``: none changes what a run computes (the batch is the global batch on any
@@ -724,11 +736,11 @@ def same_spec(a: dict[str, Any], b: dict[str, Any]) -> bool:
     still equals its reading."""
     def norm(d: dict[str, Any]) -> Any:
         try:
-            dumped = JobSpec.model_validate(d).model_dump(mode="json")
+            dumped = JobSpec.model_validate(as_ran(d)).model_dump(mode="json")
             dumped["compute"] = {**dumped["compute"], "devices": None, "compile": None}
             return {**dumped, "name": None}
         except ValueError:
-            return {**d, "name": None}
+            return {**as_ran(d), "name": None}
     return norm(a) == norm(b)
 
 

@@ -208,12 +208,12 @@ def pool_key(spec: dict[str, Any]) -> str:
     import hashlib
     import json
 
-    from contract.spec import JobSpec
+    from contract.spec import JobSpec, as_ran
 
     try:
-        data = JobSpec.model_validate(spec).model_dump(mode="json")
+        data = JobSpec.model_validate(as_ran(spec)).model_dump(mode="json")
     except ValueError:
-        data = dict(spec)
+        data = dict(as_ran(spec))
     flat = {k: v for k, v in flat_fields(data).items() if k not in POOL_APART}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -78,10 +78,10 @@ def _is_the_measured_child(example: str, sweep: str, child: str):
 
 def test_the_shipped_quick_start_is_the_spec_the_study_measured():
     """examples/quickstart/*.yaml are exactly (names aside) the children of
-    experiments/quickstart/mnist-net.yaml whose results the README and the examples quote."""
+    experiments/quickstart/published.yaml whose results the README and the examples quote."""
     for example, child in (("mnist-fgsm", "fgsm_seed=0"), ("mnist-fgsm-rs", "fgsm-rs_seed=0")):
         _is_the_measured_child(f"examples/quickstart/{example}.yaml",
-                               "experiments/quickstart/mnist-net.yaml", child)
+                               "experiments/quickstart/published.yaml", child)
 
 
 def test_the_margin_example_is_the_spec_the_target_study_measured():
@@ -169,8 +169,9 @@ VERDICT_LINE = r"^# Verdict: (\w+)"
 # the same spec as the example, checked above): 10-17 epochs of MNIST are a study's, not a
 # test's; the digits examples run here
 MEASURED = {
-    "examples/quickstart/mnist-fgsm.yaml": ("experiments/quickstart/mnist-net.yaml", "fgsm_seed="),
-    "examples/quickstart/mnist-fgsm-rs.yaml": ("experiments/quickstart/mnist-net.yaml",
+    "examples/quickstart/mnist-fgsm.yaml": ("experiments/quickstart/published.yaml",
+                                            "fgsm_seed="),
+    "examples/quickstart/mnist-fgsm-rs.yaml": ("experiments/quickstart/published.yaml",
                                                "fgsm-rs_seed="),
     "examples/mnist-fgsm-rs-margin.yaml": ("experiments/mnist-target.yaml",
                                            "fgsm-rs-margin-alpha1_seed="),

@@ -199,13 +199,15 @@ def test_mnist_single_step_presets_use_the_mnist_recipe(name):
     assert (s.optimizer, s.weight_decay, s.epochs, s.batch_size) == ("adam", 0.0, 10, 100)
     assert (s.lr.kind, s.lr.lr_max, s.lr.peak) == ("cyclic", 0.005, 0.4)
     assert lr_at(s.lr, 4.0, 10) == pytest.approx(0.005)  # their np.interp peak at epochs*2//5
-    assert spec.threat.epsilon_warmup == 1.0
+    # ... on raw [0, 1] pixels, with no ε warm-up (train_mnist.py has neither)
+    assert spec.threat.epsilon_warmup == 0.0 and spec.model.normalization == "none"
+    assert job(name, 0.3).model.normalization == "dataset"  # CIFAR's recipes normalize
     # the adversary kind is the method's, whatever the dataset; FGSM-RS takes their MNIST
-    # code's unclipped start and the step this project's sweep found to hold
+    # code's step α = 1.25ε from its unclipped start
     cifar = job(name, 0.3).recipe.adversary
     assert spec.recipe.adversary.kind == cifar.kind
     if cifar.kind == "fgsm_rs":
-        assert (spec.recipe.adversary.alpha, spec.recipe.adversary.clip_start) == (1.0, False)
+        assert (spec.recipe.adversary.alpha, spec.recipe.adversary.clip_start) == (1.25, False)
         assert (cifar.alpha, cifar.clip_start) == (1.25, True)
     else:
         assert spec.recipe.adversary == cifar
@@ -240,6 +242,46 @@ def test_mnist_multi_step_presets_follow_madry_and_trades_mnist_scripts():
     assert awp.recipe.weight_perturbation.gamma == 0.01 and awp.schedule.optimizer == "adam"
 
 
+def test_mnist_presets_train_on_raw_pixels_unless_the_model_says_otherwise():
+    for name in ("fgsm-rs", "pgd-at", "trades", "gaussian-smoothing"):
+        assert mnist(name).model.normalization == "none"
+    # the user's model fields win one by one; the preset's normalization stays where unsaid
+    spec = mnist("fgsm-rs", model={"arch": "mnist_net"})
+    assert (spec.model.arch, spec.model.normalization) == ("mnist_net", "none")
+    spec = mnist("fgsm-rs", model={"arch": "mnist_net", "normalization": "dataset"})
+    assert spec.model.normalization == "dataset"
+    from contract.presets import preset_sources
+    rows = {f: (v, src) for f, v, src in preset_sources(spec)}
+    assert "your spec (the preset's: none)" in rows["model.normalization"][1]
+    # a recipe without a preset keeps the spec's default
+    plain = JobSpec.model_validate({"dataset": {"name": "mnist"},
+                                    "recipe": {"adversary": {"kind": "fgsm"}}})
+    assert plain.model.normalization == "dataset"
+
+
+def test_a_run_dumped_before_normalization_existed_reads_as_normalized():
+    """A report's spec is a full dump; one written before model.normalization existed ran
+    behind the dataset's statistics (the only behaviour then) and must not read as raw pixels,
+    the MNIST presets' value since: `same_spec` and `Report.job_spec` both complete it."""
+    from contract.report import Report
+    from contract.spec import as_ran, same_spec
+
+    now = mnist("fgsm-rs", model={"arch": "mnist_net", "normalization": "dataset"})
+    old = now.model_dump(mode="json")
+    del old["model"]["normalization"]
+    assert JobSpec.model_validate(old).model_dump()["model"]["normalization"] == "none"
+    assert as_ran(old)["model"]["normalization"] == "dataset"
+    assert same_spec(old, now.model_dump(mode="json"))
+    raw = mnist("fgsm-rs", model={"arch": "mnist_net"}).model_dump(mode="json")
+    assert not same_spec(old, raw), "the old run was not trained on raw pixels"
+    committed = REPO / "experiments/mnist-co/runs/fgsm_seed=0/report.json"  # such a run
+    report = Report.model_validate_json(committed.read_text())
+    assert "normalization" not in report.spec["model"]
+    assert report.job_spec.model.normalization == "dataset"
+    # a user's spec file (not a dump: no depth) still takes the preset's value
+    assert as_ran({"model": {"arch": "mnist_net"}}) == {"model": {"arch": "mnist_net"}}
+
+
 def test_svhn_single_step_presets_follow_n_fgsm_svhn_settings():
     spec = JobSpec.model_validate({"dataset": {"name": "svhn"}, "recipe": "n-fgsm",
                                    "threat": {"epsilon": "8/255"}})
@@ -268,7 +310,9 @@ def test_preset_sources_name_every_supplied_value_and_the_users_overrides():
 
     rows = {f: (v, src) for f, v, src in preset_sources(mnist("fgsm-elle-a"))}
     assert "Wong et al. 2020" in rows["schedule"][1]
-    assert "experiments/mnist-recipe" in rows["threat.epsilon_warmup"][1]
+    assert "experiments/mnist-anchor" in rows["threat.epsilon_warmup"][1]
+    assert rows["model.normalization"][0] == "none"
+    assert "raw [0, 1] pixels" in rows["model.normalization"][1]
     assert "twice" in rows["recipe.regularizers.elle_a.official_double_step"][1]
     assert "lam_max=4000" in rows["recipe.regularizers.elle_a"][0]
     rows = {f: (v, src) for f, v, src in preset_sources(

@@ -104,9 +104,9 @@ def test_final_split_validation_evaluates_the_held_out_slice_not_the_test_set(tm
     the saved weights' accuracy on the held-out training images (recomputed here from
     scikit-learn's digits and the documented seeded permutation), on all of them, and the
     report and its page say so."""
-    import bulwark
     from sklearn.datasets import load_digits
 
+    import bulwark
     from workers.engine.data import load_dataset, split_validation
 
     spec = digits_spec(recipe="fgsm", evaluation={
@@ -502,3 +502,32 @@ def test_compile_on_refuses_gradalign_double_backward():
     with pytest.raises(ValueError, match="compute.compile: 'on' cannot train GradAlign"):
         digits_spec(recipe="fgsm-gradalign", compute={"compile": "on"})
     assert digits_spec(recipe="fgsm-gradalign").compute.compile == "auto"
+
+
+def test_weights_trained_behind_another_normalization_are_refused(tmp_path):
+    """The normalization constants are buffers outside the state dict, so the same weights load
+    into a model with either normalization; the runner compares the file's recorded mean/std
+    (written by Bulwark) with the job's and says which setting evaluates them as trained."""
+    from contract.spec import DatasetSpec
+    from workers.engine.checkpoint import save_weights
+    from workers.engine.data import load_dataset
+    from workers.engine.models import build_model
+
+    data = load_dataset(DatasetSpec(name="digits"))
+    net = build_model("small_cnn", num_classes=10, in_channels=1, image_size=data.image_size,
+                      mean=data.mean, std=data.std)
+    weights = tmp_path / "w.safetensors"
+    save_weights(weights, net, {"mean": json.dumps(list(data.mean)),
+                                "std": json.dumps(list(data.std))})
+    base = {"mode": "evaluate", "dataset": {"name": "digits"},
+            "threat": {"norm": "linf", "epsilon": 0.1},
+            "evaluation": {"final": {"n": 32, "pgd": {"steps": 2, "restarts": 1},
+                                     "autoattack": None}}}
+    raw = JobSpec.model_validate({**base, "model": {"arch": "small_cnn", "weights": str(weights),
+                                                    "normalization": "none"}})
+    with pytest.raises(ValueError, match="set model.normalization: dataset"):
+        run_job(raw, tmp_path / "raw", device="cpu", progress=False)
+    same = JobSpec.model_validate({**base, "model": {"arch": "small_cnn", "weights": str(weights),
+                                                     "normalization": "dataset"}})
+    report = run_job(same, tmp_path / "same", device="cpu", progress=False)
+    assert report["final"]["n"] == 32

@@ -78,6 +78,24 @@ def weights_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def check_normalization(meta: dict[str, str], mean, std, *, where: str) -> None:
+    """Refuse weights trained behind another input normalization than the model they are
+    loaded into (the constants are not in the state dict, so loading alone cannot tell): the
+    same weights on other inputs compute another function. Files that record none pass."""
+    try:
+        had_mean, had_std = json.loads(meta["mean"]), json.loads(meta["std"])
+        close = all(abs(float(a) - float(b)) < 1e-6
+                    for a, b in zip([*had_mean, *had_std], [*mean, *std], strict=True))
+    except (KeyError, ValueError, TypeError):  # none recorded, or not by Bulwark: nothing to hold
+        return
+    if not close:
+        plain = all(float(m) == 0.0 for m in had_mean) and all(float(s) == 1.0 for s in had_std)
+        raise ValueError(
+            f"{where}: trained on inputs normalized with mean {had_mean}, std {had_std}, but "
+            f"this job's model uses mean {list(mean)}, std {list(std)}; set "
+            f"model.normalization: {'none' if plain else 'dataset'} to evaluate them as trained")
+
+
 def load_model(path: str | Path, *, device: str = "cpu", mean=None, std=None) -> nn.Module:
     """A plain ``nn.Module`` (in eval mode) rebuilt from a Bulwark weights file: the
     architecture, classes and input shape come from its metadata, then the safetensors tensors

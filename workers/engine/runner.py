@@ -40,10 +40,12 @@ from contract.verdict import verdict
 from defenses import Recipe, StepOutput
 from defenses.precision import autocast
 from workers.engine.checkpoint import (
+    check_normalization,
     load_checkpoint,
     load_weights,
     save_checkpoint,
     save_weights,
+    weights_metadata,
 )
 from workers.engine.data import DeviceLoader, load_dataset, split_validation
 from workers.engine.distributed import Ranks, join, launch, leave
@@ -346,10 +348,12 @@ class Training:
         weights = weights or spec.model.weights
         if weights:
             try:
+                recorded = weights_metadata(Path(weights))
                 load_weights(Path(weights), model, device=dev)
             except (OSError, RuntimeError, SafetensorError) as e:
                 raise ValueError(f"model.weights {weights}: cannot load into a "
                                  f"{spec.model.arch} for this dataset: {e}") from e
+            check_normalization(recorded, mean, std, where=f"model.weights {weights}")
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
