@@ -139,6 +139,10 @@ _GRADALIGN = [(2, 0.036), (4, 0.063), (6, 0.112), (8, 0.2), (10, 0.356), (12, 0.
 # RS 12: λ3 2.5; RS 32: λ2 6.0; N 32: (3.5, 0.7)).
 _AAER_RS = {8: (2.5, 1.5), 12: (5.0, 2.75), 16: (7.0, 3.25), 32: (5.75, 1.5)}
 _AAER_N = {8: (1.5, 0.15), 12: (5.0, 0.55), 16: (8.5, 1.5), 32: (2.75, 0.75)}
+# The README's CIFAR-100 table (as it stands at 5ad2591, 2025-02-15; its first commit had
+# RS 12: λ2 4.0), for CIFAR-100 jobs, by the adversary AAER regularizes.
+_AAER_C100 = {"fgsm_rs": {8: (3.5, 1.5), 12: (3.5, 2.75), 16: (6.0, 2.25), 32: (5.0, 0.75)},
+              "n_fgsm": {8: (1.5, 0.15), 12: (3.5, 0.3), 16: (6.0, 0.5), 32: (3.5, 0.5)}}
 
 
 def eps255(epsilon: float, norm: str) -> float:
@@ -347,13 +351,27 @@ PRESETS: dict[str, Build] = {
 }
 
 
+def _cifar100_aaer(resolved: Resolved, e: float) -> None:
+    """AAER's (λ2, λ3) from the README's CIFAR-100 table, in place (the CIFAR-10 one stays for
+    every other dataset of the cifar family)."""
+    kind = resolved.recipe["adversary"]["kind"]
+    for part in resolved.recipe["regularizers"]:
+        if part["kind"] == "aaer" and kind in _AAER_C100:
+            part["lam2"], part["lam3"] = aaer_lambdas(e, _AAER_C100[kind])
+            resolved.sources["recipe.regularizers.aaer"] = (
+                "AAER README, CIFAR-100 table (current; nearest tabulated ε)")
+
+
 def resolve(name: str, epsilon: Any = "8/255", norm: str = "linf",
             dataset: str | None = "cifar10") -> Resolved:
     """Preset ``name`` at ``epsilon`` for ``dataset``'s family, with its sources."""
     if name not in PRESETS:
         raise ValueError(f"recipe.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     family = family_of(dataset)
-    resolved = PRESETS[name](eps255(parse_epsilon(epsilon), norm), family)
+    e = eps255(parse_epsilon(epsilon), norm)
+    resolved = PRESETS[name](e, family)
+    if dataset == "cifar100":
+        _cifar100_aaer(resolved, e)
     if family == "mnist":  # every published MNIST recipe trains on raw pixels
         resolved.model = {"normalization": "none"}
         resolved.sources["model.normalization"] = SRC_MNIST_PIXELS

@@ -96,6 +96,40 @@ def test_aaer_lambdas_per_epsilon(preset, e, lams):
     assert r.gradient == "official"
 
 
+# The AAER README's CIFAR-100 commands (tmllab/2023_NeurIPS_AAER at 5ad2591), as written there
+# after `python3 AAER.py --epoch 30`; the test reads λ2 and λ3 off them.
+AAER_CIFAR100 = """
+--clamp 1 --alpha 1.25 --epsilon 8 --lamda1 1.0 --lamda2 3.5 --lamda3 1.5
+--clamp 0 --alpha 1.00 --epsilon 8 --lamda1 1.0 --lamda2 1.5 --lamda3 0.15
+--clamp 1 --alpha 1.25 --epsilon 12 --lamda1 1.0 --lamda2 3.5 --lamda3 2.75
+--clamp 0 --alpha 1.00 --epsilon 12 --lamda1 1.0 --lamda2 3.5 --lamda3 0.3
+--clamp 1 --alpha 1.25 --epsilon 16 --lamda1 1.0 --lamda2 6.0 --lamda3 2.25
+--clamp 0 --alpha 1.00 --epsilon 16 --lamda1 1.0 --lamda2 6.0 --lamda3 0.5
+--clamp 1 --alpha 1.25 --epsilon 32 --lamda1 1.0 --lamda2 5.0 --lamda3 0.75
+--clamp 0 --alpha 1.00 --epsilon 32 --lamda1 1.0 --lamda2 3.5 --lamda3 0.5
+"""
+
+
+def test_aaer_on_cifar100_takes_the_readmes_cifar100_table():
+    import re
+
+    rows = re.findall(r"--clamp (\d) .*--epsilon (\d+) .*--lamda2 ([\d.]+) --lamda3 ([\d.]+)",
+                      AAER_CIFAR100)
+    assert len(rows) == 8
+    for clamp, e, lam2, lam3 in rows:
+        preset = "rs-aaer" if clamp == "1" else "n-aaer"  # --clamp 1: RS-AAER, 0: N-AAER
+        spec = JobSpec.model_validate({"dataset": {"name": "cifar100"}, "recipe": preset,
+                                       "threat": {"epsilon": f"{e}/255"}})
+        r = reg(spec, "aaer")
+        assert (r.lam1, r.lam2, r.lam3) == (1.0, float(lam2), float(lam3)), (preset, e)
+        from contract.presets import preset_sources
+        sources = {f: src for f, _, src in preset_sources(spec)}
+        assert "CIFAR-100 table" in sources["recipe.regularizers.aaer"]
+    # CIFAR-10 keeps its own table (RS 8/255: (2.5, 1.5) there, (3.5, 1.5) on CIFAR-100)
+    ten = reg(job("rs-aaer", "8/255"), "aaer")
+    assert (ten.lam2, ten.lam3) == (2.5, 1.5)
+
+
 @pytest.mark.parametrize("e,rs,n", [(4, (2.5, 1.5), (1.5, 0.15)),
                                     (13, (5.0, 2.75), (5.0, 0.55)),
                                     (14.5, (7.0, 3.25), (8.5, 1.5)), (22, (7.0, 3.25), (8.5, 1.5)),
