@@ -125,6 +125,9 @@ SRC_TRADES_MNIST = ("TRADES train_trades_mnist.py (since commit c56d2f2, 2019-05
                     "momentum 0.9, no wd, 100 epochs, batch 128, lr ×0.1 from epoch 55, ×0.01 "
                     "from 75, ×0.001 from 90; attack 40 steps of 0.01; β 1")
 SRC_NOT_TUNED = "{what}: no {family} value published; the CIFAR-10 value"
+SRC_ELLE_SCALE = ("; every λ tried there was from 10³ up, while E_lin grows as ε³: keeping "
+                  "λ·E_lin at its size at 16/255 takes about λ / 100 at ε = 0.3 "
+                  "(experiments/elle-scaling)")
 
 # ADR (config/cifar10/*.gin): τ 2.5 → 2.0 and λ 0.7 → 0.95 with SGD; 1.5 / 0.85 with AWP.
 ADR_SGD = {"kind": "adr", "decay": 0.995, "tau_high": 2.5, "tau_low": 2.0, "lam_low": 0.7,
@@ -242,7 +245,8 @@ def _single(adversary: dict, *regs: tuple[Callable[[float], dict] | dict, str]) 
             built.append(part)
             note = src if family == "cifar" else (
                 src + "; " + SRC_NOT_TUNED.format(what="λ", family=family.upper())
-                + " (no λ tried holds: experiments/mnist-recipe)" * (family == "mnist"))
+                + " (no λ tried holds: experiments/mnist-recipe)" * (family == "mnist")
+                + SRC_ELLE_SCALE * (family == "mnist" and part["kind"] in ("elle", "elle_a")))
             if family == "mnist" and (adv["kind"], part["kind"]) in MNIST_REGULARIZER:
                 values, note = MNIST_REGULARIZER[(adv["kind"], part["kind"])]
                 part.update(values)
