@@ -548,3 +548,15 @@ def test_invalid_milestones_rejected():
         LRSchedule(kind="piecewise", milestones=[0.75, 0.5])
     with pytest.raises(ValidationError, match="milestones"):
         LRSchedule(kind="piecewise", milestones=[1.5])
+
+
+def test_mnist_n_fgsm_keeps_the_published_setting_and_says_what_held_on_mnist():
+    from contract.presets import preset_sources
+
+    spec = mnist("n-fgsm")
+    adv = spec.recipe.adversary
+    assert (adv.kind, adv.k, adv.alpha) == ("n_fgsm", 2.0, 1.0)
+    rows = {f: src for f, _, src in preset_sources(spec)}
+    assert "k = 1 with α = 0.5ε held on 5 of 5" in rows["recipe.adversary"]
+    cifar_rows = {f: src for f, _, src in preset_sources(job("n-fgsm"))}
+    assert "MNIST" not in cifar_rows["recipe.adversary"]
