@@ -95,8 +95,9 @@ class ModelSpec(_Strict):
                     "'models/<id>' (the API); required when mode is 'evaluate'")
     normalization: Literal["dataset", "none"] = Field(
         "dataset", description="dataset: (x - mean) / std with the dataset's statistics as the "
-        "network's first layer; none: the network sees [0, 1] pixels, as many published "
-        "checkpoints expect (e.g. Wong et al.'s MNIST models)")
+        "network's first layer; none: the network sees [0, 1] pixels, as the published MNIST "
+        "recipes and checkpoints do (every preset sets none on MNIST / Fashion-MNIST unless "
+        "the spec says otherwise)")
     depth: int = Field(28, ge=10, le=70, description="WideResNet depth (6n+4)")
     widen_factor: int = Field(10, ge=1, le=20, description="WideResNet widen factor")
 
