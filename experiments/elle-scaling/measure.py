@@ -12,7 +12,7 @@ fits the log-log slope p of E_lin ∝ ε^p. For a twice-differentiable loss the 
 The scaling rule it supports: to keep λ·E_lin at the size it had at the tuned ε_ref,
     λ(ε) = λ(ε_ref) · E_lin(ε_ref) / E_lin(ε) ≈ λ(ε_ref) · (ε_ref / ε)^p.
 
-Run (CPU, ~3 minutes): python experiments/elle-scaling/measure.py [--out experiments/elle-scaling/results.json]
+Run (CPU, ~4 minutes): python experiments/elle-scaling/measure.py [--out results.json]
 """
 
 from __future__ import annotations
