@@ -1,10 +1,10 @@
 """Named presets: each paper's method as one setting of the recipe parts (torch-free).
 
 A preset supplies a recipe, a schedule and (for some datasets) a training-ε warm-up, with the
-values that produced each paper's numbers (ALGORITHMS.md); whatever the user writes overrides
-them field by field. Regularizers and the adversary are matched by ``kind``:
-``{"kind": "elle", "lam": 2000}`` changes ELLE's λ and keeps the rest; naming another
-adversary kind replaces the adversary.
+values that produced each paper's numbers (docs/methods.md, "Presets per dataset family");
+whatever the user writes overrides them field by field. Regularizers and the adversary are
+matched by ``kind``: ``{"kind": "elle", "lam": 2000}`` changes ELLE's λ and keeps the rest;
+naming another adversary kind replaces the adversary.
 
 Values resolve per **dataset family** (``family_of``): ``cifar`` (CIFAR-10/100, and datasets
 with no evidence of their own: uploads, synthetic), ``svhn`` and ``mnist`` (MNIST,

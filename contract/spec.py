@@ -1,6 +1,6 @@
 """The job spec: one pydantic model shared by the CLI, the runner and the service.
 
-It imports without torch. A recipe is a composition of orthogonal parts (DESIGN.md):
+It imports without torch. A recipe is a composition of orthogonal parts (docs/spec.md, `recipe`):
 adversary x loss x regularizers x weight perturbation x labels, under a threat model and a
 schedule. A named preset (``"recipe": "fgsm-elle"``) fills in the papers' per-epsilon
 defaults; every field the user gives overrides the preset's value (see ``contract.presets``).

@@ -1,4 +1,4 @@
-"""A recipe composes the parts of one training step (DESIGN.md):
+"""A recipe composes the parts of one training step (docs/spec.md, `recipe`; docs/methods.md):
 
     target  = labels(x, y)                      hard | adr (rectified soft labels, EMA teacher)
     x_adv   = adversary(model, x, target)       none | fgsm | fgsm_rs | n_fgsm | pgd

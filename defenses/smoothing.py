@@ -9,7 +9,7 @@ batches, the noise is drawn on the device and the votes are counted there with o
 ``torch.bincount`` per call, so nothing runs per sample in Python and the host sees one
 transfer per batch of inputs.
 
-Conventions (as in the reference, see ALGORITHMS.md §5):
+Conventions (as in the reference; docs/methods.md, "Randomized smoothing"):
 
 - Inputs are images in [0, 1]; the noise is added in that pixel space *before* the model, whose
   normalization is its first layer. Noisy inputs are not clipped to [0, 1].
