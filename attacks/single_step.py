@@ -2,6 +2,7 @@
 
     x' = clip_[0,1](x + η),            η ~ U[-kε, kε]        (k = 0: FGSM; clip optional: FGSM-RS)
     x'' = clip_[0,1](x + Π(x' - x + α·sign(∇ℓ(x'))))    Π = projection onto the ε-ball, or none
+                                                        (the clip optional: ELLE's code omits it)
 
 | attack  | k | α     | Π   |
 |---------|---|-------|-----|
@@ -51,9 +52,9 @@ class SingleStep:
 
     def __init__(self, model: nn.Module, eps: float, *, k: float, alpha: float, project: bool,
                  norm: str = "linf", objective: Objective = cross_entropy,
-                 clip_start: bool = True):
+                 clip_start: bool = True, clip_adv: bool = True):
         self.model, self.eps, self.k, self.alpha, self.project = model, eps, k, alpha, project
-        self.clip_start = clip_start
+        self.clip_start, self.clip_adv = clip_start, clip_adv
         self.geometry = get_norm(norm)
         self.objective = objective
 
@@ -70,7 +71,9 @@ class SingleStep:
         delta = x_init - x + self.alpha * self.eps * g.ascent(grad)
         if self.project:
             delta = g.project(delta, self.eps)
-        x_adv = (x + delta).clamp(0, 1)
+        x_adv = x + delta
+        if self.clip_adv:
+            x_adv = x_adv.clamp(0, 1)
         return SingleStepResult(x_adv.detach(), x_init, logits.detach(), loss.detach(),
                                 grad.detach(), self.k != 0)
 
@@ -79,24 +82,27 @@ class SingleStep:
 
 
 def FGSM(model: nn.Module, eps: float, *, alpha: float = 1.0, norm: str = "linf",
-         objective: Objective = cross_entropy) -> SingleStep:
-    """FGSM (Goodfellow et al. 2015): zero init, step α = ε."""
-    return SingleStep(model, eps, k=0.0, alpha=alpha, project=True, norm=norm, objective=objective)
+         objective: Objective = cross_entropy, clip_adv: bool = True) -> SingleStep:
+    """FGSM (Goodfellow et al. 2015): zero init, step α = ε. ``clip_adv=False`` leaves x'' as
+    the step leaves it (ELLE's official code), not clipped to the image box."""
+    return SingleStep(model, eps, k=0.0, alpha=alpha, project=True, norm=norm, objective=objective,
+                      clip_adv=clip_adv)
 
 
 def FGSM_RS(model: nn.Module, eps: float, *, alpha: float = 1.25, norm: str = "linf",
-            objective: Objective = cross_entropy, clip_start: bool = True) -> SingleStep:
+            objective: Objective = cross_entropy, clip_start: bool = True,
+            clip_adv: bool = True) -> SingleStep:
     """RS-FGSM (Wong et al. 2020): η ~ U[-ε, ε], step 1.25ε, projected. ``clip_start=False``
     takes the gradient at the unclipped x + η, as their MNIST code does (their CIFAR-10 code
     clips the start to the image box first)."""
     return SingleStep(model, eps, k=1.0, alpha=alpha, project=True, norm=norm, objective=objective,
-                      clip_start=clip_start)
+                      clip_start=clip_start, clip_adv=clip_adv)
 
 
 def N_FGSM(model: nn.Module, eps: float, *, k: float = 2.0, alpha: float = 1.0,
            norm: str = "linf", objective: Objective = cross_entropy,
-           clip_start: bool = True) -> SingleStep:
+           clip_start: bool = True, clip_adv: bool = True) -> SingleStep:
     """N-FGSM (de Jorge et al. 2022): η ~ U[-kε, kε], step ε, no projection; their code clips
     the start to the image box (``clip_start=False`` does not)."""
     return SingleStep(model, eps, k=k, alpha=alpha, project=False, norm=norm, objective=objective,
-                      clip_start=clip_start)
+                      clip_start=clip_start, clip_adv=clip_adv)

@@ -156,11 +156,17 @@ class NoAdversary(_Strict):
     kind: Literal["none"] = "none"
 
 
+CLIP_ADV = ("clip the adversarial input x'' to [0, 1] (every reference code but ELLE's); false: "
+            "train on x'' as the step leaves it, up to ε outside the image box (ELLE's official "
+            "Trainer)")
+
+
 class FGSMAdversary(_Strict):
     """FGSM (Goodfellow'15): zero init, one signed step of α = ε."""
 
     kind: Literal["fgsm"] = "fgsm"
     alpha: float = Field(1.0, gt=0, le=4, description="step size as a multiple of ε")
+    clip_adv: bool = Field(True, description=CLIP_ADV)
 
 
 CLIP_START = ("clip the random start x + η to [0, 1] before its gradient (Wong et al.'s "
@@ -175,6 +181,7 @@ class FGSMRSAdversary(_Strict):
     kind: Literal["fgsm_rs"] = "fgsm_rs"
     alpha: float = Field(1.25, gt=0, le=4, description="step size as a multiple of ε")
     clip_start: bool = Field(True, description=CLIP_START)
+    clip_adv: bool = Field(True, description=CLIP_ADV)
 
 
 class NFGSMAdversary(_Strict):
@@ -184,6 +191,7 @@ class NFGSMAdversary(_Strict):
     k: float = Field(2.0, ge=0, le=8, description="noise magnitude as a multiple of ε")
     alpha: float = Field(1.0, gt=0, le=4, description="step size as a multiple of ε")
     clip_start: bool = Field(True, description=CLIP_START)
+    clip_adv: bool = Field(True, description=CLIP_ADV)
 
 
 class PGDAdversary(_Strict):

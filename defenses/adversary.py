@@ -26,13 +26,14 @@ class Adversary:
     def _attack(self, model: nn.Module, objective: Objective, start: str):
         s, eps, norm = self.spec, self.eps, self.norm
         if s.kind == "fgsm":
-            return FGSM(model, eps, alpha=s.alpha, norm=norm, objective=objective)
+            return FGSM(model, eps, alpha=s.alpha, norm=norm, objective=objective,
+                        clip_adv=s.clip_adv)
         if s.kind == "fgsm_rs":
             return FGSM_RS(model, eps, alpha=s.alpha, norm=norm, objective=objective,
-                           clip_start=s.clip_start)
+                           clip_start=s.clip_start, clip_adv=s.clip_adv)
         if s.kind == "n_fgsm":
             return N_FGSM(model, eps, k=s.k, alpha=s.alpha, norm=norm, objective=objective,
-                          clip_start=s.clip_start)
+                          clip_start=s.clip_start, clip_adv=s.clip_adv)
         if s.kind == "pgd":
             return PGD(model, eps, alpha=s.alpha * eps, steps=s.steps, restarts=s.restarts,
                        start=start if s.random_start else "zero", norm=norm, objective=objective)

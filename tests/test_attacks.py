@@ -175,6 +175,42 @@ def test_n_fgsm_unclipped_start():
                                rtol=0, atol=1e-12)
 
 
+def test_unclipped_adversarial_input_as_elle_official_code():
+    """clip_adv=False (ELLE's official Trainer): x'' = x + δ as the step leaves it, outside
+    [0, 1] on pixels at the box's edge; the same draw with the clip is that point clipped."""
+    w, b, x, y = toy_problem(seed=8)
+    eps = 0.3
+    model = linear_model(w, b)
+    res = FGSM(model, eps, clip_adv=False).perturb(t(x), t(y))
+    g = hand_grad(w, b, x, y).reshape(x.shape)
+    np.testing.assert_allclose(res.x_adv.numpy(), x + eps * np.sign(g), rtol=0, atol=1e-12)
+    assert ((res.x_adv.numpy() < 0) | (res.x_adv.numpy() > 1)).any()
+    for attack in (lambda **kw: FGSM_RS(model, eps, clip_start=False, **kw),
+                   lambda **kw: N_FGSM(model, eps, **kw)):
+        torch.manual_seed(9)
+        free = attack(clip_adv=False).perturb(t(x), t(y))
+        torch.manual_seed(9)
+        clipped = attack().perturb(t(x), t(y))
+        assert ((free.x_adv.numpy() < 0) | (free.x_adv.numpy() > 1)).any()
+        np.testing.assert_allclose(clipped.x_adv.numpy(), np.clip(free.x_adv.numpy(), 0, 1),
+                                   rtol=0, atol=1e-12)
+
+
+def test_spec_clip_adv_reaches_the_training_adversary():
+    """`recipe.adversary.clip_adv: false` in a job spec gives the unclipped x'' above."""
+    from attacks import cross_entropy
+    from contract.spec import FGSMAdversary
+    from defenses.adversary import Adversary
+
+    w, b, x, y = toy_problem(seed=8)
+    model = linear_model(w, b)
+    out = {clip: Adversary(FGSMAdversary(clip_adv=clip), 0.3, "linf")(
+        model, t(x), t(y), cross_entropy).x_adv.numpy() for clip in (True, False)}
+    g = hand_grad(w, b, x, y).reshape(x.shape)
+    np.testing.assert_allclose(out[False], x + 0.3 * np.sign(g), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out[True], np.clip(x + 0.3 * np.sign(g), 0, 1), rtol=0, atol=1e-12)
+
+
 def test_n_fgsm_step_is_unprojected_sign_step_from_wide_noise():
     w, b, x, y = toy_problem(seed=4)
     eps = 0.1
