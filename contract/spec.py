@@ -766,7 +766,8 @@ def remedied(recipe: RecipeSpec, remedy: str) -> RecipeSpec | None:
     elif remedy == "n_fgsm_noise":
         if adv["kind"] not in ("fgsm", "fgsm_rs"):
             return None
-        data["adversary"] = {"kind": "n_fgsm", "k": 2.0, "alpha": adv.get("alpha", 1.0)}
+        data["adversary"] = {"kind": "n_fgsm", "k": 2.0, "alpha": adv.get("alpha", 1.0),
+                             "clip_adv": adv.get("clip_adv", True)}
     elif remedy == "halve_step":
         if adv["kind"] not in SINGLE_STEP:
             return None

@@ -150,11 +150,13 @@ def test_aaer_presets_use_their_base_attacks():
 
 
 def test_single_step_adversaries():
-    assert job("fgsm").recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
+    assert job("fgsm").recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0,
+                                                         "clip_adv": True}
     assert job("fgsm-rs").recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.25,
-                                                            "clip_start": True}
+                                                            "clip_start": True, "clip_adv": True}
     assert job("n-fgsm").recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0,
-                                                           "alpha": 1.0, "clip_start": True}
+                                                           "alpha": 1.0, "clip_start": True,
+                                                           "clip_adv": True}
     assert job("standard").recipe.adversary.kind == "none"
     for name in FAST:
         assert job(name).recipe.loss.kind == "ce"
@@ -408,15 +410,15 @@ def test_same_kind_adversary_override_merges_and_other_kind_replaces():
     assert (spec.recipe.adversary.k, spec.recipe.adversary.alpha) == (3.0, 1.0)
     spec = cifar({"recipe": {"preset": "fgsm-rs", "adversary": {"alpha": 1.0}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "fgsm_rs", "alpha": 1.0,
-                                                  "clip_start": True}
+                                                  "clip_start": True, "clip_adv": True}
     # another kind replaces the whole adversary: N-FGSM's own defaults, not FGSM's fields
     spec = cifar({"recipe": {"preset": "fgsm-elle",
                                               "adversary": {"kind": "n_fgsm"}}})
     assert spec.recipe.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.0,
-                                                  "clip_start": True}
+                                                  "clip_start": True, "clip_adv": True}
     assert reg(spec, "elle").lam == 1000.0
     spec = cifar({"recipe": {"preset": "pgd-at", "adversary": {"kind": "fgsm"}}})
-    assert spec.recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0}
+    assert spec.recipe.adversary.model_dump() == {"kind": "fgsm", "alpha": 1.0, "clip_adv": True}
 
 
 def test_schedule_overrides_merge_field_by_field():

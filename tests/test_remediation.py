@@ -27,7 +27,9 @@ def test_each_remedy_does_what_it_says_and_only_where_it_applies():
     assert remedied(with_elle, "elle_a") is None, "ELLE is on already"
     noisy = remedied(recipe(adversary={"kind": "fgsm_rs", "alpha": 1.25}), "n_fgsm_noise")
     assert noisy.adversary.model_dump() == {"kind": "n_fgsm", "k": 2.0, "alpha": 1.25,
-                                            "clip_start": True}
+                                            "clip_start": True, "clip_adv": True}
+    unclipped = recipe(adversary={"kind": "fgsm", "clip_adv": False})
+    assert remedied(unclipped, "n_fgsm_noise").adversary.clip_adv is False, "kept"
     assert remedied(noisy, "n_fgsm_noise") is None, "N-FGSM's noise is there already"
     assert remedied(noisy, "halve_step").adversary.alpha == 0.625
     pgd = recipe(adversary={"kind": "pgd"})
