@@ -1,4 +1,5 @@
-"""AWP, ADR and the weight average against independent computations (ALGORITHMS.md §3–4)."""
+"""AWP, ADR and the weight average against independent computations (docs/methods.md,
+"Robust-overfitting remedies for multi-step AT")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """defenses/: ELLE / ELLE-A, AAER, GradAlign, the losses and the Recipe composition.
 
 Oracles: the closed-form chord residual of a quadratic, a plain-Python ELLE-A controller written
-from ALGORITHMS.md §1, AAER's formula and its hand gradient on chosen logits, the CE input
-gradient of a linear model Wᵀ(softmax(Wx + b) − e_y), finite differences, and numpy KL / CE.
+from docs/methods.md ("ELLE / ELLE-A"), AAER's formula and its hand gradient on chosen logits,
+the CE input gradient of a linear model Wᵀ(softmax(Wx + b) − e_y), finite differences, and
+numpy KL / CE.
 """
 
 from __future__ import annotations

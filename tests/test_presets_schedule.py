@@ -1,6 +1,6 @@
 """contract.presets, contract.spec and workers.engine.schedule (no torch): the papers'
-per-ε defaults from ALGORITHMS.md §0–2, field-by-field overrides, spec validation, and lr
-schedules against their closed forms."""
+per-ε defaults (docs/methods.md, "Presets per dataset family"), field-by-field overrides,
+spec validation, and lr schedules against their closed forms."""
 
 from __future__ import annotations
 

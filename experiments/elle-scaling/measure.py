@@ -168,7 +168,6 @@ def main() -> None:
               f"{r['slope_to_8']:.2f}; E_lin(0.3) / E_lin(8/255) = {r['ratio_0.3_to_8']:.3g}, "
               f"/ E_lin(16/255) = {r['ratio_0.3_to_16']:.3g}")
 
-
     print(f"\nAAER's quantities on the same images, {DRAWS} FGSM-RS draws (α 1.25ε, unclipped): "
           "m/B, V = ‖z(x'') − z(x')‖², |ℓ(x'') − ℓ(x')|")
     print("ε·255  " + "  ".join(f"{e:>9g}" for e in EPSILONS_255))
