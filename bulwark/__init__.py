@@ -10,7 +10,7 @@
     job.download("model.safetensors", "model.safetensors")
     model = bulwark.load_model("model.safetensors")   # a plain torch nn.Module
 
-    report = bulwark.run("examples/mnist-fgsm.yaml", out="runs/fgsm")   # local, no server
+    report = bulwark.run("examples/quickstart/mnist-fgsm.yaml", out="runs/fgsm")  # local
 
 Torch is imported only by ``run`` and ``load_model`` (on first use), so a client-only
 program never loads it. See docs/sdk.md.

@@ -2,7 +2,7 @@
 
 A sweep file::
 
-    base: examples/mnist-fgsm.yaml        # a spec file (relative to this file) or a mapping
+    base: examples/quickstart/mnist-fgsm.yaml  # a spec file (relative to this file) or a mapping
     grid:                                  # dotted spec fields -> the values to try
       recipe.preset: [fgsm, n-fgsm]
       threat.epsilon: [0.1, 0.3]

@@ -1,7 +1,7 @@
 """Enqueueing jobs: the API and the reaper send the task by name with the job id only.
 
-The broker settings (SERVICE.md §1) live here so producers and workers agree on them; the
-worker side (``workers.jobs.celery_app``) adds the task module. Torch-free.
+The broker settings (docs/design.md, "Broker settings") live here so producers and workers
+agree on them; the worker side (``workers.jobs.celery_app``) adds the task module. Torch-free.
 """
 
 from __future__ import annotations

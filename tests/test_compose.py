@@ -1,4 +1,5 @@
-"""docker-compose.yml and docker/ agree with the code they deploy (SERVICE.md §5).
+"""docker-compose.yml and docker/ agree with the code they deploy (docs/design.md,
+"Deployment shapes").
 
 No Docker engine is needed: the compose file is read with PyYAML, interpolated with the
 placeholders of .env.example the way `docker compose` does, and checked against the real
@@ -323,7 +324,8 @@ def test_worker_stops_cold_within_its_grace_period(svc):
     worker = svc[WORKER]
     env = env_of(worker)
     assert env.get("REMAP_SIGTERM") == "SIGQUIT"
-    # SERVICE.md §1 sets worker_soft_shutdown_timeout=60; the grace period must outlast it
+    # docs/design.md's broker settings: worker_soft_shutdown_timeout=60; the grace period
+    # must outlast it
     soft = celery_config(Settings()).get("worker_soft_shutdown_timeout", 60.0)
     assert duration_seconds(worker["stop_grace_period"]) > max(soft, 60.0)
 

@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md, read from the project's own imports (top-level and inside
+"""The layering of docs/design.md, read from the project's own imports (top-level and inside
 functions alike): no import cycles between modules, and every import points down.
 
     bulwark/          the public face: may import anything below
@@ -97,7 +97,7 @@ def test_every_import_points_down():
     bad = []
     for mod, deps in graph().items():
         src = layer(mod)
-        assert src is not None, f"{mod} belongs to no layer of DESIGN.md"
+        assert src is not None, f"{mod} belongs to no layer of docs/design.md"
         for dep in deps:
             dst = layer(dep)
             if dst != src and dst not in ALLOWED[src]:

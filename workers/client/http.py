@@ -1,7 +1,7 @@
 """The Python SDK's client for the Bulwark API (torch-free; the CLI uses it too).
 
     client = Client()                       # $BULWARK_URL, $BULWARK_API_KEY or serve's key file
-    job = client.submit("examples/mnist-fgsm.yaml")   # a path, a dict or a JobSpec
+    job = client.submit("examples/quickstart/mnist-fgsm.yaml")   # a path, a dict or a JobSpec
     job.wait()                              # follows the event stream, with progress bars
     report = job.report()                   # a typed contract.report.Report
     job.download("model.safetensors", "fgsm.safetensors")

@@ -1,4 +1,5 @@
-"""The Celery worker app (SERVICE.md §1): the shared broker settings plus the task module.
+"""The Celery worker app (docs/design.md, "Broker settings"): the shared broker settings plus
+the task module.
 
 Torch-free: neither the worker's parent nor its prefork child imports torch; every job trains
 in its own process (``workers.jobs.trainer``), started and supervised by the task. Start a worker

@@ -58,7 +58,7 @@ def redis_password(home: Path) -> str:
 
 
 def start_redis(home: Path, port: int) -> subprocess.Popen:
-    """A private Redis with append-only persistence, no eviction (SERVICE.md §1), bound to
+    """A private Redis with append-only persistence, no eviction (docs/design.md), bound to
     loopback and protected by a password all the same."""
     password = redis_password(home)
     proc = subprocess.Popen(
@@ -90,7 +90,7 @@ def wait_for_port(port: int, proc: subprocess.Popen | None, what: str,
 
 
 def worker_command(*, queue: str, name: str) -> list[str]:
-    """One worker per GPU: prefork, concurrency 1, a fresh child per job (SERVICE.md §1)."""
+    """One worker per GPU: prefork, concurrency 1, a fresh child per job (docs/design.md)."""
     return [sys.executable, "-m", "celery", "-A", "workers.jobs.celery_app", "worker",
            "-P", "prefork", "-c", "1", "--max-tasks-per-child", "1", "-Q", queue,
            "-n", name, "-E", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
