@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attacks import shard
+from bulwark.attacks import shard
 
 
 def _expand(v: Tensor, like: Tensor) -> Tensor:

@@ -4,7 +4,7 @@
 
 Each restart draws a fresh start; per example the restart with the highest final objective is
 kept (the worst case for the model). Used for training (PGD-AT, TRADES' KL attack) and the
-per-epoch monitor; the final evaluation suite uses torchattacks (``attacks.evaluation``).
+per-epoch monitor; the final evaluation suite uses torchattacks (``bulwark.attacks.evaluation``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attacks import shard
-from attacks.norms import get_norm
-from attacks.objectives import Objective, cross_entropy
-from attacks.single_step import input_gradient
+from bulwark.attacks import shard
+from bulwark.attacks.norms import get_norm
+from bulwark.attacks.objectives import Objective, cross_entropy
+from bulwark.attacks.single_step import input_gradient
 
 Start = Literal["uniform", "normal", "zero"]
 

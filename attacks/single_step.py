@@ -13,7 +13,7 @@
 The input gradient is taken with ``torch.autograd.grad`` with respect to the input only, so no
 weight gradients are computed for the attack pass. The model runs in whatever mode the caller
 left it in: training attacks run in train mode (BatchNorm uses and updates batch statistics,
-as in the reference codes); evaluation attacks are in ``attacks.evaluation`` (eval mode).
+as in the reference codes); evaluation attacks are in ``bulwark.attacks.evaluation`` (eval mode).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attacks.norms import get_norm
-from attacks.objectives import Objective, cross_entropy
+from bulwark.attacks.norms import get_norm
+from bulwark.attacks.objectives import Objective, cross_entropy
 
 
 @dataclass

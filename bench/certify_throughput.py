@@ -53,10 +53,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import beta, norm  # noqa: E402
 
-from defenses.precision import autocast  # noqa: E402
-from defenses.smoothing import Smooth  # noqa: E402
-from workers.engine.models import build_model  # noqa: E402
-from workers.engine.report import cpu_model  # noqa: E402
+from bulwark.defenses.precision import autocast  # noqa: E402
+from bulwark.defenses.smoothing import Smooth  # noqa: E402
+from bulwark.workers.engine.models import build_model  # noqa: E402
+from bulwark.workers.engine.report import cpu_model  # noqa: E402
 
 # model -> (in_channels, image_size, mean, std)
 MODELS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {

@@ -148,7 +148,7 @@ def reference_step(spec, model: nn.Module, optimizer: torch.optim.Optimizer
     def step(x: Tensor, y: Tensor) -> Tensor:
         target: Tensor = y
         if teacher is not None:
-            from defenses.adr import rectified_labels
+            from bulwark.defenses.adr import rectified_labels
             with torch.no_grad():
                 target, _ = rectified_labels(teacher(x), y, r.labels.tau_high, r.labels.lam_low)
         start = None

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from workers.jobs.serve import LocalStack  # noqa: E402
+from bulwark.workers.jobs.serve import LocalStack  # noqa: E402
 
 
 def spec(epochs: int) -> dict:
@@ -66,7 +66,7 @@ def start_stack(home: Path, workers: int, standby: bool = True) -> LocalStack:
 
 def via_sdk(stack: LocalStack, job: dict) -> float:
     """Submit with the SDK and wait as it waits (``Job.wait``: the job's event stream)."""
-    from workers.client.http import Client
+    from bulwark.workers.client.http import Client
 
     with Client(stack.url, stack.headers["Authorization"].split()[1]) as client:
         t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def via_cli(job: dict, tmp: Path, i: int) -> float:
     path = tmp / f"spec{i}.json"
     path.write_text(json.dumps(job))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(path), "--out",
+    subprocess.run([sys.executable, "-m", "bulwark.workers.client.cli", "run", str(path), "--out",
                     str(tmp / f"run{i}"), "--device", "cpu", "--quiet"], cwd=ROOT, check=True,
                    capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return time.perf_counter() - t0

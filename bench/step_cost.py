@@ -2,9 +2,9 @@
 
 For each model x precision x recipe this builds the model, SGD (momentum 0.9, wd 5e-4,
 lr 0.01) and ``Recipe`` at ε = 8/255 (ℓ∞) on a fixed random batch, and times full training
-steps exactly as ``workers.engine.runner.run_job`` does them (set lr, autocast, ``recipe.step``,
-zero_grad, backward, ``optimizer.step()`` x ``optimizer_steps``, ``after_step``, per-step
-metric accumulation). Measurements are interleaved: every round times every recipe for a
+steps exactly as ``bulwark.workers.engine.runner.run_job`` does them (set lr, autocast,
+``recipe.step``, zero_grad, backward, ``optimizer.step()`` x ``optimizer_steps``, ``after_step``,
+per-step metric accumulation). Measurements are interleaved: every round times every recipe for a
 few steps (the order rotates each round), and the figures are per-recipe medians over all
 rounds. It prints figures and never asserts anything about them.
 
@@ -50,13 +50,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from contract.presets import PRESETS  # noqa: E402
-from contract.spec import JobSpec  # noqa: E402
-from defenses import Recipe  # noqa: E402
-from defenses.precision import autocast as _autocast  # noqa: E402
-from workers.engine.models import build_model  # noqa: E402
-from workers.engine.report import cpu_model  # noqa: E402
-from workers.engine.runner import EpochStats, channels_last_on, train_step  # noqa: E402
+from bulwark.contract.presets import PRESETS  # noqa: E402
+from bulwark.contract.spec import JobSpec  # noqa: E402
+from bulwark.defenses import Recipe  # noqa: E402
+from bulwark.defenses.precision import autocast as _autocast  # noqa: E402
+from bulwark.workers.engine.models import build_model  # noqa: E402
+from bulwark.workers.engine.report import cpu_model  # noqa: E402
+from bulwark.workers.engine.runner import EpochStats, channels_last_on, train_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_steps import reference_step  # noqa: E402
@@ -82,7 +82,7 @@ NUM_CLASSES = 10
 # ----------------------------------------------------------------------------- the step
 def bulwark_step(model, optimizer, scaler, recipe, x, y, *, lr: float, precision: str,
                  channels_last: bool, acc: EpochStats) -> None:
-    """The runner's own step (``workers.engine.runner.train_step``) plus its per-epoch
+    """The runner's own step (``bulwark.workers.engine.runner.train_step``) plus its per-epoch
     bookkeeping."""
     acc.add(train_step(model, optimizer, scaler, recipe, x, y, lr=lr, precision=precision,
                        channels_last=channels_last), y)

@@ -1,5 +1,5 @@
 """The shapes of the API's responses (torch-free): the service builds them from its store, the
-SDK and CLI read them. The request body of ``POST /v1/jobs`` is ``contract.spec.JobSpec``.
+SDK and CLI read them. The request body of ``POST /v1/jobs`` is ``bulwark.contract.spec.JobSpec``.
 
 Every timestamp carries its zone (RFC 3339); accuracies are fractions in [0, 1].
 """

@@ -1,8 +1,8 @@
 """``bulwark compare``: a sweep's runs side by side — ``compare.json`` and ``compare.html``.
 
 Runs are pooled as seeds only when their resolved specs are equal apart from the seed (a
-digest, ``contract.sweep.pool_key``); each pool is a row per ε, named by its method (the sweep
-variant, else the recipe preset, with any other grid field the run set) and, where two pools
+digest, ``bulwark.contract.sweep.pool_key``); each pool is a row per ε, named by its method (the
+sweep variant, else the recipe preset, with any other grid field the run set) and, where two pools
 share a method, by the spec fields they differ in. Each row has the mean ± std over its seeds
 of clean, PGD and AutoAttack accuracy, of seconds per epoch and of training seconds (the
 median epoch × the epochs: a paused epoch does not count), how many of its runs the watchdog
@@ -58,8 +58,8 @@ def labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     """Each pool's row label: its method, and where two pools share a method at one ε, the
     spec fields their runs differ in (``n-aaer epochs=5 train_limit=20000``; ``#2`` when the
     rows carry no spec). A pool is the runs whose resolved specs are equal apart from the seed
-    (``contract.sweep.pool_key``): only those are seeds of one method."""
-    from contract.sweep import POOL_APART, flat_fields
+    (``bulwark.contract.sweep.pool_key``): only those are seeds of one method."""
+    from bulwark.contract.sweep import POOL_APART, flat_fields
 
     first: dict[str, dict[str, Any]] = {}
     for r in rows:

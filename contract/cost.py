@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.spec import JobSpec
+from bulwark.contract.spec import JobSpec
 
 # (train images, test images, channels, side) of the datasets a server knows by name
 DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from contract.spec import MAX_CLASSES
+from bulwark.contract.spec import MAX_CLASSES
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 

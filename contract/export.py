@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.verdict import final_split, verdict
+from bulwark.contract.verdict import final_split, verdict
 
 ARCH_NAMES = {"small_cnn": "SmallCNN", "mnist_net": "MNIST-Net (Wong et al. 2020)",
               "preact_resnet18": "PreActResNet-18",

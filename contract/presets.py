@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.units import parse_epsilon
+from bulwark.contract.units import parse_epsilon
 
 # ----------------------------------------------------------------------- dataset families
 FAMILIES = ("cifar", "svhn", "mnist")

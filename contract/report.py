@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from contract.spec import JobSpec, as_ran
-from contract.verdict import attack_warnings, pgd_reach, verdict
+from bulwark.contract.spec import JobSpec, as_ran
+from bulwark.contract.verdict import attack_warnings, pgd_reach, verdict
 
 
 class _Open(BaseModel):
@@ -56,7 +56,7 @@ class FinalResult(_Open):
 
     def warnings(self, pgd_reach: float | None = None) -> list[str]:
         """Where the attacks disagree as a masked gradient makes them (empty when they agree):
-        ``contract.verdict.attack_warnings`` (``pgd_reach``: the final PGD's steps × α)."""
+        ``bulwark.contract.verdict.attack_warnings`` (``pgd_reach``: the final PGD's steps × α)."""
         return attack_warnings({k: a.acc for k, a in self.attacks.items()}, self.n, pgd_reach)
 
 

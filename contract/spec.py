@@ -3,7 +3,8 @@
 It imports without torch. A recipe is a composition of orthogonal parts (docs/spec.md, `recipe`):
 adversary x loss x regularizers x weight perturbation x labels, under a threat model and a
 schedule. A named preset (``"recipe": "fgsm-elle"``) fills in the papers' per-epsilon
-defaults; every field the user gives overrides the preset's value (see ``contract.presets``).
+defaults; every field the user gives overrides the preset's value (see
+``bulwark.contract.presets``).
 
 Unknown fields and out-of-range values are rejected with the field path and allowed range.
 """
@@ -14,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from contract.presets import ELLE_A, apply_preset
-from contract.units import parse_epsilon
+from bulwark.contract.presets import ELLE_A, apply_preset
+from bulwark.contract.units import parse_epsilon
 
 SPEC_VERSION = 1
 MAX_CLASSES = 1000  # of any dataset: a synthetic one, an upload's labels (0 .. 999), a model's

@@ -31,9 +31,15 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from contract.presets import merge
-from contract.spec import JobSpec, SpecError, _Strict, format_validation_error, read_spec_file
-from contract.verdict import attack_warnings, pgd_reach, verdict
+from bulwark.contract.presets import merge
+from bulwark.contract.spec import (
+    JobSpec,
+    SpecError,
+    _Strict,
+    format_validation_error,
+    read_spec_file,
+)
+from bulwark.contract.verdict import attack_warnings, pgd_reach, verdict
 
 MAX_CHILDREN = 1000
 MAX_INCLUDE_DEPTH = 8
@@ -188,8 +194,8 @@ def expand(sweep: SweepSpec) -> list[Child]:
 
 
 def _warnings(report: dict[str, Any]) -> list[str]:
-    """The final suite's attack checks (``contract.verdict.attack_warnings``, with its noise on
-    n images and the PGD's reach); none for a malformed one."""
+    """The final suite's attack checks (``bulwark.contract.verdict.attack_warnings``, with its
+    noise on n images and the PGD's reach); none for a malformed one."""
     try:
         final = report["final"]
         return attack_warnings({k: a["acc"] for k, a in (final.get("attacks") or {}).items()},
@@ -208,7 +214,7 @@ def pool_key(spec: dict[str, Any]) -> str:
     import hashlib
     import json
 
-    from contract.spec import JobSpec, as_ran
+    from bulwark.contract.spec import JobSpec, as_ran
 
     try:
         data = JobSpec.model_validate(as_ran(spec)).model_dump(mode="json")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from contract.spec import MLflowSpec, TrackingSpec
+from bulwark.contract.spec import MLflowSpec, TrackingSpec
 
 LOCAL_STORES = ("sqlite:///",)
 

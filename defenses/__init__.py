@@ -1,5 +1,5 @@
 """Training objectives, each a small composable piece; ``Recipe`` puts them together."""
 
-from defenses.recipe import Recipe, StepOutput
+from bulwark.defenses.recipe import Recipe, StepOutput
 
 __all__ = ["Recipe", "StepOutput"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from defenses.context import Regularizer, StepContext
+from bulwark.defenses.context import Regularizer, StepContext
 
 
 def abnormal_mask(loss_before: Tensor, loss_after: Tensor) -> Tensor:

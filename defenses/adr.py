@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from defenses.ema import EMA
+from bulwark.defenses.ema import EMA
 
 
 def cosine(base: float, final: float, t: int, total: int) -> float:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from attacks import FGSM, FGSM_RS, N_FGSM, PGD, shard
-from attacks.objectives import Objective
-from attacks.single_step import SingleStep, SingleStepResult
+from bulwark.attacks import FGSM, FGSM_RS, N_FGSM, PGD, shard
+from bulwark.attacks.objectives import Objective
+from bulwark.attacks.single_step import SingleStep, SingleStepResult
 
 
 @dataclass

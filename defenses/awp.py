@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attacks import shard
+from bulwark.attacks import shard
 
 EPS = 1e-20
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from attacks.single_step import SingleStepResult
+from bulwark.attacks.single_step import SingleStepResult
 
 
 @dataclass

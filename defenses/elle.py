@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from attacks import shard
-from attacks.norms import get_norm
-from attacks.objectives import cross_entropy
-from defenses.context import Regularizer, StepContext
+from bulwark.attacks import shard
+from bulwark.attacks.norms import get_norm
+from bulwark.attacks.objectives import cross_entropy
+from bulwark.defenses.context import Regularizer, StepContext
 
 
 def linearity_residual(loss_fn: Callable[[Tensor], Tensor], x_a: Tensor, x_b: Tensor,

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.norms import get_norm
-from attacks.objectives import cross_entropy
-from attacks.single_step import input_gradient
-from defenses.context import Regularizer, StepContext
+from bulwark.attacks.norms import get_norm
+from bulwark.attacks.objectives import cross_entropy
+from bulwark.attacks.single_step import input_gradient
+from bulwark.defenses.context import Regularizer, StepContext
 
 
 class GradAlign(Regularizer):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.objectives import Objective, cross_entropy, kl_to_clean
+from bulwark.attacks.objectives import Objective, cross_entropy, kl_to_clean
 
 
 @dataclass

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from defenses.aaer import AAER
-from defenses.adr import ADRLabels
-from defenses.adversary import Adversary
-from defenses.awp import AWP, SAMAWP
-from defenses.context import Regularizer, StepContext
-from defenses.elle import ELLE, ELLEA
-from defenses.ema import EMA
-from defenses.gradalign import GradAlign
-from defenses.losses import build_loss
+from bulwark.defenses.aaer import AAER
+from bulwark.defenses.adr import ADRLabels
+from bulwark.defenses.adversary import Adversary
+from bulwark.defenses.awp import AWP, SAMAWP
+from bulwark.defenses.context import Regularizer, StepContext
+from bulwark.defenses.elle import ELLE, ELLEA
+from bulwark.defenses.ema import EMA
+from bulwark.defenses.gradalign import GradAlign
+from bulwark.defenses.losses import build_loss
 
 REGULARIZERS: dict[str, type[Regularizer]] = {
     "elle": ELLE, "elle_a": ELLEA, "aaer": AAER, "gradalign": GradAlign,

@@ -42,8 +42,8 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
-from contract.files import write_text
-from defenses.precision import autocast
+from bulwark.contract.files import write_text
+from bulwark.defenses.precision import autocast
 
 ABSTAIN = -1
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -64,7 +64,7 @@ class Smooth:
     """A smoothed classifier g built from a base classifier f and a noise level σ.
 
     ``base_model`` maps [B, C, H, W] images in [0, 1] to [B, num_classes] logits. ``precision``
-    ("fp32", "bf16", "fp16") runs its forward under ``defenses.precision.autocast``;
+    ("fp32", "bf16", "fp16") runs its forward under ``bulwark.defenses.precision.autocast``;
     ``channels_last=True`` converts the model (in place, as the runner does) and feeds it
     channels_last batches. ``generator`` (a ``torch.Generator`` on the model's device) is the
     source of the noise; ``None`` uses torch's global RNG.

@@ -63,7 +63,7 @@ def at_epsilon(sweep: dict, eps: list[float]) -> dict:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "workers.client.cli", *args]
+    return [sys.executable, "-m", "bulwark.workers.client.cli", *args]
 
 
 def smoke(work: Path, device: str) -> bool:

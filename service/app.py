@@ -42,7 +42,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 
-from contract.api import (
+from bulwark.contract.api import (
     DatasetOut,
     Health,
     JobList,
@@ -54,26 +54,26 @@ from contract.api import (
     SweepList,
     SweepOut,
 )
-from contract.artifacts import REPORT
-from contract.cost import check_limits, estimate
-from contract.datasets import api_dataset_problem
-from contract.export import leaderboard_row, rank, robustbench_card
-from contract.files import private_files
-from contract.presets import preset_sources
-from contract.presets import presets as preset_table
-from contract.spec import MAX_CLASSES, MAX_NESTING, JobSpec, SpecError, parse_spec_text
-from contract.sweep import SweepSpec, expand, headline
-from service.artifacts import job_dir, job_key
-from service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
-from service.events import TERMINAL_EVENTS, Events, stream_key
-from service.limits import BodySizeLimit, NestingLimit, Slot, StreamSlots
-from service.metrics import JobCollector
-from service.models import UploadRejected, store_dataset, store_upload
-from service.queue import broker_job_ids, live_workers, most_devices, revoke, send
-from service.schemas import dataset_out, errors, job_out, model_out, sweep_out
-from service.settings import Settings, get_settings
-from service.storage import artifacts
-from service.store import Store, StoreError
+from bulwark.contract.artifacts import REPORT
+from bulwark.contract.cost import check_limits, estimate
+from bulwark.contract.datasets import api_dataset_problem
+from bulwark.contract.export import leaderboard_row, rank, robustbench_card
+from bulwark.contract.files import private_files
+from bulwark.contract.presets import preset_sources
+from bulwark.contract.presets import presets as preset_table
+from bulwark.contract.spec import MAX_CLASSES, MAX_NESTING, JobSpec, SpecError, parse_spec_text
+from bulwark.contract.sweep import SweepSpec, expand, headline
+from bulwark.service.artifacts import job_dir, job_key
+from bulwark.service.db import CANCELLED, FAILED, QUEUED, TERMINAL, Job, Sweep
+from bulwark.service.events import TERMINAL_EVENTS, Events, stream_key
+from bulwark.service.limits import BodySizeLimit, NestingLimit, Slot, StreamSlots
+from bulwark.service.metrics import JobCollector
+from bulwark.service.models import UploadRejected, store_dataset, store_upload
+from bulwark.service.queue import broker_job_ids, live_workers, most_devices, revoke, send
+from bulwark.service.schemas import dataset_out, errors, job_out, model_out, sweep_out
+from bulwark.service.settings import Settings, get_settings
+from bulwark.service.storage import artifacts
+from bulwark.service.store import Store, StoreError
 
 log = logging.getLogger("bulwark.api")
 KEEPALIVE_SECONDS = 15.0
@@ -571,7 +571,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                 max_length=37 * 100)]) -> HTMLResponse:
         """``compare.html`` for the tenant's finished jobs: the table and figures of
         `bulwark compare` (mean ± std over seeds per method and ε, CO runs)."""
-        from contract.compare import render as render_compare
+        from bulwark.contract.compare import render as render_compare
 
         ids = [j for j in jobs.split(",") if j]
         if len(ids) < 1:

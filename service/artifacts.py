@@ -10,8 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from contract.artifacts import DOWNLOADABLE
-from service.settings import Settings
+from bulwark.contract.artifacts import DOWNLOADABLE
+from bulwark.service.settings import Settings
 
 
 def job_key(tenant_id: str, job_id: str) -> str:

@@ -1,6 +1,7 @@
 """The SQL schema (SQLAlchemy 2). The job row is the single source of truth for a job's state.
 
-Migrations live in ``service/migrations`` (Alembic); ``service.store.Store.migrate`` applies them.
+Migrations live in ``service/migrations`` (Alembic); ``bulwark.service.store.Store.migrate``
+applies them.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from contract.api import TERMINAL_STATES
+from bulwark.contract.api import TERMINAL_STATES
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = TERMINAL_STATES  # the API contract's (contract.api)
+TERMINAL = TERMINAL_STATES  # the API contract's (bulwark.contract.api)
 
 
 def utcnow() -> dt.datetime:

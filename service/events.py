@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from contract.api import TERMINAL_STATES
+from bulwark.contract.api import TERMINAL_STATES
 
 log = logging.getLogger("bulwark.events")
 TERMINAL_EVENTS = TERMINAL_STATES  # a job's stream ends with the event of its terminal state

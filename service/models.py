@@ -17,11 +17,11 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from contract.files import new_file
-from contract.spec import ARCHS
-from service.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
-from service.db import new_id
-from service.storage import Artifacts
+from bulwark.contract.files import new_file
+from bulwark.contract.spec import ARCHS
+from bulwark.service.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
+from bulwark.service.db import new_id
+from bulwark.service.storage import Artifacts
 
 ALLOWED_ARCHS = ARCHS
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -125,7 +125,7 @@ def store_upload(store, settings, blobs: Artifacts, tenant_id: str, stream: Bina
 
 def check_npz(path: str) -> dict[str, Any]:
     """Read the upload as the worker will (numpy only, no pickles); its shape and classes."""
-    from contract.datasets import DataError, load_npz
+    from bulwark.contract.datasets import DataError, load_npz
 
     try:
         trx, tr_y, tex, te_y = load_npz(Path(path))

@@ -1,7 +1,8 @@
 """Enqueueing jobs: the API and the reaper send the task by name with the job id only.
 
 The broker settings (docs/design.md, "Broker settings") live here so producers and workers
-agree on them; the worker side (``workers.jobs.celery_app``) adds the task module. Torch-free.
+agree on them; the worker side (``bulwark.workers.jobs.celery_app``) adds the task module.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from service.settings import Settings, get_settings
+from bulwark.service.settings import Settings, get_settings
 
 TASK_NAME = "bulwark.run_job"
 

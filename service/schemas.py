@@ -1,11 +1,12 @@
-"""Responses built from store rows; their shapes are ``contract.api`` (shared with the SDK)."""
+"""Responses built from store rows; their shapes are ``bulwark.contract.api`` (shared with the
+SDK)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from contract.api import (
+from bulwark.contract.api import (
     ArtifactOut,
     DatasetOut,
     ErrorOut,
@@ -14,8 +15,8 @@ from contract.api import (
     SweepChildOut,
     SweepOut,
 )
-from contract.sweep import sweep_state
-from service.db import STATES, TERMINAL, Job, Sweep, UploadedDataset, UploadedModel
+from bulwark.contract.sweep import sweep_state
+from bulwark.service.db import STATES, TERMINAL, Job, Sweep, UploadedDataset, UploadedModel
 
 _ERRORS = {
     400: "a malformed request: a body that is not JSON (or not multipart, for uploads), or a "

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract.tracking import TrackingServers
+from bulwark.contract.tracking import TrackingServers
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import (
+from bulwark.service.db import (
     CANCELLED,
     FAILED,
     QUEUED,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from service.events import Events
-from workers.jobs.serve import LocalStack
+from bulwark.service.events import Events
+from bulwark.workers.jobs.serve import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {
@@ -119,7 +119,7 @@ def app_in_thread(app) -> Iterator[str]:
 
     import uvicorn
 
-    from workers.jobs.serve import free_port
+    from bulwark.workers.jobs.serve import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from contract.spec import JobSpec
-from workers.engine.checkpoint import load_model, weights_metadata
-from workers.engine.runner import run_job
+from bulwark.contract.spec import JobSpec
+from bulwark.workers.engine.checkpoint import load_model, weights_metadata
+from bulwark.workers.engine.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import create_app
-from service.settings import Settings
+from bulwark.service.app import create_app
+from bulwark.service.settings import Settings
 from tests.service_stack import app_in_thread
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.app import create_app
-from service.settings import Settings
+from bulwark.service.app import create_app
+from bulwark.service.settings import Settings
+from bulwark.workers.jobs.serve import free_port, redis_url, start_redis
 from tests.service_stack import app_in_thread
-from workers.jobs.serve import free_port, redis_url, start_redis
 
 
 @pytest.fixture(scope="module")

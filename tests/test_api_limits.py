@@ -10,10 +10,10 @@ import httpx
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.settings import Settings
+from bulwark.service.app import create_app
+from bulwark.service.settings import Settings
+from bulwark.workers.jobs.serve import free_port
 from tests.service_stack import tiny_spec
-from workers.jobs.serve import free_port
 
 
 @pytest.fixture(scope="module")

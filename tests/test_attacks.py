@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from attacks import FGSM, FGSM_RS, N_FGSM, PGD, input_gradient
-from attacks.objectives import cross_entropy
+from bulwark.attacks import FGSM, FGSM_RS, N_FGSM, PGD, input_gradient
+from bulwark.attacks.objectives import cross_entropy
 from tests.helpers import linear_model
 
 torch.set_num_threads(1)
@@ -198,9 +198,9 @@ def test_unclipped_adversarial_input_as_elle_official_code():
 
 def test_spec_clip_adv_reaches_the_training_adversary():
     """`recipe.adversary.clip_adv: false` in a job spec gives the unclipped x'' above."""
-    from attacks import cross_entropy
-    from contract.spec import FGSMAdversary
-    from defenses.adversary import Adversary
+    from bulwark.attacks import cross_entropy
+    from bulwark.contract.spec import FGSMAdversary
+    from bulwark.defenses.adversary import Adversary
 
     w, b, x, y = toy_problem(seed=8)
     model = linear_model(w, b)

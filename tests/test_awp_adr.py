@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from contract.spec import ADRSpec, AWPSpec, JobSpec
-from defenses.adr import ADRLabels, cosine, rectified_labels
-from defenses.awp import AWP
-from defenses.ema import EMA
-from defenses.losses import CELoss, TradesLoss
-from defenses.recipe import Recipe
-from workers.engine.runner import Cancelled, run_job
+from bulwark.contract.spec import ADRSpec, AWPSpec, JobSpec
+from bulwark.defenses.adr import ADRLabels, cosine, rectified_labels
+from bulwark.defenses.awp import AWP
+from bulwark.defenses.ema import EMA
+from bulwark.defenses.losses import CELoss, TradesLoss
+from bulwark.defenses.recipe import Recipe
+from bulwark.workers.engine.runner import Cancelled, run_job
 
 
 def bn_net(seed: int = 0) -> nn.Module:

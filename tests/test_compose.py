@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from service.settings import Settings
+from bulwark.service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -319,7 +319,7 @@ def test_api_runs_the_factory_and_checks_its_healthz(svc, tmp_path):
 
 # ------------------------------------------------------------------------------ the worker
 def test_worker_stops_cold_within_its_grace_period(svc):
-    from service.queue import celery_config
+    from bulwark.service.queue import celery_config
 
     worker = svc[WORKER]
     env = env_of(worker)
@@ -346,7 +346,7 @@ def test_worker_reserves_exactly_its_gpu(svc):
 def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
     from celery import Celery
 
-    from workers.jobs.serve import worker_command
+    from bulwark.workers.jobs.serve import worker_command
 
     worker = svc[WORKER]
     args = argv(worker)
@@ -373,7 +373,7 @@ def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
 
 
 def test_artifacts_go_through_the_minio_bucket(svc, compose, dotenv_example, monkeypatch):
-    from service.settings import parse_s3_url
+    from bulwark.service.settings import parse_s3_url
 
     minio = env_of(svc["minio"])
     bucket_job = " ".join(argv(svc["minio-bucket"]))
@@ -418,7 +418,7 @@ def test_startup_order(svc):
 def test_migrate_is_one_shot_and_really_migrates(svc, tmp_path, monkeypatch):
     from sqlalchemy import create_engine, inspect
 
-    from service.settings import get_settings
+    from bulwark.service.settings import get_settings
 
     migrate = svc["migrate"]
     assert migrate["restart"] == "no"
@@ -438,7 +438,7 @@ def test_migrate_is_one_shot_and_really_migrates(svc, tmp_path, monkeypatch):
 def test_flower_is_authenticated_and_local(svc, dotenv_example):
     flower = svc["flower"]
     args = argv(flower)
-    assert args[:4] == ["celery", "-A", "workers.jobs.celery_app", "flower"]
+    assert args[:4] == ["celery", "-A", "bulwark.workers.jobs.celery_app", "flower"]
     assert option(args, "--basic-auth") == (
         f"{dotenv_example['FLOWER_USER']}:{dotenv_example['FLOWER_PASSWORD']}")
     ports = [str(p) for p in flower["ports"]]
@@ -482,8 +482,8 @@ def test_api_image_has_no_torch(pyproject):
         "        if name.split('.')[0] in BLOCK:\n"
         "            raise ImportError('not in the API image: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import service.app, service.store, workers.client.cli, workers.jobs.celery_app,"
-        " workers.jobs.tasks\n"
+        "import bulwark.service.app, bulwark.service.store, bulwark.workers.client.cli,"
+        " bulwark.workers.jobs.celery_app, bulwark.workers.jobs.tasks\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from contract.cost import check_limits, estimate, forward_gflop
-from contract.spec import JobSpec
-from workers.engine.models import build_model
+from bulwark.contract.cost import check_limits, estimate, forward_gflop
+from bulwark.contract.spec import JobSpec
+from bulwark.workers.engine.models import build_model
 
 
 @pytest.mark.parametrize("arch, channels, side, extra", [

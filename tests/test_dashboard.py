@@ -82,7 +82,7 @@ def test_sign_in_submit_watch_report_and_compare(stack, tmp_path):
         page.screenshot(path=str(shots / "ui-jobs.png"), full_page=True)
         clean = page.locator("#jobs tbody tr").first.locator("td.num").first
         assert 0.0 <= float(clean.inner_text()) <= 1.0
-        from contract.verdict import LABELS
+        from bulwark.contract.verdict import LABELS
 
         badges = page.locator("#jobs td.verdict")  # succeeded is the state; this, the verdict
         for i in range(2):

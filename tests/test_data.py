@@ -1,5 +1,6 @@
-"""workers.engine.data: format parsers against files written here by independent writers, rejection
-of corrupt or malicious files, augmentation against hand-computed slices, and the loader."""
+"""bulwark.workers.engine.data: format parsers against files written here by independent writers,
+rejection of corrupt or malicious files, augmentation against hand-computed slices, and the
+loader."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import pytest
 import scipy.io
 import torch
 
-from contract.spec import DatasetSpec, SyntheticSpec
-from workers.engine.data import (
+from bulwark.contract.spec import DatasetSpec, SyntheticSpec
+from bulwark.workers.engine.data import (
     BUNDLED_ROOT,
     DataError,
     DeviceLoader,
@@ -497,7 +498,7 @@ def test_split_validation():
 
 def test_mnist_checksums_match_the_real_files():
     """The digest table matches the shipped files, hashed here independently of the loader."""
-    from workers.engine.data import MNIST_SHA256
+    from bulwark.workers.engine.data import MNIST_SHA256
 
     for fname, digest in MNIST_SHA256.items():
         with gzip.open(BUNDLED_ROOT / "mnist" / f"{fname}.gz", "rb") as f:
@@ -537,7 +538,7 @@ def test_checksum_mismatch_is_refused_and_removed(tmp_path):
     import gzip
     import hashlib
 
-    from workers.engine.data import DataError, verify_checksums
+    from bulwark.workers.engine.data import DataError, verify_checksums
 
     good, bad = b"\x00\x00\x08\x01" + b"\x00" * 8, b"tampered"
     (tmp_path / "a.gz").write_bytes(gzip.compress(good))

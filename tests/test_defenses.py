@@ -15,17 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from attacks import FGSM
-from attacks.objectives import cross_entropy, kl_to_clean
-from attacks.single_step import SingleStepResult
-from contract import spec as S
-from contract.presets import PRESETS
-from defenses import Recipe
-from defenses.aaer import AAER, abnormal_mask
-from defenses.context import StepContext
-from defenses.elle import ELLEAController, linearity_residual, local_linearity_error
-from defenses.gradalign import GradAlign
-from defenses.losses import CELoss, TradesLoss
+from bulwark.attacks import FGSM
+from bulwark.attacks.objectives import cross_entropy, kl_to_clean
+from bulwark.attacks.single_step import SingleStepResult
+from bulwark.contract import spec as S
+from bulwark.contract.presets import PRESETS
+from bulwark.defenses import Recipe
+from bulwark.defenses.aaer import AAER, abnormal_mask
+from bulwark.defenses.context import StepContext
+from bulwark.defenses.elle import ELLEAController, linearity_residual, local_linearity_error
+from bulwark.defenses.gradalign import GradAlign
+from bulwark.defenses.losses import CELoss, TradesLoss
 from tests.helpers import linear_model
 
 torch.set_num_threads(1)

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attacks import shard
-from contract.spec import JobSpec, same_spec
-from workers.engine.checkpoint import load_checkpoint
-from workers.engine.runner import run_job
+from bulwark.attacks import shard
+from bulwark.contract.spec import JobSpec, same_spec
+from bulwark.workers.engine.checkpoint import load_checkpoint
+from bulwark.workers.engine.runner import run_job
+from tests.cli import CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ def test_a_killed_rank_fails_the_run_and_a_resume_on_one_device_finishes_it(tmp_
     path.write_text(json.dumps(spec("fgsm-elle", 2, epochs=4)))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "workers.client.cli", "run", str(path), "--out", str(out),
+    cmd = [*CLI, "run", str(path), "--out", str(out),
            "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

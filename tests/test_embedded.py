@@ -11,12 +11,13 @@ import time
 
 import pytest
 
+from bulwark.workers.jobs.serve import free_port
+from tests.cli import CLI
 from tests.service_stack import FAST, REPO, tiny_spec
-from workers.jobs.serve import free_port
 
 
 def _cli(env, *args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "workers.client.cli", *args], env=env, cwd=REPO,
+    return subprocess.run([*CLI, *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -27,7 +28,7 @@ def served(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULWARK_")}
     env.update(FAST)
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "workers.client.cli", "serve", "--port",
+    proc = subprocess.Popen([*CLI, "serve", "--port",
                              str(port), "--home", str(home)], env=env, cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -67,7 +68,7 @@ def test_a_second_serve_on_a_taken_port_says_so_and_starts_nothing(served, tmp_p
     _, env, _ = served
     port = env["BULWARK_URL"].rsplit(":", 1)[1]
     home = tmp_path / "other"
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "serve", "--port", port,
+    proc = subprocess.run([*CLI, "serve", "--port", port,
                            "--home", str(home)], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -165,8 +166,8 @@ def test_sdk_submit_wait_report_download_and_load_model(served, tmp_path):
     import torch
 
     import bulwark
-    from contract.spec import DatasetSpec
-    from workers.engine.data import load_dataset
+    from bulwark.contract.spec import DatasetSpec
+    from bulwark.workers.engine.data import load_dataset
 
     _, env, _ = served
     client = _sdk(env)
@@ -284,7 +285,7 @@ def test_quickstart_script_runs_jobs_side_by_side_and_keeps_reports(served, tmp_
                                    "verdict", "seconds"]
     table = {ln.split()[0]: ln.split() for ln in lines[head + 1:head + 3]}
     assert set(table) == {"fgsm", "n-aaer"} and all(r[1] == "succeeded" for r in table.values())
-    from contract.verdict import LABELS
+    from bulwark.contract.verdict import LABELS
 
     assert all(r[-2] in LABELS for r in table.values()), "each job's verdict beside its state"
     assert "[fgsm        ] epoch 2/2" in out.stdout, "one line per epoch and job"

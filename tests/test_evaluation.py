@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.evaluation import (
+from bulwark.attacks.evaluation import (
     AttackResult,
     _autoattack,
     _run_attack,
@@ -23,7 +23,7 @@ from attacks.evaluation import (
     pgd_attack_images,
     pgd_eval,
 )
-from workers.engine.models import build_model
+from bulwark.workers.engine.models import build_model
 
 SHAPE = (1, 4, 4)
 DIM = 16

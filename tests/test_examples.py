@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from contract.spec import load_spec_file
-from contract.sweep import expand, load_sweep, sweep_out
-from workers.engine.data import locate_dataset
+from bulwark.contract.spec import load_spec_file
+from bulwark.contract.sweep import expand, load_sweep, sweep_out
+from bulwark.workers.engine.data import locate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 def _is_sweep(path: Path) -> bool:
@@ -45,8 +45,8 @@ def test_a_studys_committed_runs_are_its_sweep_files_children(path):
     refuse the folder)."""
     import json
 
-    from contract.spec import same_spec
-    from contract.sweep import sweep_out
+    from bulwark.contract.spec import same_spec
+    from bulwark.contract.sweep import sweep_out
 
     sweep = load_sweep(path)
     out = sweep_out(path, sweep)
@@ -67,7 +67,7 @@ def test_the_quick_start_pair_differs_only_in_the_recipe():
 def _is_the_measured_child(example: str, sweep: str, child: str):
     """The shipped spec REPO/example, after asserting that it is (its name aside) the child
     `child` of the study file REPO/sweep whose committed results the docs quote for it."""
-    from contract.spec import same_spec
+    from bulwark.contract.spec import same_spec
 
     children = {c.name: c.spec for c in expand(load_sweep(REPO / sweep))}
     shipped = load_spec_file(str(REPO / example))
@@ -111,7 +111,7 @@ def test_the_gpu_runs_are_the_mnist_studys_children_with_a_larger_final_batch():
     import importlib.util
     import json
 
-    from contract.spec import JobSpec, same_spec
+    from bulwark.contract.spec import JobSpec, same_spec
 
     spec = importlib.util.spec_from_file_location("gpu_study", REPO / "experiments/gpu_study.py")
     gpu_study = importlib.util.module_from_spec(spec)
@@ -184,7 +184,7 @@ EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
 def stated_verdict(path: Path) -> str:
     import re
 
-    from contract.verdict import LABELS
+    from bulwark.contract.verdict import LABELS
 
     found = re.search(VERDICT_LINE, path.read_text(), re.MULTILINE)
     assert found, f"{path.relative_to(REPO)} states no '# Verdict: <label>' line"
@@ -198,8 +198,8 @@ def test_every_example_states_the_verdict_it_produces(path, tmp_path):
     MNIST ones are judged by every committed run of their exact spec."""
     import json
 
-    from contract.sweep import pool_key
-    from contract.verdict import verdict
+    from bulwark.contract.sweep import pool_key
+    from bulwark.contract.verdict import verdict
 
     stated = stated_verdict(path)
     rel = str(path.relative_to(REPO))
@@ -212,7 +212,7 @@ def test_every_example_states_the_verdict_it_produces(path, tmp_path):
         assert len(runs) >= 3, rel
         assert {verdict(r)["label"] for r in runs} == {stated}, rel
         return
-    from workers.engine.runner import run_job
+    from bulwark.workers.engine.runner import run_job
 
     report = run_job(load_spec_file(str(path)), tmp_path, progress=False)
     assert report["verdict"]["label"] == stated, report["verdict"]
@@ -225,9 +225,9 @@ def test_the_dashboards_default_form_makes_a_robust_model():
     import json
     import re
 
-    from contract.spec import JobSpec
-    from contract.sweep import pool_key
-    from contract.verdict import verdict
+    from bulwark.contract.spec import JobSpec
+    from bulwark.contract.sweep import pool_key
+    from bulwark.contract.verdict import verdict
 
     ui = (REPO / "service/ui/index.html").read_text()
     dataset = re.search(r"<option selected>(\w+)</option>", ui).group(1)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import bulwark
-from contract.export import leaderboard_row, rank, robustbench_card
-from contract.spec import JobSpec
-from workers.engine.runner import run_job
+from bulwark.contract.export import leaderboard_row, rank, robustbench_card
+from bulwark.contract.spec import JobSpec
+from bulwark.workers.engine.runner import run_job
+from tests.cli import CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_a_real_run_exports_a_robustbench_card_and_its_weights_load_back(tmp_pat
     run = tmp_path / "run"
     report = run_job(spec, run, progress=False)
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "export", str(run),
+    proc = subprocess.run([*CLI, "export", str(run),
                            "-o", str(out)], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import redis
 
-from service.events import Events
-from service.queue import broker_job_ids
-from service.store import Store
+from bulwark.service.events import Events
+from bulwark.service.queue import broker_job_ids
+from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_state
 
 TERMINAL = ("succeeded", "failed", "cancelled")

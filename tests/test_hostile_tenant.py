@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from service.events import Events
-from service.queue import announce_worker
+from bulwark.service.events import Events
+from bulwark.service.queue import announce_worker
+from bulwark.workers.jobs.serve import free_port, wait_for_port
 from tests.service_stack import REPO, Stack, tiny_spec, wait_event, wait_state
-from workers.jobs.serve import free_port, wait_for_port
 
 pytest.importorskip("mlflow")
 METRICS_TOKEN = "metrics-token-for-the-test"

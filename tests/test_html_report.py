@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from workers.engine.html_report import (
+from bulwark.workers.engine.html_report import (
     certified_curve,
     certified_points,
     epsilon_text,
@@ -132,7 +132,7 @@ def test_epsilon_as_people_write_it(eps, norm, text):
 def test_attacks_that_disagree_as_masking_makes_them_are_flagged():
     """A stronger attack must find what a weaker one finds (Carlini et al. 2019): AutoAttack
     5+ points under PGD, or PGD above FGSM, is flagged in the summary and on the page."""
-    from contract.report import Report
+    from bulwark.contract.report import Report
 
     def final(fgsm, pgd, aa):
         return {"clean_acc": 0.95, "n": 100, "attacks": {
@@ -162,7 +162,7 @@ def test_the_gpu_studys_gradalign_at_eps_02_is_flagged_and_elle_is_not():
     import json
     from pathlib import Path
 
-    from contract.report import Report
+    from bulwark.contract.report import Report
 
     runs = Path(__file__).resolve().parents[1] / "experiments/mnist-gpu/runs"
     masked = Report.model_validate(json.loads(

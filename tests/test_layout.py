@@ -1,7 +1,9 @@
 """The layering of docs/design.md, read from the project's own imports (top-level and inside
-functions alike): no import cycles between modules, and every import points down.
+functions alike): no import cycles between modules, and every import points down. The
+repository's top-level folders install as subpackages of ``bulwark`` (pyproject.toml's
+package-dir), so every module is named, and imported, as ``bulwark.<folder>...``.
 
-    bulwark/          the public face: may import anything below
+    bulwark           the public face (bulwark/__init__.py): may import anything below
     workers/client/   CLI and HTTP client: contract, service, workers.engine, workers.jobs
     workers/jobs/     Celery app, task, trainer process, embedded serve: contract, service, engine
     workers/engine/   data, models, runner, reports: contract, attacks, defenses
@@ -19,26 +21,32 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("bulwark", "contract", "attacks", "defenses", "workers", "service")
+FOLDERS = ("contract", "attacks", "defenses", "workers", "service")  # installed under bulwark.
 
-# layer -> the layers it may import (itself always allowed)
+# layer -> the layers it may import (itself always allowed), by installed name
+_B = "bulwark."
 ALLOWED = {
-    "contract": set(),
-    "workers": set(),  # the umbrella package itself holds nothing
-    "attacks": set(),
-    "defenses": {"attacks", "contract"},
-    "service": {"contract"},
-    "workers.engine": {"contract", "attacks", "defenses"},
-    "workers.jobs": {"contract", "service", "workers.engine"},
-    "workers.client": {"contract", "service", "workers.engine", "workers.jobs"},
-    "bulwark": {"contract", "attacks", "defenses", "service", "workers.engine", "workers.jobs",
-                "workers.client"},
+    _B + "contract": set(),
+    _B + "workers": set(),  # the umbrella package itself holds nothing
+    _B + "attacks": set(),
+    _B + "defenses": {_B + "attacks", _B + "contract"},
+    _B + "service": {_B + "contract"},
+    _B + "workers.engine": {_B + "contract", _B + "attacks", _B + "defenses"},
+    _B + "workers.jobs": {_B + "contract", _B + "service", _B + "workers.engine"},
+    _B + "workers.client": {_B + "contract", _B + "service", _B + "workers.engine",
+                            _B + "workers.jobs"},
+    "bulwark": {_B + "contract", _B + "attacks", _B + "defenses", _B + "service",
+                _B + "workers.engine", _B + "workers.jobs", _B + "workers.client"},
 }
 
 
 def module_name(path: Path) -> str:
+    """The installed name of a project file: contract/spec.py is bulwark.contract.spec."""
     parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if parts[0] != "bulwark":
+        parts.insert(0, "bulwark")
     return ".".join(parts)
 
 
@@ -145,33 +153,70 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     for pkg in ("contract", "service"):
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "contract" / "spec.py").write_text("from service.app import x\n")
-    (tmp_path / "service" / "app.py").write_text("from contract.spec import y\n")
+    (tmp_path / "contract" / "spec.py").write_text("from bulwark.service.app import x\n")
+    (tmp_path / "service" / "app.py").write_text("from bulwark.contract.spec import y\n")
     this = sys.modules[__name__]
     monkeypatch.setattr(this, "REPO", tmp_path)
     monkeypatch.setattr(this, "PACKAGES", ("contract", "service"))
     g = graph()
-    assert g["contract.spec"] == {"service.app"} and g["service.app"] == {"contract.spec"}
+    assert g["bulwark.contract.spec"] == {"bulwark.service.app"}
+    assert g["bulwark.service.app"] == {"bulwark.contract.spec"}
     try:
         test_no_import_cycles()
     except AssertionError as e:
-        assert "contract.spec" in str(e)
+        assert "bulwark.contract.spec" in str(e)
     else:
         raise AssertionError("the cycle went unnoticed")
     try:
         test_every_import_points_down()
     except AssertionError as e:
-        assert "contract.spec (contract) imports service.app (service)" in str(e)
+        assert ("bulwark.contract.spec (bulwark.contract) imports bulwark.service.app "
+                "(bulwark.service)") in str(e)
     else:
         raise AssertionError("the upward import went unnoticed")
 
 
 def test_service_and_contract_never_import_torch():
     for mod, path in project_modules().items():
-        if layer(mod) in ("service", "contract"):
+        if layer(mod) in (_B + "service", _B + "contract"):
             tree = ast.parse(path.read_text())
             names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                      for a in n.names}
             names |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
                       if isinstance(n, ast.ImportFrom)}
             assert "torch" not in names, f"{mod} imports torch"
+
+
+def bare_names(path: Path) -> list[str]:
+    """Imports of a project folder by its bare name (``import contract.spec``), and strings
+    that name a project module that way (``python -m workers.client.cli``): from the repository
+    root they would load a second copy of the module, and installed they do not exist."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in FOLDERS]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module.split(".")[0] in FOLDERS:
+                found.append(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            words = node.value.split()
+            head = words[0].split(":")[0] if words else ""
+            if head.split(".")[0] in FOLDERS and "." in head and "/" not in head:
+                found.append(repr(node.value))
+    return found
+
+
+def test_every_project_module_is_named_under_bulwark():
+    files = [p for pkg in PACKAGES + ("tests", "bench", "experiments", "examples")
+             for p in (REPO / pkg).rglob("*.py") if p != Path(__file__).resolve()]
+    bad = [f"{p.relative_to(REPO)}: {name}" for p in files for name in bare_names(p)]
+    assert not bad, "bare project names (write bulwark.<folder>...):\n" + "\n".join(bad)
+
+
+def test_the_bare_name_check_can_fail(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import contract.spec\nfrom service.app import x\n"
+                 "cmd = ['python', '-m', 'workers.client.cli']\nok = 'service.settings is fine?'\n")
+    assert sorted(bare_names(f)) == sorted(["contract.spec", "service.app", "'workers.client.cli'",
+                                            "'service.settings is fine?'"])

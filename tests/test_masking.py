@@ -13,9 +13,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torchattacks import APGD
 
-from attacks import PGD, dlr
-from contract.report import Report
-from workers.engine.monitor import COWatchdog, monitor
+from bulwark.attacks import PGD, dlr
+from bulwark.contract.report import Report
+from bulwark.workers.engine.monitor import COWatchdog, monitor
 
 
 def test_dlr_matches_torchattacks_apgd_loss():
@@ -151,10 +151,10 @@ def test_the_check_flags_a_real_masked_model_as_apgd_on_dlr_does():
     epoch 3 (adversarial CE 0.3 → 44, cosine 0.98 → 0.02) and its monitor PGD-10 ended at 0.977.
     On real test images the check opens a gap of ≥ 5 points, and torchattacks' APGD (the
     oracle) agrees: on DLR it finds what PGD on DLR finds, on cross-entropy it stalls too."""
-    from contract.spec import DatasetSpec
-    from workers.engine.checkpoint import load_weights, weights_metadata
-    from workers.engine.data import load_dataset
-    from workers.engine.models import build_model
+    from bulwark.contract.spec import DatasetSpec
+    from bulwark.workers.engine.checkpoint import load_weights, weights_metadata
+    from bulwark.workers.engine.data import load_dataset
+    from bulwark.workers.engine.models import build_model
 
     path = "tests/data/gradalign-masked-mnist.safetensors"
     meta = weights_metadata(path)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workers.engine.models import (
+from bulwark.workers.engine.models import (
     MNISTNet,
     Normalize,
     PreActResNet18,

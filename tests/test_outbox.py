@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from service.events import Events
-from service.store import Store
+from bulwark.service.events import Events
+from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_event, wait_state
 
 

@@ -1,6 +1,6 @@
-"""contract.presets, contract.spec and workers.engine.schedule (no torch): the papers'
-per-ε defaults (docs/methods.md, "Presets per dataset family"), field-by-field overrides,
-spec validation, and lr schedules against their closed forms."""
+"""bulwark.contract.presets, bulwark.contract.spec and bulwark.workers.engine.schedule (no torch):
+the papers' per-ε defaults (docs/methods.md, "Presets per dataset family"), field-by-field
+overrides, spec validation, and lr schedules against their closed forms."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from contract.presets import PRESETS
-from contract.spec import JobSpec, LRSchedule, format_validation_error
-from workers.engine.schedule import lr_at
+from bulwark.contract.presets import PRESETS
+from bulwark.contract.spec import JobSpec, LRSchedule, format_validation_error
+from bulwark.workers.engine.schedule import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"standard", "fgsm", "fgsm-rs", "n-fgsm", "fgsm-elle", "fgsm-elle-a", "n-fgsm-elle-a",
@@ -122,7 +122,7 @@ def test_aaer_on_cifar100_takes_the_readmes_cifar100_table():
                                        "threat": {"epsilon": f"{e}/255"}})
         r = reg(spec, "aaer")
         assert (r.lam1, r.lam2, r.lam3) == (1.0, float(lam2), float(lam3)), (preset, e)
-        from contract.presets import preset_sources
+        from bulwark.contract.presets import preset_sources
         sources = {f: src for f, _, src in preset_sources(spec)}
         assert "CIFAR-100 table" in sources["recipe.regularizers.aaer"]
     # CIFAR-10 keeps its own table (RS 8/255: (2.5, 1.5) there, (3.5, 1.5) on CIFAR-100)
@@ -286,7 +286,7 @@ def test_mnist_presets_train_on_raw_pixels_unless_the_model_says_otherwise():
     assert (spec.model.arch, spec.model.normalization) == ("mnist_net", "none")
     spec = mnist("fgsm-rs", model={"arch": "mnist_net", "normalization": "dataset"})
     assert spec.model.normalization == "dataset"
-    from contract.presets import preset_sources
+    from bulwark.contract.presets import preset_sources
     rows = {f: (v, src) for f, v, src in preset_sources(spec)}
     assert "your spec (the preset's: none)" in rows["model.normalization"][1]
     # a recipe without a preset keeps the spec's default
@@ -299,8 +299,8 @@ def test_a_run_dumped_before_normalization_existed_reads_as_normalized():
     """A report's spec is a full dump; one written before model.normalization existed ran
     behind the dataset's statistics (the only behaviour then) and must not read as raw pixels,
     the MNIST presets' value since: `same_spec` and `Report.job_spec` both complete it."""
-    from contract.report import Report
-    from contract.spec import as_ran, same_spec
+    from bulwark.contract.report import Report
+    from bulwark.contract.spec import as_ran, same_spec
 
     now = mnist("fgsm-rs", model={"arch": "mnist_net", "normalization": "dataset"})
     old = now.model_dump(mode="json")
@@ -342,7 +342,7 @@ def test_family_values_yield_to_the_users_fields():
 
 
 def test_preset_sources_name_every_supplied_value_and_the_users_overrides():
-    from contract.presets import preset_sources
+    from bulwark.contract.presets import preset_sources
 
     rows = {f: (v, src) for f, v, src in preset_sources(mnist("fgsm-elle-a"))}
     assert "Wong et al. 2020" in rows["schedule"][1]
@@ -494,7 +494,8 @@ def test_npz_dataset_needs_a_path():
 
 
 def test_spec_and_presets_import_without_torch():
-    code = ("import sys; import contract.spec, contract.presets, workers.engine.schedule; "
+    code = ("import sys; import bulwark.contract.spec, bulwark.contract.presets, "
+            "bulwark.workers.engine.schedule; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
@@ -553,7 +554,7 @@ def test_invalid_milestones_rejected():
 
 
 def test_mnist_n_fgsm_keeps_the_published_setting_and_says_what_held_on_mnist():
-    from contract.presets import preset_sources
+    from bulwark.contract.presets import preset_sources
 
     spec = mnist("n-fgsm")
     adv = spec.recipe.adversary

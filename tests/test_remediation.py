@@ -8,10 +8,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from contract.artifacts import CHECKPOINT
-from contract.presets import ELLE_A
-from contract.spec import JobSpec, RecipeSpec, remedied
-from workers.engine.runner import run_job
+from bulwark.contract.artifacts import CHECKPOINT
+from bulwark.contract.presets import ELLE_A
+from bulwark.contract.spec import JobSpec, RecipeSpec, remedied
+from bulwark.workers.engine.runner import run_job
 
 
 def recipe(**kw) -> RecipeSpec:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from contract.compare import write
+from bulwark.contract.compare import write
+from bulwark.workers.client.sweep import collect
+from bulwark.workers.engine.html_report import render
 from tests.test_api_docs import CHROMIUM, CHROMIUM_ARGS
-from workers.client.sweep import collect
-from workers.engine.html_report import render
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "experiments" / "mnist-co" / "runs"

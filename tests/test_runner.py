@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from contract.spec import JobSpec
-from workers.engine.models import build_model
-from workers.engine.runner import Cancelled, run_job
+from bulwark.contract.spec import JobSpec
+from bulwark.workers.engine.models import build_model
+from bulwark.workers.engine.runner import Cancelled, run_job
+from tests.cli import CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_final_split_validation_evaluates_the_held_out_slice_not_the_test_set(tm
     from sklearn.datasets import load_digits
 
     import bulwark
-    from workers.engine.data import load_dataset, split_validation
+    from bulwark.workers.engine.data import load_dataset, split_validation
 
     spec = digits_spec(recipe="fgsm", evaluation={
         "monitor": {"size": 64, "pgd_steps": 2},
@@ -223,7 +223,7 @@ def test_cli_runs_mnist_job(tmp_path):
     path.write_text(json.dumps(spec))
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "BULWARK_DATA_ROOT"}
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(path), "--out",
+    proc = subprocess.run([*CLI, "run", str(path), "--out",
                            str(out), "--device", "cpu", "--quiet"], env=env,
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -236,7 +236,7 @@ def test_cli_runs_mnist_job(tmp_path):
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "workers.client.cli", *args], capture_output=True,
+    return subprocess.run([*CLI, *args], capture_output=True,
                           text=True, cwd=cwd, timeout=120)
 
 
@@ -326,7 +326,7 @@ def test_gaussian_job_certifies_and_evaluate_mode_reproduces(tmp_path):
     assert again["final"]["clean_acc"] == report["final"]["clean_acc"]
 
     # the summary `bulwark run` and `bulwark report` print includes the certification
-    from contract.report import Report
+    from bulwark.contract.report import Report
 
     text = Report.model_validate(report).summary()
     assert "certified (σ=0.25, n=1000, α=0.001, 40 points)" in text
@@ -437,7 +437,7 @@ def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path)
 
     env = {**os.environ, "COLUMNS": "0", "LINES": "0"}
     # no --out: the run goes to runs/<the spec's stem> under the working directory
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "run", str(spec)],
+    proc = subprocess.run([*CLI, "run", str(spec)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for phase in ("bars train", "bars last fgsm", "bars last pgd2-1",
@@ -450,16 +450,16 @@ def test_cli_run_shows_every_phase_and_survives_a_zero_column_terminal(tmp_path)
     assert (out / "report.json").exists() and not (out / "checkpoint.pt").exists()
     assert f"report: {Path('runs') / 's' / 'report.json'}" in proc.stdout
     # `bulwark report` reads a run folder as it reads a job: the same summary, or the JSON
-    shown = subprocess.run([sys.executable, "-m", "workers.client.cli", "report", "runs/s"],
+    shown = subprocess.run([*CLI, "report", "runs/s"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert shown.returncode == 0, shown.stderr
     report = json.loads((out / "report.json").read_text())
     assert f"{report['final']['clean_acc']:.4f}" in shown.stdout
     assert shown.stdout.strip() in proc.stdout, "the summary `bulwark run` printed"
-    as_json = subprocess.run([sys.executable, "-m", "workers.client.cli", "report", "runs/s",
+    as_json = subprocess.run([*CLI, "report", "runs/s",
                               "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert json.loads(as_json.stdout) == report
-    empty = subprocess.run([sys.executable, "-m", "workers.client.cli", "report", "runs"],
+    empty = subprocess.run([*CLI, "report", "runs"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert empty.returncode == 2 and "no report.json" in empty.stderr
     assert "Traceback" not in empty.stderr
@@ -508,10 +508,10 @@ def test_weights_trained_behind_another_normalization_are_refused(tmp_path):
     """The normalization constants are buffers outside the state dict, so the same weights load
     into a model with either normalization; the runner compares the file's recorded mean/std
     (written by Bulwark) with the job's and says which setting evaluates them as trained."""
-    from contract.spec import DatasetSpec
-    from workers.engine.checkpoint import save_weights
-    from workers.engine.data import load_dataset
-    from workers.engine.models import build_model
+    from bulwark.contract.spec import DatasetSpec
+    from bulwark.workers.engine.checkpoint import save_weights
+    from bulwark.workers.engine.data import load_dataset
+    from bulwark.workers.engine.models import build_model
 
     data = load_dataset(DatasetSpec(name="digits"))
     net = build_model("small_cnn", num_classes=10, in_channels=1, image_size=data.image_size,

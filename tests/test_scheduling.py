@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from service.store import Store
+from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_state
 
 

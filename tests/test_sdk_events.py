@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from fastapi import routing as fastapi_routing
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from bulwark.workers.client.http import Client
 from tests.service_stack import app_in_thread
-from workers.client.http import Client
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from bulwark.workers.jobs.serve import free_port
+from tests.cli import CLI
 from tests.service_stack import FAST, REPO, tiny_spec, wait_state
-from workers.jobs.serve import free_port
 
 
 def _children(pid: int) -> dict[str, int]:
@@ -49,7 +49,7 @@ def serve_proc(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULWARK_")}
     env.update(FAST, PYTHONPATH=str(REPO))
     home = tmp_path / "home"
-    proc = subprocess.Popen([sys.executable, "-m", "workers.client.cli", "serve", "--port",
+    proc = subprocess.Popen([*CLI, "serve", "--port",
                              str(port), "--home", str(home)], env=env, cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     key = None
@@ -91,7 +91,7 @@ def test_dead_children_come_back_and_jobs_still_run(serve_proc):
 
 def test_sigterm_stops_every_child_and_a_second_serve_refuses_the_folder(serve_proc):
     proc, client, home, env = serve_proc
-    second = subprocess.run([sys.executable, "-m", "workers.client.cli", "serve", "--port",
+    second = subprocess.run([*CLI, "serve", "--port",
                              str(free_port()), "--home", str(home)], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 2 and "another `bulwark serve` uses" in second.stderr

@@ -7,15 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from service.queue import TASK_NAME
-from service.store import Store
+from bulwark.service.queue import TASK_NAME
+from bulwark.service.store import Store
+from tests.cli import CLI
 from tests.service_stack import (
     tiny_spec,
     wait_state,
@@ -75,7 +75,7 @@ def test_submit_to_report_and_weights(stack, alice):
     # after the row's mark): the stream still ends with it, read from the row
     import redis
 
-    from service.events import stream_key
+    from bulwark.service.events import stream_key
 
     r = redis.Redis.from_url(stack.env["BULWARK_REDIS_URL"], decode_responses=True)
     (last_id, last), = r.xrevrange(stream_key(job["id"]), count=1)
@@ -181,8 +181,8 @@ def test_cancel_queued_and_running(stack, alice):
 
 def test_duplicate_delivery_runs_once(stack, alice):
     job = alice.post("/v1/jobs", json=tiny_spec(epochs=1, name="dup")).json()
-    from service.queue import make_celery
-    from service.settings import Settings
+    from bulwark.service.queue import make_celery
+    from bulwark.service.settings import Settings
 
     app = make_celery(Settings(redis_url=stack.env["BULWARK_REDIS_URL"]))
     app.send_task(TASK_NAME, args=[job["id"]], task_id=f"{job['id']}.dup", queue="bulwark")
@@ -323,7 +323,7 @@ def test_sweep_queues_its_children_streams_them_and_summarizes(stack, alice, bob
         figures = child["figures"]
         assert figures is not None and 0 <= figures["clean_acc"] <= 1
         assert figures["epochs_run"] == 1 and figures["n"] == 64
-    cli = subprocess.run([sys.executable, "-m", "workers.client.cli", "compare", out["id"],
+    cli = subprocess.run([*CLI, "compare", out["id"],
                           "--url", stack.url,
                           "--key", alice.headers["Authorization"].removeprefix("Bearer "),
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ import torch
 from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
-from defenses.smoothing import (
+from bulwark.defenses.smoothing import (
     ABSTAIN,
     TSV_COLUMNS,
     CertifyResult,
@@ -29,7 +29,7 @@ from defenses.smoothing import (
     certify_dataset,
     summarize,
 )
-from workers.engine.models import build_model
+from bulwark.workers.engine.models import build_model
 
 SHAPE = (1, 4, 4)  # C, H, W of the toy inputs
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from service.store import Conflict, NotFound, QuotaExceeded, Store
+from bulwark.service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from bulwark.service.store import Conflict, NotFound, QuotaExceeded, Store
 from tests.service_stack import database_url
 
 
@@ -32,7 +32,7 @@ def test_keys_are_hashed_and_bound_to_tenants(store):
     assert key.startswith("bwk_") and store.authenticate(key) == "acme"
     assert store.authenticate(key + "x") is None
     with store.session() as s:
-        from service.db import ApiKey
+        from bulwark.service.db import ApiKey
 
         stored = [k.key_hash for k in s.query(ApiKey).all()]
     assert key not in stored and all(len(h) == 64 for h in stored)

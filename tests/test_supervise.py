@@ -1,4 +1,4 @@
-"""The Celery task's supervision of a trainer process (workers.jobs.tasks.supervise), with a
+"""The Celery task's supervision of a trainer process (bulwark.workers.jobs.tasks.supervise), with a
 real process standing in for the trainer and a real job store (SQLite).
 
 The race it guards: the trainer marks the row succeeded, then publishes the stream's
@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from service.db import QUEUED, RUNNING, SUCCEEDED
-from service.settings import get_settings
-from service.store import Store
+from bulwark.service.db import QUEUED, RUNNING, SUCCEEDED
+from bulwark.service.settings import get_settings
+from bulwark.service.store import Store
 
 STAND_IN = """
 import sys, time
-from service.store import Store
+from bulwark.service.store import Store
 store = Store(sys.argv[1])
 job_id, owner, action = sys.argv[2], sys.argv[3], sys.argv[4]
 if action == "finish":
@@ -36,7 +36,7 @@ def tasks(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'bulwark.db'}"
     monkeypatch.setenv("BULWARK_DATABASE_URL", url)
     monkeypatch.setenv("BULWARK_HEARTBEAT_SECONDS", "0.1")
-    from workers.jobs import tasks as module
+    from bulwark.workers.jobs import tasks as module
 
     for cached in (get_settings, module.store):
         cached.cache_clear()

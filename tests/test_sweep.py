@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from contract.spec import SpecError
-from contract.sweep import MAX_CHILDREN, SweepSpec, expand, load_sweep
-from workers.engine.runner import Cancelled, run_job
+from bulwark.contract.spec import SpecError
+from bulwark.contract.sweep import MAX_CHILDREN, SweepSpec, expand, load_sweep
+from bulwark.workers.engine.runner import Cancelled, run_job
+from tests.cli import CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_variants_from_takes_another_files_variants_as_written(tmp_path):
 
 
 def _sweep_cli(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path),
+    return subprocess.run([*CLI, "sweep", str(path),
                            "--out", str(out), *extra], capture_output=True, text=True,
                           cwd=REPO, timeout=600)
 
@@ -129,7 +129,7 @@ def test_two_sweeps_running_at_once_into_one_folder_keep_each_others_rows(tmp_pa
     # a study runs its seeds sweep beside its main sweep: both write the folder's table while
     # the other runs, and neither may drop the rows the other wrote after it started
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "workers.client.cli", "sweep"]
+    cmd = [*CLI, "sweep"]
     procs = []
     for seeds in ([0, 1], [5, 6]):
         path = tmp_path / f"seeds{seeds[0]}.yaml"
@@ -150,7 +150,7 @@ def test_a_table_write_waits_for_the_sweep_that_holds_the_tables_lock(tmp_path):
     import fcntl
     import threading
 
-    from workers.client.sweep import write_table
+    from bulwark.workers.client.sweep import write_table
 
     table = tmp_path / "sweep.json"
     write_table(table, ["a"], {"a": {"name": "a", "state": "running"}})
@@ -225,7 +225,7 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
     proc = _sweep_cli(changed, out)
     assert proc.returncode == 1 and "holds a finished run of another spec" in proc.stdout
 
-    cmp = subprocess.run([sys.executable, "-m", "workers.client.cli", "compare", str(out),
+    cmp = subprocess.run([*CLI, "compare", str(out),
                           "--json", str(tmp_path / "cmp.json")], capture_output=True,
                          text=True, cwd=REPO, timeout=60)
     assert cmp.returncode == 0, cmp.stderr
@@ -244,7 +244,7 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
 
     # `bulwark run` folders: each is a run of its own, its method named after its folder
     two = tmp_path / "two"
-    cmp = subprocess.run([sys.executable, "-m", "workers.client.cli", "compare",
+    cmp = subprocess.run([*CLI, "compare",
                           str(out / "seed=7"), str(out / "fgsm_seed=0"), "--out", str(two)],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert cmp.returncode == 0, cmp.stderr
@@ -257,7 +257,7 @@ def test_local_sweep_runs_skips_finished_and_resumes_unfinished(tmp_path):
 
 
 def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
-    from contract.compare import groups, render
+    from bulwark.contract.compare import groups, render
 
     def run(name, variant, eps, seed, pgd, co=(), end=False):
         return {"name": name, "overrides": {"variant": variant}, "state": "succeeded",
@@ -278,19 +278,19 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
     assert a["co_end_runs"] == 0, "a1 recovered from its episode"
     assert (g[("b", 0.1)]["co_runs"], g[("b", 0.1)]["co_end_runs"]) == (1, 1)
     assert g[("b", 0.1)]["pgd_acc_std"] == 0.0 and g[("a", 0.3)]["seeds"] == [0]
-    from contract.compare import markdown
+    from bulwark.contract.compare import markdown
     md = markdown(rows).splitlines()
     assert md[0].startswith("| method | ε | runs |") and len(md) == 2 + 3
     assert md[2] == ("| a | 0.10 | 2 | 0.900 | 0.600 ± 0.141 | 0.500 / 0.700 | – | 1 / 2 | "
                      "0 / 2 | 10.5 ± 0.7 | 105 ± 7 |"), md[2]
     assert [(x["method"], x["epsilon"]) for x in groups(rows)] == [
         ("a", 0.1), ("a", 0.3), ("b", 0.1)], "methods in first-seen order, each by ε"
-    from contract.compare import epsilon_markdown
+    from bulwark.contract.compare import epsilon_markdown
     assert epsilon_markdown(rows).splitlines() == [
         "| method | ε = 0.1 | ε = 0.3 |", "|---|---|---|",
         "| a | 0.600 ± 0.141 (2 runs) | 0.100 |", "| b | 0.200 CO | – |"]
     assert epsilon_markdown([r for r in rows if r.get("epsilon") != 0.3]) == "", "one ε: no grid"
-    from contract.compare import cost_groups
+    from bulwark.contract.compare import cost_groups
     eps, drawn = cost_groups(groups(rows))
     assert eps == 0.1 and [g["method"] for g in drawn] == ["a", "b"], "the ε most methods ran"
     assert drawn[0]["seconds_per_epoch"] == pytest.approx(10.5)
@@ -303,7 +303,7 @@ def test_compare_groups_runs_by_method_and_epsilon_with_mean_and_std():
 def test_compare_keeps_runs_apart_that_differ_in_a_grid_field_beyond_seed_and_epsilon():
     """A grid over `evaluation.final.models` (or a training radius, a learning rate) makes
     another method: the same variant's runs are not averaged across it."""
-    from contract.compare import groups
+    from bulwark.contract.compare import groups
 
     def run(name, seed, pgd, **grid):
         return {"name": name, "state": "succeeded", "epsilon": 0.3, "seed": seed,
@@ -329,8 +329,8 @@ def test_compare_pools_only_runs_whose_specs_differ_in_the_seed_alone():
     """The dashboard's "Compare selected" of the issue: a 20 000-image 5-epoch job and a
     3 000-image 4-epoch job of one preset were pooled as two seeds ("PGD 0.428 ± 0.502", an
     error bar below 0). Jobs carry no sweep overrides there; their specs decide."""
-    from contract.compare import bounded, groups, render
-    from contract.sweep import pool_key
+    from bulwark.contract.compare import bounded, groups, render
+    from bulwark.contract.sweep import pool_key
 
     def job(name, seed, pgd, train_limit, epochs):
         spec = {"name": name, "recipe": "n-aaer", "dataset": {"name": "digits",
@@ -359,8 +359,8 @@ def test_compare_pools_only_runs_whose_specs_differ_in_the_seed_alone():
 def test_compare_lists_runs_whose_attacks_disagree():
     """headline() carries the final suite's attack checks; compare's Markdown and page list
     them under the tables (the GPU study's GradAlign at ε = 0.2: PGD 0.862, APGD 0.000)."""
-    from contract.compare import markdown, render
-    from contract.sweep import headline
+    from bulwark.contract.compare import markdown, render
+    from bulwark.contract.sweep import headline
 
     def rep(pgd, aa):
         return {"final": {"clean_acc": 0.91, "n": 100, "attacks": {
@@ -387,19 +387,19 @@ def test_a_sweep_file_names_its_own_folder(tmp_path):
     path = study / "sweep.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "grid": {"schedule.seed": [0]},
                                     "out": "runs"}))
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
+    proc = subprocess.run([*CLI, "sweep", str(path)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (study / "runs" / "seed=0" / "report.json").is_file()
     assert (study / "runs" / "sweep.json").is_file()
     path.write_text(yaml.safe_dump({"base": {**BASE, "recipe": "fgsm-rs"},
                                     "grid": {"schedule.seed": [0]}, "out": "runs"}))
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
+    proc = subprocess.run([*CLI, "sweep", str(path)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 1 and "finished run of another spec" in proc.stdout
     # no `out` and no --out: runs/<the file's stem> under the working directory, as `bulwark run`
     path.write_text(yaml.safe_dump({"base": BASE}))
-    proc = subprocess.run([sys.executable, "-m", "workers.client.cli", "sweep", str(path)],
+    proc = subprocess.run([*CLI, "sweep", str(path)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert f"in {Path('runs') / 'sweep'}" in proc.stdout
@@ -424,7 +424,7 @@ def test_sigterm_stops_the_sweep_and_its_children_and_keeps_checkpoints(tmp_path
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"base": base, "grid": {"schedule.seed": [0, 1, 2]}}))
     out = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "workers.client.cli", "sweep", str(path),
+    proc = subprocess.Popen([*CLI, "sweep", str(path),
                              "--out", str(out), "--parallel", "2"], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -459,7 +459,7 @@ def test_only_runs_the_matching_children(tmp_path):
 def test_seconds_per_epoch_is_the_ordinary_epochs_cost():
     """A run paused for a while (SIGSTOP while the machine ran a test suite) or starved by a
     neighbour in one epoch keeps the seconds of its ordinary epochs."""
-    from contract.sweep import headline
+    from bulwark.contract.sweep import headline
 
     def report(seconds):
         return {"final": {"clean_acc": 0.9, "attacks": {}}, "spec": {},

@@ -11,14 +11,15 @@ import re
 import numpy as np
 import pytest
 
-from service.queue import make_celery
-from service.settings import Settings
-from service.store import Store
+from bulwark.service.queue import make_celery
+from bulwark.service.settings import Settings
+from bulwark.service.store import Store
+from bulwark.workers.jobs.trainer import scrub_paths
+from tests.cli import CLI
 from tests.service_stack import (
     tiny_spec,
     wait_state,
 )
-from workers.jobs.trainer import scrub_paths
 
 ABS_PATH = re.compile(r"(?<![:\w/.~-])/(?!v1/)[A-Za-z0-9_.-]+/")  # a server path, not a route
 
@@ -129,7 +130,6 @@ def test_scrub_paths_keeps_urls_and_fractions():
 
 def test_sdk_and_cli_upload_a_dataset(stack, alice, tmp_path):
     import subprocess
-    import sys
 
     import bulwark
     from tests.service_stack import REPO
@@ -139,7 +139,7 @@ def test_sdk_and_cli_upload_a_dataset(stack, alice, tmp_path):
     path.write_bytes(npz_bytes())
     up = bulwark.Client(stack.url, key).upload_dataset(path)
     assert up.meta["num_classes"] == 4 and up.size == path.stat().st_size
-    out = subprocess.run([sys.executable, "-m", "workers.client.cli", "upload", str(path),
+    out = subprocess.run([*CLI, "upload", str(path),
                           "--url", stack.url, "--key", key], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert out.returncode == 0 and '"path": "datasets/' in out.stdout, out.stderr

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from contract.spec import JobSpec
-from workers.engine.runner import run_job
-from workers.engine.tracking import flatten
+from bulwark.contract.spec import JobSpec
+from bulwark.workers.engine.runner import run_job
+from bulwark.workers.engine.tracking import flatten
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -87,14 +87,14 @@ def test_flatten_names_parts_by_kind():
     ("file:///anything/at/all", None, True),  # bulwark run: the user's own server
 ])
 def test_artifact_uris_a_server_may_answer(uri, roots, ok):
-    from contract.tracking import artifact_uri_problem
+    from bulwark.contract.tracking import artifact_uri_problem
 
     problem = artifact_uri_problem(uri, "http://mlflow.internal:5000", roots)
     assert (problem is None) == ok, problem
 
 
 def test_a_file_root_holds_no_symlink_out_of_it(tmp_path):
-    from contract.tracking import artifact_uri_problem
+    from bulwark.contract.tracking import artifact_uri_problem
 
     root, outside = tmp_path / "mlartifacts", tmp_path / "tenants"
     (root / "1").mkdir(parents=True)
@@ -115,9 +115,9 @@ def test_a_hostile_server_gets_no_file_written_where_it_points(tmp_path):
 
     import httpx
 
-    from contract.tracking import TrackingServers
+    from bulwark.contract.tracking import TrackingServers
+    from bulwark.workers.jobs.serve import free_port, wait_for_port
     from tests.service_stack import REPO
-    from workers.jobs.serve import free_port, wait_for_port
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -151,7 +151,7 @@ def test_a_hostile_server_gets_no_file_written_where_it_points(tmp_path):
 
 
 def test_a_named_target_resolves_and_an_unknown_one_is_an_event(tmp_path):
-    from contract.tracking import TrackingServers
+    from bulwark.contract.tracking import TrackingServers
 
     uri = f"sqlite:///{tmp_path / 'team.db'}"
     servers = TrackingServers.operator({"team": uri}, None, [])

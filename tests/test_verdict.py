@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from contract.report import Report
-from contract.verdict import LABELS, verdict
+from bulwark.contract.report import Report
+from bulwark.contract.verdict import LABELS, verdict
 
 
 def report(clean, fgsm=None, pgd=None, aa=None, n=1000, share=0.1, classes=10):
@@ -66,9 +66,9 @@ def test_an_old_report_is_read_with_a_verdict_and_a_new_one_keeps_its_own():
 def test_a_run_writes_its_verdict_the_chance_level_and_a_banner(tmp_path):
     import torch
 
-    from contract.spec import JobSpec
-    from workers.engine.data import load_dataset
-    from workers.engine.runner import run_job
+    from bulwark.contract.spec import JobSpec
+    from bulwark.workers.engine.data import load_dataset
+    from bulwark.workers.engine.runner import run_job
 
     spec = JobSpec.model_validate({
         "dataset": {"name": "digits", "val_size": 64}, "threat": {"epsilon": 0.1},

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from contract.spec import JobSpec
-from workers.engine.monitor import COWatchdog
-from workers.engine.runner import Diverged, run_job
-from workers.engine.schedule import build_optimizer, epsilon_at
+from bulwark.contract.spec import JobSpec
+from bulwark.workers.engine.monitor import COWatchdog
+from bulwark.workers.engine.runner import Diverged, run_job
+from bulwark.workers.engine.schedule import build_optimizer, epsilon_at
 
 
 def m(clean, fgsm, pgd):
@@ -109,7 +109,7 @@ def test_an_event_as_a_stream_delivers_it_reads_as_a_line():
     """Over server-sent events each event's data carries the server's timestamp as ``at``
     (service/app.py): the watchdog's own time within the epoch is ``at_epoch``, and the CLI
     and the quick start read either without a clash."""
-    from contract.report import Event
+    from bulwark.contract.report import Event
 
     w = COWatchdog()
     for t in (1.25, 1.5, 1.75):
@@ -276,8 +276,8 @@ def test_the_watchdog_judges_no_epoch_of_a_longer_warm_up():
     """With ε ramped over 3 epochs the monitor's figures at full ε after epochs 1 and 2 are
     the warm-up's, not an overfit (mnist-recipe round 7: FGSM-RS flagged after epoch 2 at
     training ε 0.2, monitor ε 0.3): recorded, not judged. What the runner calls (judge)."""
-    from workers.engine.runner import judge
-    from workers.engine.schedule import warmed_up
+    from bulwark.workers.engine.runner import judge
+    from bulwark.workers.engine.schedule import warmed_up
 
     assert warmed_up(1, 1) and warmed_up(1, 0) and not warmed_up(1, 2) and warmed_up(2, 2)
     assert not warmed_up(2, 2.5) and warmed_up(3, 2.5)
@@ -353,8 +353,8 @@ def test_remediate_rolls_a_diverged_run_back_and_fails_once_no_remedy_is_left(tm
 
 
 def test_a_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched():
-    from defenses import Recipe
-    from workers.engine.runner import NonFiniteStep, train_step
+    from bulwark.defenses import Recipe
+    from bulwark.workers.engine.runner import NonFiniteStep, train_step
 
     spec = _digits()
     torch.manual_seed(0)
@@ -384,8 +384,8 @@ def test_a_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched():
 
 
 def test_probes_per_epoch_stay_within_a_tenth_of_the_training_work():
-    from contract.spec import MonitorSpec
-    from workers.engine.runner import PROBE_BUDGET, probe_steps, probes_per_epoch
+    from bulwark.contract.spec import MonitorSpec
+    from bulwark.workers.engine.runner import PROBE_BUDGET, probe_steps, probes_per_epoch
 
     auto = MonitorSpec()
     assert probes_per_epoch(auto, "fgsm_rs", 59_000, 256) == 3, "MNIST: 3 probes fit"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from workers.engine.checkpoint import save_weights
-from workers.engine.models import build_model
+from bulwark.workers.engine.checkpoint import save_weights
+from bulwark.workers.engine.models import build_model
 
 # their nn.Sequential index -> Bulwark's mnist_net parameter prefix
 KEYS = {"0": "net.features.0", "2": "net.features.2", "5": "net.classifier.1",

@@ -39,13 +39,13 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from attacks import FGSM_RS  # noqa: E402
-from attacks.objectives import cross_entropy  # noqa: E402
-from contract.spec import DatasetSpec, JobSpec  # noqa: E402
-from defenses.aaer import abnormal_mask  # noqa: E402
-from defenses.elle import linearity_residual  # noqa: E402
-from workers.engine.checkpoint import load_model  # noqa: E402
-from workers.engine.data import load_dataset, split_validation  # noqa: E402
+from bulwark.attacks import FGSM_RS  # noqa: E402
+from bulwark.attacks.objectives import cross_entropy  # noqa: E402
+from bulwark.contract.spec import DatasetSpec, JobSpec  # noqa: E402
+from bulwark.defenses.aaer import abnormal_mask  # noqa: E402
+from bulwark.defenses.elle import linearity_residual  # noqa: E402
+from bulwark.workers.engine.checkpoint import load_model  # noqa: E402
+from bulwark.workers.engine.data import load_dataset, split_validation  # noqa: E402
 
 EPSILONS_255 = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 76.5]
 DRAWS = 16
@@ -94,7 +94,7 @@ def slope(eps: list[float], values: list[float]) -> float:
 
 
 def train(spec: dict, out: Path) -> Path:
-    from workers.engine.runner import run_job
+    from bulwark.workers.engine.runner import run_job
 
     run_job(JobSpec.model_validate(spec), out, device="cpu", progress=False)
     return out / "model.safetensors"

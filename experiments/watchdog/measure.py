@@ -65,9 +65,9 @@ def with_chance_level(report: dict) -> dict:
     n = report["final"].get("n") or data.get("test")
     key = (data.get("name"), n)
     if key not in _SHARES:
-        from contract.spec import DatasetSpec
-        from workers.engine.data import load_dataset
-        from workers.engine.runner import majority_share
+        from bulwark.contract.spec import DatasetSpec
+        from bulwark.workers.engine.data import load_dataset
+        from bulwark.workers.engine.runner import majority_share
 
         _SHARES[key] = majority_share(load_dataset(DatasetSpec(name=key[0])).test_y, n)
     return {**report, "dataset": {**data, "majority_share": _SHARES[key]}}
@@ -75,7 +75,7 @@ def with_chance_level(report: dict) -> dict:
 
 def label(report: dict) -> tuple[str, str]:
     """The run's outcome: the product's own verdict (contract/verdict.py) on its last model."""
-    from contract.verdict import verdict
+    from bulwark.contract.verdict import verdict
 
     last = last_model(report)
     if last is None:
@@ -114,8 +114,8 @@ def half(name: str) -> str:
 def replay(report: dict, make) -> list[dict]:
     """The events a watchdog built by ``make(report)`` records over the run's history (its
     probes too, where the run had them)."""
-    from contract.report import probe_time
-    from workers.engine.runner import warmed_up
+    from bulwark.contract.report import probe_time
+    from bulwark.workers.engine.runner import warmed_up
 
     dog = make(report)
     warm = (report["spec"].get("threat") or {}).get("epsilon_warmup", 0) or 0
@@ -131,7 +131,7 @@ def replay(report: dict, make) -> list[dict]:
 
 def current(report: dict):
     """The watchdog as it ships, at the run's co_drop / co_gap and today's other defaults."""
-    from workers.engine.monitor import COWatchdog
+    from bulwark.workers.engine.monitor import COWatchdog
 
     mon = report["spec"]["evaluation"]["monitor"]
     return COWatchdog(mon.get("co_drop", 0.5), mon.get("co_gap", 0.2))
@@ -139,7 +139,7 @@ def current(report: dict):
 
 def previous(report: dict):
     """The rule before this study: the alarm at the first check where the gap holds."""
-    from workers.engine.monitor import COWatchdog
+    from bulwark.workers.engine.monitor import COWatchdog
 
     mon = report["spec"]["evaluation"]["monitor"]
     return COWatchdog(mon.get("co_drop", 0.5), mon.get("co_gap", 0.2), co_patience=0.0,

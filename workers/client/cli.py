@@ -38,7 +38,7 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def _summary(report: dict) -> str:
-    from contract.report import Report
+    from bulwark.contract.report import Report
 
     return Report.model_validate(report).summary()
 
@@ -50,8 +50,8 @@ def _default_out(file: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from contract.artifacts import CHECKPOINT, REPORT, RUN_OUTPUTS
-    from contract.spec import SpecError, load_spec_file
+    from bulwark.contract.artifacts import CHECKPOINT, REPORT, RUN_OUTPUTS
+    from bulwark.contract.spec import SpecError, load_spec_file
 
     try:
         spec = load_spec_file(args.spec)
@@ -68,10 +68,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name in RUN_OUTPUTS:
             (out / name).unlink(missing_ok=True)
 
-    from workers.client.progress import ProgressView
-    from workers.engine.data import DataError
-    from workers.engine.distributed import RankLost
-    from workers.engine.runner import run_job
+    from bulwark.workers.client.progress import ProgressView
+    from bulwark.workers.engine.data import DataError
+    from bulwark.workers.engine.distributed import RankLost
+    from bulwark.workers.engine.runner import run_job
 
     view = ProgressView(spec.name or spec.recipe.preset or "job", epochs=False,
                         enabled=not args.quiet)
@@ -94,8 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from contract.sweep import expand, load_sweep, sweep_out
-    from workers.client.sweep import SWEEP_FILE, run_sweep, table
+    from bulwark.contract.sweep import expand, load_sweep, sweep_out
+    from bulwark.workers.client.sweep import SWEEP_FILE, run_sweep, table
 
     try:
         sweep = load_sweep(args.sweep)
@@ -139,9 +139,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from contract.artifacts import REPORT
-    from contract.compare import write
-    from workers.client.sweep import collect, table
+    from bulwark.contract.artifacts import REPORT
+    from bulwark.contract.compare import write
+    from bulwark.workers.client.sweep import collect, table
 
     rows, sources = [], args.sources
     for source in sources:
@@ -164,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _fail(f"no finished runs in {', '.join(sources)}")
     print(table(rows))
     if args.markdown:
-        from contract.compare import epsilon_markdown, markdown
+        from bulwark.contract.compare import epsilon_markdown, markdown
         print("\n" + markdown(rows) + "\n")
         if grid := epsilon_markdown(rows):
             print(grid + "\n")
@@ -178,8 +178,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_sweep(args: argparse.Namespace) -> int:
-    from contract.spec import SpecError
-    from workers.client.sweep import table
+    from bulwark.contract.spec import SpecError
+    from bulwark.workers.client.sweep import table
 
     client = _client(args)
     try:
@@ -209,8 +209,8 @@ def cmd_cancel_sweep(args: argparse.Namespace) -> int:
 def _validate_sweep(path: str) -> int:
     """A sweep file: every child validated, one line each (stdout), and where each dataset
     the children read is found."""
-    from contract.spec import SpecError
-    from contract.sweep import expand, load_sweep
+    from bulwark.contract.spec import SpecError
+    from bulwark.contract.sweep import expand, load_sweep
 
     try:
         children = expand(load_sweep(path))
@@ -229,7 +229,7 @@ def _validate_sweep(path: str) -> int:
 
 
 def _data_line(spec) -> int:
-    from workers.engine.data import DataError, locate_dataset
+    from bulwark.workers.engine.data import DataError, locate_dataset
 
     try:
         where = locate_dataset(spec.dataset)
@@ -241,7 +241,7 @@ def _data_line(spec) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from contract.spec import SpecError, load_spec_file, read_spec_file
+    from bulwark.contract.spec import SpecError, load_spec_file, read_spec_file
 
     try:
         data = read_spec_file(args.spec)
@@ -254,7 +254,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as e:
         return _fail(str(e))
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
-    from contract.presets import family_of, preset_sources
+    from bulwark.contract.presets import family_of, preset_sources
 
     sources = preset_sources(spec)
     if sources:  # to stderr, like the data line: stdout stays the spec, for pipes
@@ -267,7 +267,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from contract.presets import describe_presets, family_of
+    from bulwark.contract.presets import describe_presets, family_of
 
     rows = describe_presets(args.epsilon, dataset=args.dataset)
     cols = list(rows[0])
@@ -283,7 +283,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- service
 def cmd_serve(args: argparse.Namespace) -> int:
-    from workers.jobs.serve import serve
+    from bulwark.workers.jobs.serve import serve
 
     try:
         return serve(host=args.host, port=args.port, home=args.home, workers=args.workers,
@@ -295,8 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
-    from service.settings import get_settings
-    from workers.jobs.serve import worker_command
+    from bulwark.service.settings import get_settings
+    from bulwark.workers.jobs.serve import worker_command
 
     devices = args.devices
     if args.device:
@@ -319,10 +319,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_reaper(args: argparse.Namespace) -> int:
     import time
 
-    from service.app import reap_once
-    from service.events import Events
-    from service.settings import get_settings
-    from service.store import Store
+    from bulwark.service.app import reap_once
+    from bulwark.service.events import Events
+    from bulwark.service.settings import get_settings
+    from bulwark.service.store import Store
 
     s = get_settings()
     store = Store(s.resolved_database_url())
@@ -339,8 +339,8 @@ def cmd_reaper(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from service.settings import get_settings
-    from service.store import Store, StoreError
+    from bulwark.service.settings import get_settings
+    from bulwark.service.store import Store, StoreError
 
     store = Store(get_settings().resolved_database_url())
     store.migrate()
@@ -369,13 +369,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from workers.client.http import Client
+    from bulwark.workers.client.http import Client
 
     return Client(url=args.url, key=args.key)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from contract.spec import read_spec_file
+    from bulwark.contract.spec import read_spec_file
 
     client = _client(args)  # the API validates the spec: its 422 names the field and range
     job = client.submit(read_spec_file(args.spec), idempotency_key=args.idempotency_key)
@@ -413,7 +413,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from contract.artifacts import REPORT
+    from bulwark.contract.artifacts import REPORT
 
     local = Path(args.job_id)
     if local.is_dir():  # a `bulwark run --out` folder
@@ -448,9 +448,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
-    from contract.artifacts import REPORT, WEIGHTS
-    from contract.export import robustbench_card
-    from workers.client.http import write_export
+    from bulwark.contract.artifacts import REPORT, WEIGHTS
+    from bulwark.contract.export import robustbench_card
+    from bulwark.workers.client.http import write_export
 
     out = Path(args.output)
     local = Path(args.job_id)
@@ -472,7 +472,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from contract.units import parse_epsilon
+    from bulwark.contract.units import parse_epsilon
 
     eps = parse_epsilon(args.epsilon) if args.epsilon else None
     board = _client(args).leaderboard(dataset=args.dataset, norm=args.norm, epsilon=eps,
@@ -482,7 +482,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         print(f"no finished job has a {args.metric} figure"
               + (f" ({board.skipped} matching jobs lack it)" if board.skipped else ""))
         return 0
-    from contract.export import threat_of
+    from bulwark.contract.export import threat_of
 
     head = ("rank", "job", "name", "method", "metric", "robust", "clean", "n", "verdict",
             "suite", "seconds")
@@ -529,7 +529,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from contract.artifacts import DOWNLOADABLE
+    from bulwark.contract.artifacts import DOWNLOADABLE
 
     p = argparse.ArgumentParser(prog="bulwark", description="Adversarial-robustness training.",
                                 epilog="A job id can be shortened to any unique prefix.")
@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # client and service errors: a message, not a traceback
-        from workers.client.http import ApiError, ConnectionFailed
+        from bulwark.workers.client.http import ApiError, ConnectionFailed
 
         if isinstance(e, ApiError):
             return _fail(str(e), 1 if e.status < 500 else 3)

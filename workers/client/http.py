@@ -3,7 +3,7 @@
     client = Client()                       # $BULWARK_URL, $BULWARK_API_KEY or serve's key file
     job = client.submit("examples/quickstart/mnist-fgsm.yaml")   # a path, a dict or a JobSpec
     job.wait()                              # follows the event stream, with progress bars
-    report = job.report()                   # a typed contract.report.Report
+    report = job.report()                   # a typed bulwark.contract.report.Report
     job.download("model.safetensors", "fgsm.safetensors")
 
 Errors are ``ApiError`` (the HTTP status, the API's detail and what to do about it) or
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from contract.api import (
+from bulwark.contract.api import (
     TERMINAL_STATES,
     DatasetOut,
     JobList,
@@ -32,9 +32,9 @@ from contract.api import (
     ModelOut,
     SweepOut,
 )
-from contract.artifacts import DOWNLOADABLE, WEIGHTS
-from contract.report import Report
-from contract.spec import JobSpec, read_spec_file
+from bulwark.contract.artifacts import DOWNLOADABLE, WEIGHTS
+from bulwark.contract.report import Report
+from bulwark.contract.spec import JobSpec, read_spec_file
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_HOME = "bulwark-data"
@@ -248,7 +248,7 @@ class Client:
         if isinstance(sweep, dict):
             body = sweep
         else:
-            from contract.sweep import load_sweep
+            from bulwark.contract.sweep import load_sweep
 
             body = load_sweep(str(sweep)).model_dump(mode="json", exclude={"out", "variants_from"})
         return SweepOut.model_validate(self.request("POST", "/v1/sweeps", json=body))
@@ -334,7 +334,7 @@ class Job:
 
         ``progress`` draws bars (epochs, each final attack, certification) on stderr.
         ``timeout`` in seconds raises ``TimeoutError`` (the job keeps running)."""
-        from workers.client.progress import ProgressView
+        from bulwark.workers.client.progress import ProgressView
 
         view = ProgressView(self.id[:8], enabled=progress)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -400,7 +400,7 @@ class Job:
         return write_export(card, Path(out), lambda dest: self.download(WEIGHTS, dest))
 
     def download(self, name: str, path: str | os.PathLike | None = None) -> Path:
-        """Save artifact ``name`` (one of ``contract.artifacts.DOWNLOADABLE``) to ``path``
+        """Save artifact ``name`` (one of ``bulwark.contract.artifacts.DOWNLOADABLE``) to ``path``
         (default: ``name`` in the working directory); written atomically."""
         if name not in DOWNLOADABLE:
             raise ValueError(f"{name!r} is not an artifact; choose one of "

@@ -13,9 +13,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from contract.api import TERMINAL_STATES as TERMINAL
-from contract.report import WATCH_EVENTS, Event
-from workers.engine.bars import bar
+from bulwark.contract.api import TERMINAL_STATES as TERMINAL
+from bulwark.contract.report import WATCH_EVENTS, Event
+from bulwark.workers.engine.bars import bar
 
 
 class ProgressView:

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from contract.artifacts import REPORT
-from contract.files import write_json
-from contract.spec import same_spec
-from contract.sweep import Child, headline
+from bulwark.contract.artifacts import REPORT
+from bulwark.contract.files import write_json
+from bulwark.contract.spec import same_spec
+from bulwark.contract.sweep import Child, headline
 
 SWEEP_FILE = "sweep.json"
 SECONDS_DIGITS = {"seconds": 0, "seconds_per_epoch": 1, "train_seconds": 0}
@@ -67,7 +67,7 @@ class _Runner:
         t0 = time.perf_counter()
         with open(folder / "run.log", "a") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.client.cli", "run", str(spec_path), "--out",
+                [sys.executable, "-m", "bulwark.workers.client.cli", "run", str(spec_path), "--out",
                  str(folder), "--resume", "--quiet", "--device", self.device],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             with self.lock:

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contract.artifacts import CERTIFY_TSV
-from defenses.smoothing import Exchange, Smooth, certify_dataset, summarize
+from bulwark.contract.artifacts import CERTIFY_TSV
+from bulwark.defenses.smoothing import Exchange, Smooth, certify_dataset, summarize
 
 
 def select_points(n_test: int, plan) -> Tensor:
@@ -27,7 +27,7 @@ def smoothed_pgd_accuracy(model: nn.Module, smooth: Smooth, x: Tensor, y: Tensor
     count as wrong."""
     import torchattacks
 
-    from attacks.evaluation import check_image_range
+    from bulwark.attacks.evaluation import check_image_range
 
     check_image_range(x)
     attack = torchattacks.PGDRSL2(model, eps=plan.eps, alpha=2 * plan.eps / plan.steps,

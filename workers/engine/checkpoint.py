@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from contract.files import atomic_write
+from bulwark.contract.files import atomic_write
 
 
 class _Recording:
@@ -101,7 +101,7 @@ def load_model(path: str | Path, *, device: str = "cpu", mean=None, std=None) ->
     architecture, classes and input shape come from its metadata, then the safetensors tensors
     are loaded (never a pickle). It maps [0, 1] images to logits (normalization inside).
     ``mean``/``std`` are needed only for weights written before they were recorded."""
-    from workers.engine.models import build_model
+    from bulwark.workers.engine.models import build_model
 
     path = Path(path)
     meta = weights_metadata(path)

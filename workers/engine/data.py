@@ -32,16 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from contract.spec import DatasetSpec, SyntheticSpec
+from bulwark.contract.spec import DatasetSpec, SyntheticSpec
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
-from contract.datasets import DataError, DataNotFound, load_npz
-from contract.datasets import images as _images
-from contract.datasets import labels as _labels
+from bulwark.contract.datasets import DataError, DataNotFound, load_npz
+from bulwark.contract.datasets import images as _images
+from bulwark.contract.datasets import labels as _labels
 
 ENV_ROOT = "BULWARK_DATA_ROOT"
 LIMIT_SEED = 0  # the fixed shuffle behind dataset.train_limit

@@ -4,7 +4,7 @@ DistributedDataParallel (NCCL on GPUs, gloo on the CPU).
 ``launch(spec, device, ...)`` makes this process rank 0 and starts ranks 1..N-1 as fresh
 processes (the ``spawn`` start method: never a fork of a process that holds torch state). Every
 rank loads the data, builds the same model from the same seed, restores the same checkpoint and
-steps on its contiguous slice of each global batch (``attacks.shard``): the global batch is
+steps on its contiguous slice of each global batch (``bulwark.attacks.shard``): the global batch is
 ``schedule.batch_size``, as in a one-process run, and the learning rate means what it means
 there. Rank 0 alone emits events, runs the monitor (its figures are broadcast, so that every
 rank's watchdog takes the same decisions) and writes checkpoints. Certification is shared too
@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from attacks.shard import Share, split
-from contract.spec import JobSpec
+from bulwark.attacks.shard import Share, split
+from bulwark.contract.spec import JobSpec
 
 
 class RankLost(RuntimeError):

@@ -21,9 +21,9 @@ import json
 import math
 from typing import Any
 
-from contract.export import eps_text
-from contract.report import Event, FinalResult, final_by_model, probe_time
-from contract.verdict import final_split, pgd_reach, verdict
+from bulwark.contract.export import eps_text
+from bulwark.contract.report import Event, FinalResult, final_by_model, probe_time
+from bulwark.contract.verdict import final_split, pgd_reach, verdict
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -277,7 +277,7 @@ def _model_label(report: dict[str, Any], name: str) -> str:
 
 
 def _warnings(report: dict[str, Any]) -> str:
-    """The final suite's own sanity checks (contract.report.FinalResult.warnings)."""
+    """The final suite's own sanity checks (bulwark.contract.report.FinalResult.warnings)."""
     models = final_by_model(report)
     items = [f"{w}" + (f" ({name} model)" if len(models) > 1 else "")
              for name, res in models.items()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contract.spec import ARCHS
+from bulwark.contract.spec import ARCHS
 
 
 # ------------------------------------------------------------------------------ normalization
@@ -323,7 +323,7 @@ def build_model(
 ) -> NormalizedNet:
     """Build ``arch`` behind a :class:`Normalize` layer; the result maps [0, 1] images to logits.
 
-    ``arch`` is one of ``contract.spec.ARCHS`` (``depth`` and
+    ``arch`` is one of ``bulwark.contract.spec.ARCHS`` (``depth`` and
     ``widen_factor`` apply to the last one only). ``mean``/``std`` need one entry per input
     channel.
     """

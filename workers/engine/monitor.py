@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attacks import FGSM, PGD, dlr
+from bulwark.attacks import FGSM, PGD, dlr
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks.evaluation import Ledger, autoattack_eval, clean_accuracy, fgsm_eval, pgd_eval
-from contract.files import write_text
+from bulwark.attacks.evaluation import Ledger, autoattack_eval, clean_accuracy, fgsm_eval, pgd_eval
+from bulwark.contract.files import write_text
 
 REPORT_VERSION = 1
 

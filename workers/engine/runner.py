@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from attacks import shard
-from contract.artifacts import (
+from bulwark.attacks import shard
+from bulwark.contract.artifacts import (
     BEST,
     CERTIFY_TSV,
     CHECKPOINT,
@@ -31,15 +31,15 @@ from contract.artifacts import (
     WA,
     WEIGHTS,
 )
-from contract.files import write_json, write_text
-from contract.presets import describe_recipe
-from contract.report import Report
-from contract.spec import SINGLE_STEP, JobSpec, RecipeSpec, as_spec, remedied, same_spec
-from contract.tracking import TrackingServers
-from contract.verdict import verdict
-from defenses import Recipe, StepOutput
-from defenses.precision import autocast
-from workers.engine.checkpoint import (
+from bulwark.contract.files import write_json, write_text
+from bulwark.contract.presets import describe_recipe
+from bulwark.contract.report import Report
+from bulwark.contract.spec import SINGLE_STEP, JobSpec, RecipeSpec, as_spec, remedied, same_spec
+from bulwark.contract.tracking import TrackingServers
+from bulwark.contract.verdict import verdict
+from bulwark.defenses import Recipe, StepOutput
+from bulwark.defenses.precision import autocast
+from bulwark.workers.engine.checkpoint import (
     check_normalization,
     load_checkpoint,
     load_weights,
@@ -47,19 +47,19 @@ from workers.engine.checkpoint import (
     save_weights,
     weights_metadata,
 )
-from workers.engine.data import DeviceLoader, load_dataset, split_validation
-from workers.engine.distributed import Ranks, join, launch, leave
-from workers.engine.html_report import render as render_html
-from workers.engine.models import build_model
-from workers.engine.monitor import COWatchdog, monitor
-from workers.engine.report import (
+from bulwark.workers.engine.data import DeviceLoader, load_dataset, split_validation
+from bulwark.workers.engine.distributed import Ranks, join, launch, leave
+from bulwark.workers.engine.html_report import render as render_html
+from bulwark.workers.engine.models import build_model
+from bulwark.workers.engine.monitor import COWatchdog, monitor
+from bulwark.workers.engine.report import (
     REPORT_VERSION,
     FinalLedger,
     environment,
     final_evaluation,
     weights_digest,
 )
-from workers.engine.schedule import build_optimizer, epsilon_at, lr_at, warmed_up
+from bulwark.workers.engine.schedule import build_optimizer, epsilon_at, lr_at, warmed_up
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -228,7 +228,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     (nothing updated) when the loss, a term of it or the gradient is not finite.
 
     With ``ranks`` (a DDP step: ``model`` is the DDP module, (x, y) this rank's shard, inside
-    ``attacks.shard.sharing``) the loss is weighted by N·b_r/B, so that DDP's average of the
+    ``bulwark.attacks.shard.sharing``) the loss is weighted by N·b_r/B, so that DDP's average of the
     ranks' gradients is the global batch mean, and a non-finite step on any rank is skipped on
     all of them."""
     for group in optimizer.param_groups:
@@ -486,7 +486,7 @@ class Training:
         sched = self.spec.schedule
         bar = None
         if progress and self.spec.mode == "train":  # evaluate mode trains nothing
-            from workers.engine.bars import bar as progress_bar
+            from bulwark.workers.engine.bars import bar as progress_bar
             bar = progress_bar(total=self.steps_per_epoch * sched.epochs,
                                initial=self.start_epoch * self.steps_per_epoch, unit="step",
                                desc=f"{self.spec.name or self.spec.recipe.preset or 'job'} "
@@ -694,7 +694,7 @@ class Training:
         plan = self.spec.evaluation.certification
         if plan is None:
             return None
-        from workers.engine.certification import run_certification
+        from bulwark.workers.engine.certification import run_certification
 
         emit("phase", {"phase": "certification"})
         with self.timing.phase("certification"):
@@ -778,7 +778,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda kind, data: None)
-    from workers.engine.tracking import tracker_for
+    from bulwark.workers.engine.tracking import tracker_for
 
     tracker = tracker_for(spec, emit=emit, tags=tracking_tags or {}, servers=tracking)
     if tracker is None:

@@ -8,9 +8,9 @@ traces) at step = epoch, watchdog events become tags, and ``finish`` logs the fi
 and the artifacts (report.json, report.html, the weights). A tracking failure never fails the
 job: it is recorded as a ``tracking_failed`` event and tracking stops.
 
-The server's answer is checked before anything is logged (``contract.tracking``): an artifact
-URI outside the operator's allowed roots (a ``file:`` URI into another tenant's folder, say)
-fails tracking at its start. Artifacts go to the URI that was checked, never to one the
+The server's answer is checked before anything is logged (``bulwark.contract.tracking``): an
+artifact URI outside the operator's allowed roots (a ``file:`` URI into another tenant's folder,
+say) fails tracking at its start. Artifacts go to the URI that was checked, never to one the
 server is asked for again.
 """
 
@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
-from contract.report import WATCH_EVENTS, final_by_model
-from contract.tracking import TrackingServers, artifact_location, artifact_uri_problem
+from bulwark.contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
+from bulwark.contract.report import WATCH_EVENTS, final_by_model
+from bulwark.contract.tracking import TrackingServers, artifact_location, artifact_uri_problem
 
 Event = Callable[[str, dict[str, Any]], None]
 

@@ -2,8 +2,8 @@
 the task module.
 
 Torch-free: neither the worker's parent nor its prefork child imports torch; every job trains
-in its own process (``workers.jobs.trainer``), started and supervised by the task. Start a worker
-with ``bulwark worker`` (prefork, concurrency 1, a fresh child per job).
+in its own process (``bulwark.workers.jobs.trainer``), started and supervised by the task. Start a
+worker with ``bulwark worker`` (prefork, concurrency 1, a fresh child per job).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 
 from celery.signals import worker_ready, worker_shutdown
 
-from contract.files import private_files
-from service.queue import WORKER_KEY, WORKER_TTL_SECONDS, announce_worker, make_celery
+from bulwark.contract.files import private_files
+from bulwark.service.queue import WORKER_KEY, WORKER_TTL_SECONDS, announce_worker, make_celery
 
 private_files()  # this worker's children and trainers write the service's state: 0600 / 0700
-app = make_celery(include=["workers.jobs.tasks"])
+app = make_celery(include=["bulwark.workers.jobs.tasks"])
 _stop = threading.Event()
 
 
@@ -30,7 +30,7 @@ def _announce(sender=None, **_kwargs) -> None:
     runs, so /healthz can say how many workers serve the queue."""
     import redis
 
-    from service.settings import get_settings
+    from bulwark.service.settings import get_settings
 
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     atexit.register(_release_jobs, name, os.getpid())
@@ -66,10 +66,10 @@ def _release_jobs(name: str, main_pid: int) -> None:
     reaper's stale-heartbeat timeout."""
     if os.getpid() != main_pid:  # a pool child inherits the handler: only the main releases
         return
-    from service.events import Events
-    from service.queue import send
-    from service.settings import get_settings
-    from service.store import Store
+    from bulwark.service.events import Events
+    from bulwark.service.queue import send
+    from bulwark.service.settings import get_settings
+    from bulwark.service.store import Store
 
     s = get_settings()
     store = Store(s.resolved_database_url())

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from contract.files import PRIVATE_UMASK, private_files
+from bulwark.contract.files import PRIVATE_UMASK, private_files
 
 KEY_FILE = "api_key"
 
@@ -91,15 +91,15 @@ def wait_for_port(port: int, proc: subprocess.Popen | None, what: str,
 
 def worker_command(*, queue: str, name: str) -> list[str]:
     """One worker per GPU: prefork, concurrency 1, a fresh child per job (docs/design.md)."""
-    return [sys.executable, "-m", "celery", "-A", "workers.jobs.celery_app", "worker",
+    return [sys.executable, "-m", "celery", "-A", "bulwark.workers.jobs.celery_app", "worker",
            "-P", "prefork", "-c", "1", "--max-tasks-per-child", "1", "-Q", queue,
            "-n", name, "-E", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
 
 def ensure_api_key(home: Path, tenant: str = "default") -> str:
     """The embedded API key, created once and kept (mode 0600) in ``home/api_key``."""
-    from service.settings import get_settings
-    from service.store import Store
+    from bulwark.service.settings import get_settings
+    from bulwark.service.store import Store
 
     path = home / KEY_FILE
     if path.exists():
@@ -208,11 +208,11 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
             redis_port = free_port()
             sup.add("redis", lambda: start_redis(home_path / "redis", redis_port))
             os.environ["BULWARK_REDIS_URL"] = redis_url(home_path / "redis", redis_port)
-        from service.settings import get_settings
+        from bulwark.service.settings import get_settings
 
         get_settings.cache_clear()
         settings = get_settings()
-        from service.store import Store
+        from bulwark.service.store import Store
 
         Store(settings.resolved_database_url()).migrate()
         key = ensure_api_key(home_path)
@@ -229,7 +229,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
 
         import uvicorn
 
-        from service.app import create_app
+        from bulwark.service.app import create_app
 
         url = f"http://{host}:{port}"
         print(f"Bulwark is up: {url}  (API docs: {url}/docs)", flush=True)
@@ -283,7 +283,7 @@ class LocalStack:
 
         port = urlsplit(self.url).port
         self.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+            [sys.executable, "-m", "uvicorn", "--factory", "bulwark.service.app:create_app",
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             env=self.env, cwd=self.cwd, start_new_session=True)
         wait_for_port(port, self.procs["api"], "the API", timeout=60)
@@ -319,7 +319,7 @@ class LocalStack:
 
     def key(self, tenant: str = "default") -> str:
         """A new API key, made by `bulwark keys create` against the stack's database."""
-        out = subprocess.run([sys.executable, "-m", "workers.client.cli", "keys", "create",
+        out = subprocess.run([sys.executable, "-m", "bulwark.workers.client.cli", "keys", "create",
                               "--tenant", tenant], env=self.env, cwd=self.cwd, check=True,
                              capture_output=True, text=True)
         return out.stdout.strip()

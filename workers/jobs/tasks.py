@@ -1,10 +1,10 @@
 """The Celery task: win the lease, run the trainer in its own process, supervise it.
 
-    worker_process_init: Popen python -m workers.jobs.trainer --standby   (the standby: it
+    worker_process_init: Popen python -m bulwark.workers.jobs.trainer --standby   (the standby: it
       imports torch, the engine and the store, then waits for a job on its stdin)
     run_job(job_id)
       claim the job row (compare-and-set; a duplicate delivery finds it taken and returns)
-      hand JOB OWNER to the standby (or, without one, Popen python -m workers.jobs.trainer
+      hand JOB OWNER to the standby (or, without one, Popen python -m bulwark.workers.jobs.trainer
       JOB OWNER); either way a new process group that dies with this process
       every heartbeat: refresh the lease, read the cancel flag (cancel → SIGTERM, then SIGKILL)
       trainer exit 0 / 3 / 2: it wrote succeeded / cancelled / failed itself
@@ -28,13 +28,13 @@ from functools import lru_cache
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-from service.db import CANCELLED, FAILED, QUEUED, TERMINAL
-from service.events import Events
-from service.queue import TASK_NAME, send
-from service.settings import get_settings
-from service.store import Store
-from workers.jobs.celery_app import app
-from workers.jobs.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
+from bulwark.service.db import CANCELLED, FAILED, QUEUED, TERMINAL
+from bulwark.service.events import Events
+from bulwark.service.queue import TASK_NAME, send
+from bulwark.service.settings import get_settings
+from bulwark.service.store import Store
+from bulwark.workers.jobs.celery_app import app
+from bulwark.workers.jobs.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
 
 log = logging.getLogger("bulwark.worker")
 
@@ -72,8 +72,8 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def _trainer(*args: str, stdin: int | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workers.jobs.trainer", *args], stdin=stdin,
-                            preexec_fn=_die_with_parent, env=dict(os.environ))
+    return subprocess.Popen([sys.executable, "-m", "bulwark.workers.jobs.trainer", *args],
+                            stdin=stdin, preexec_fn=_die_with_parent, env=dict(os.environ))
 
 
 _standby: subprocess.Popen | None = None

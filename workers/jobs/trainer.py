@@ -1,9 +1,9 @@
-"""One job's training process: ``python -m workers.jobs.trainer JOB_ID OWNER``, or
-``python -m workers.jobs.trainer --standby`` (imports first, then reads JOB_ID and OWNER from
-stdin: the standby each Celery pool child keeps ready).
+"""One job's training process: ``python -m bulwark.workers.jobs.trainer JOB_ID OWNER``, or
+``python -m bulwark.workers.jobs.trainer --standby`` (imports first, then reads JOB_ID and OWNER
+from stdin: the standby each Celery pool child keeps ready).
 
-Started by the Celery task (``workers.jobs.tasks``), which holds the lease and heartbeats. This
-process re-validates the spec, runs the job in the job's artifact folder (resuming from its
+Started by the Celery task (``bulwark.workers.jobs.tasks``), which holds the lease and heartbeats.
+This process re-validates the spec, runs the job in the job's artifact folder (resuming from its
 checkpoint when an earlier attempt left one), publishes progress events, polls the cancel
 flag between steps, and writes the terminal state itself. Exit codes: 0 succeeded,
 2 bad input (failed, not retried), 3 cancelled; anything else is retried by the task.
@@ -20,9 +20,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from contract.artifacts import CERTIFY_STATE, CHECKPOINT, DOWNLOADABLE, FINAL_STATE, RESUMABLE
-from contract.files import private_files
-from service.artifacts import (
+from bulwark.contract.artifacts import (
+    CERTIFY_STATE,
+    CHECKPOINT,
+    DOWNLOADABLE,
+    FINAL_STATE,
+    RESUMABLE,
+)
+from bulwark.contract.files import private_files
+from bulwark.service.artifacts import (
     dataset_key,
     dataset_path,
     describe_artifacts,
@@ -31,11 +37,11 @@ from service.artifacts import (
     model_key,
     model_path,
 )
-from service.db import CANCELLED, FAILED, SUCCEEDED
-from service.events import Events
-from service.settings import get_settings
-from service.storage import Artifacts, artifacts
-from service.store import Store, StoreError
+from bulwark.service.db import CANCELLED, FAILED, SUCCEEDED
+from bulwark.service.events import Events
+from bulwark.service.settings import get_settings
+from bulwark.service.storage import Artifacts, artifacts
+from bulwark.service.store import Store, StoreError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_ERROR = 0, 2, 3, 1
 # events that update the job row's ``progress`` (and the keys of theirs it keeps)
@@ -103,8 +109,8 @@ class Mirror:
 def standby() -> list[str] | None:
     """``--standby``: import what a job needs, then wait for its id and owner, one line each,
     on stdin (the Celery task's hand-off). None at end of input: the task had no job."""
-    import contract.spec  # noqa: F401
-    import workers.engine.runner  # noqa: F401  (torch, torchattacks, the engine)
+    import bulwark.contract.spec  # noqa: F401
+    import bulwark.workers.engine.runner  # noqa: F401  (torch, torchattacks, the engine)
 
     lines = [sys.stdin.readline().strip() for _ in range(2)]
     return lines if all(lines) else None
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from contract.spec import JobSpec, format_validation_error
+    from bulwark.contract.spec import JobSpec, format_validation_error
 
     try:
         spec = JobSpec.model_validate(job.spec)
@@ -152,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec.model_copy(update={"compute": spec.compute.model_copy(
             update={"devices": settings.worker_devices})})
 
-    from contract.datasets import DataError, DataNotFound, api_dataset_problem
-    from workers.engine.runner import Cancelled, run_job
+    from bulwark.contract.datasets import DataError, DataNotFound, api_dataset_problem
+    from bulwark.workers.engine.runner import Cancelled, run_job
 
     problem = api_dataset_problem(spec.dataset)  # re-checked here: the API is not the only door
     if problem is not None:
