@@ -15,6 +15,8 @@ from bulwark.service.app import create_app
 from bulwark.service.settings import Settings
 from tests.service_stack import app_in_thread
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

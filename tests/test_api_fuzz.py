@@ -12,6 +12,8 @@ from bulwark.service.settings import Settings
 from bulwark.workers.jobs.serve import free_port, redis_url, start_redis
 from tests.service_stack import app_in_thread
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def live_api(tmp_path_factory):

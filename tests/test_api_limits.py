@@ -15,6 +15,8 @@ from bulwark.service.settings import Settings
 from bulwark.workers.jobs.serve import free_port
 from tests.service_stack import tiny_spec
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):

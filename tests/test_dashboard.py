@@ -15,7 +15,8 @@ import yaml
 from tests.service_stack import Stack, database_url
 from tests.test_api_docs import CHROMIUM, CHROMIUM_ARGS
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+pytestmark = [pytest.mark.stack,  # starts the service stack: not in the fast lane
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
 
 
 def digits_job(name: str, recipe: str) -> dict:

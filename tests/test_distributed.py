@@ -23,6 +23,8 @@ from bulwark.workers.engine.checkpoint import load_checkpoint
 from bulwark.workers.engine.runner import run_job
 from tests.cli import CLI
 
+pytestmark = pytest.mark.training  # trains real models: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 
 

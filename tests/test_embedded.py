@@ -15,6 +15,8 @@ from bulwark.workers.jobs.serve import free_port
 from tests.cli import CLI
 from tests.service_stack import FAST, REPO, tiny_spec
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 def _cli(env, *args, timeout=180):
     return subprocess.run([*CLI, *args], env=env, cwd=REPO,

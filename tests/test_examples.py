@@ -10,6 +10,8 @@ from bulwark.contract.spec import load_spec_file
 from bulwark.contract.sweep import expand, load_sweep, sweep_out
 from bulwark.workers.engine.data import locate_dataset
 
+pytestmark = pytest.mark.training  # trains real models: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 def _is_sweep(path: Path) -> bool:
     import yaml

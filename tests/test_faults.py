@@ -21,6 +21,8 @@ from bulwark.service.queue import broker_job_ids
 from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_state
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 COLD_STOP = {"REMAP_SIGTERM": "SIGQUIT", "BULWARK_WORKER_SOFT_SHUTDOWN_SECONDS": "1"}
 

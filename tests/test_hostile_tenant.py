@@ -36,6 +36,8 @@ from bulwark.service.queue import announce_worker
 from bulwark.workers.jobs.serve import free_port, wait_for_port
 from tests.service_stack import REPO, Stack, tiny_spec, wait_event, wait_state
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 pytest.importorskip("mlflow")
 METRICS_TOKEN = "metrics-token-for-the-test"
 

@@ -220,3 +220,45 @@ def test_the_bare_name_check_can_fail(tmp_path):
                  "cmd = ['python', '-m', 'workers.client.cli']\nok = 'service.settings is fine?'\n")
     assert sorted(bare_names(f)) == sorted(["contract.spec", "service.app", "'workers.client.cli'",
                                             "'service.settings is fine?'"])
+
+
+def needs_stack_mark(path: Path) -> bool:
+    """A test module that builds the service stack (``Stack(``) or takes its fixtures
+    (``stack``, ``alice``, ``bob``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Stack":
+            return True
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            if {a.arg for a in node.args.args} & {"stack", "alice", "bob"}:
+                return True
+    return False
+
+
+def marks_of(path: Path) -> set[str]:
+    """The marks a module's ``pytestmark`` gives every test in it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
+                                                for t in node.targets):
+            return {n.attr for n in ast.walk(node.value) if isinstance(n, ast.Attribute)
+                    and getattr(n.value, "attr", "") == "mark"}
+    return set()
+
+
+def test_the_fast_lane_never_starts_a_stack():
+    """scripts/test.sh --fast deselects `stack`, `training` and `slow`: every module that
+    starts the service stack must carry one of them, or the fast lane is not fast."""
+    bad = [p.name for p in sorted((REPO / "tests").glob("test_*.py"))
+           if needs_stack_mark(p) and not marks_of(p) & {"stack", "training", "slow"}]
+    assert not bad, f"modules that start the stack without the `stack` mark: {bad}"
+
+
+def test_the_lane_check_can_fail(tmp_path):
+    plain = tmp_path / "test_a.py"
+    plain.write_text("def test_x(alice):\n    pass\n")
+    marked = tmp_path / "test_b.py"
+    marked.write_text("import pytest\npytestmark = [pytest.mark.stack, pytest.mark.skipif(True)]\n"
+                      "def test_x():\n    Stack(1, 2)\n")
+    assert needs_stack_mark(plain) and marks_of(plain) == set()
+    assert needs_stack_mark(marked) and marks_of(marked) == {"stack", "skipif"}

@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 from tests.service_stack import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 
 from load_burst import run  # noqa: E402
+
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
 
 
 def test_a_burst_of_jobs_is_accounted_for_and_run_exactly_once(tmp_path, capsys):

@@ -12,6 +12,8 @@ from bulwark.service.events import Events
 from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_event, wait_state
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):

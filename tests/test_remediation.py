@@ -13,6 +13,8 @@ from bulwark.contract.presets import ELLE_A
 from bulwark.contract.spec import JobSpec, RecipeSpec, remedied
 from bulwark.workers.engine.runner import run_job
 
+pytestmark = pytest.mark.training  # trains real models: not in the fast lane
+
 
 def recipe(**kw) -> RecipeSpec:
     return RecipeSpec.model_validate(kw)

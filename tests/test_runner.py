@@ -18,6 +18,8 @@ from bulwark.workers.engine.models import build_model
 from bulwark.workers.engine.runner import Cancelled, run_job
 from tests.cli import CLI
 
+pytestmark = pytest.mark.training  # trains real models: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ from bulwark.service.storage import S3Artifacts, artifacts
 from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_event, wait_state
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 

@@ -13,6 +13,8 @@ import pytest
 from bulwark.service.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_state
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):

@@ -18,6 +18,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from bulwark.workers.client.http import Client
 from tests.service_stack import app_in_thread
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 @pytest.fixture
 def stream_url(monkeypatch):

@@ -17,6 +17,8 @@ from bulwark.workers.jobs.serve import free_port
 from tests.cli import CLI
 from tests.service_stack import FAST, REPO, tiny_spec, wait_state
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 
 def _children(pid: int) -> dict[str, int]:
     """The serve process's direct children by kind: redis, worker (Celery main)."""

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from safetensors.numpy import save as st_save
 
 from bulwark.service.queue import TASK_NAME
@@ -20,6 +21,8 @@ from tests.service_stack import (
     tiny_spec,
     wait_state,
 )
+
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
 
 
 def _events(client: httpx.Client, job_id: str, last_event_id: str | None = None):

@@ -15,6 +15,8 @@ from bulwark.contract.sweep import MAX_CHILDREN, SweepSpec, expand, load_sweep
 from bulwark.workers.engine.runner import Cancelled, run_job
 from tests.cli import CLI
 
+pytestmark = pytest.mark.training  # trains real models: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 
 BASE = {

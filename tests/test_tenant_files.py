@@ -21,6 +21,8 @@ from tests.service_stack import (
     wait_state,
 )
 
+pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
+
 ABS_PATH = re.compile(r"(?<![:\w/.~-])/(?!v1/)[A-Za-z0-9_.-]+/")  # a server path, not a route
 
 
