@@ -563,3 +563,34 @@ def test_mnist_n_fgsm_keeps_the_published_setting_and_says_what_held_on_mnist():
     assert "k = 1 with α = 0.5ε held on 5 of 5" in rows["recipe.adversary"]
     cifar_rows = {f: src for f, _, src in preset_sources(job("n-fgsm"))}
     assert "MNIST" not in cifar_rows["recipe.adversary"]
+
+
+def test_mnist_elle_lambda_follows_e_lin_growth_and_cifar_keeps_the_papers():
+    """On MNIST, FGSM + ELLE's λ is the paper's 5000 at 16/255 carried by E_lin ∝ ε³ (to one
+    significant digit); CIFAR-10 keeps run_elle_cifar10.sh's table."""
+    for eps, lam in ((0.1, 1000.0), (0.2, 200.0), (0.3, 50.0), (0.4, 20.0)):
+        spec = mnist("fgsm-elle", threat={"epsilon": eps})
+        assert reg(spec, "elle").lam == lam and reg(spec, "elle").official_double_step
+    for eps, lam in (("8/255", 1000.0), ("16/255", 5000.0), ("32/255", 10000.0)):
+        assert reg(job("fgsm-elle", eps), "elle").lam == lam
+
+
+def test_the_carried_elle_lambda_keeps_its_regularizer_at_the_papers_size():
+    """The independent measurement (experiments/elle-scaling/results.json: E_lin of four
+    networks at eleven ε): on each network but the overfit one, λ(0.3)·E_lin(0.3) stays within a
+    factor of 2 of 5000·E_lin(16/255), the strength the paper tuned; the paper's 10 000 at
+    0.3 is 160-220× it."""
+    import json
+
+    from bulwark.contract.presets import elle_lambda, elle_lambda_carried
+
+    data = json.loads((REPO / "experiments/elle-scaling/results.json").read_text())
+    eps = data["epsilons_255"]
+    i16, i03 = eps.index(16), eps.index(76.5)
+    healthy = [n for n in data["nets"] if "overfit" not in n]
+    assert len(healthy) >= 3
+    for name in healthy:
+        e_lin = data["nets"][name]["e_lin"]
+        ratio = elle_lambda_carried(76.5) * e_lin[i03] / (5000.0 * e_lin[i16])
+        assert 0.5 <= ratio <= 2.0, (name, ratio)
+        assert elle_lambda(76.5) * e_lin[i03] / (5000.0 * e_lin[i16]) > 50
