@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from bulwark.contract.api import TERMINAL_STATES
+from bulwark.contract.events import EVENT_KINDS
 
 log = logging.getLogger("bulwark.events")
 TERMINAL_EVENTS = TERMINAL_STATES  # a job's stream ends with the event of its terminal state
@@ -58,7 +59,9 @@ class Events:
                 ) -> str | None:
         """Append an event; None (and nothing appended) once the stream holds a terminal
         event — nothing follows a job's end (a late ``cancel_requested`` is dropped) — or
-        when Redis is unreachable."""
+        when Redis is unreachable. ``kind`` is one of the contract's ``EVENT_KINDS``."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r} (bulwark.contract.events)")
         key = stream_key(job_id)
         at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         try:
