@@ -45,12 +45,9 @@ __all__ = [
     "AttackResult",
     "Ledger",
     "autoattack_eval",
-    "autoattack_images",
     "check_image_range",
     "clean_accuracy",
-    "fgsm_attack_images",
     "fgsm_eval",
-    "pgd_attack_images",
     "pgd_eval",
 ]
 
@@ -87,6 +84,11 @@ class AttackResult:
     n: int
     correct: int
     params: dict[str, Any] = field(default_factory=dict)  # JSON-serializable
+    # per example: True where the model stayed correct under the attack (not in to_dict)
+    robust: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # the adversarial images, with keep_images=True (the clean image where nothing was
+    # attacked or the batch came from a ledger; the fooling image where an attack succeeded)
+    images: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"acc": self.acc, "n": self.n, "params": dict(self.params)}
@@ -235,10 +237,12 @@ def _run_attack(
     return x_adv, robust
 
 
-def _result(name: str, robust: torch.Tensor, params: dict[str, Any]) -> AttackResult:
+def _result(name: str, robust: torch.Tensor, params: dict[str, Any],
+            images: torch.Tensor | None = None) -> AttackResult:
     n = int(robust.numel())
     correct = int(robust.sum().item())
-    return AttackResult(name=name, acc=correct / n, n=n, correct=correct, params=params)
+    return AttackResult(name=name, acc=correct / n, n=n, correct=correct, params=params,
+                        robust=robust, images=images)
 
 
 # -------------------------------------------------------------------------------------- clean
@@ -263,26 +267,6 @@ def _fgsm_attack(model: nn.Module, eps: float, ta_norm: str, device: torch.devic
     return atk
 
 
-def fgsm_attack_images(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    norm: str = "linf",
-    batch_size: int = 256,
-    progress: Progress | None = None,
-    ledger: Ledger | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FGSM adversarial images and the robust mask (see :func:`fgsm_eval`)."""
-    x, y = _check_inputs(model, x, y, batch_size, images=True)
-    ta_norm = _check_eps_norm(eps, norm)
-    with _frozen_eval(model):
-        attack = _fgsm_attack(model, float(eps), ta_norm, x.device)
-        return _run_attack(model, attack, x, y, restarts=1, batch_size=batch_size,
-                           progress=progress, ledger=ledger)
-
-
 def fgsm_eval(
     model: nn.Module,
     x: torch.Tensor,
@@ -293,47 +277,22 @@ def fgsm_eval(
     batch_size: int = 256,
     progress: Progress | None = None,
     ledger: Ledger | None = None,
+    keep_images: bool = False,
 ) -> AttackResult:
     """Accuracy under FGSM: ``torchattacks.FGSM`` (L∞) or one L2 step (``PGDL2``, steps=1,
-    alpha=eps, no random start). Deterministic."""
-    _, robust = fgsm_attack_images(model, x, y, eps=eps, norm=norm, batch_size=batch_size,
-                                   progress=progress, ledger=ledger)
-    return _result("fgsm", robust, {"eps": float(eps), "norm": norm})
+    alpha=eps, no random start). Deterministic. ``keep_images``: the result carries the
+    adversarial images (``.images``) beside the robust mask (``.robust``)."""
+    x, y = _check_inputs(model, x, y, batch_size, images=True)
+    ta_norm = _check_eps_norm(eps, norm)
+    with _frozen_eval(model):
+        attack = _fgsm_attack(model, float(eps), ta_norm, x.device)
+        x_adv, robust = _run_attack(model, attack, x, y, restarts=1, batch_size=batch_size,
+                                    progress=progress, ledger=ledger)
+    return _result("fgsm", robust, {"eps": float(eps), "norm": norm},
+                   x_adv if keep_images else None)
 
 
 # ---------------------------------------------------------------------------------------- PGD
-def pgd_attack_images(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    norm: str = "linf",
-    steps: int = 50,
-    alpha: float | None = None,
-    restarts: int = 10,
-    batch_size: int = 256,
-    seed: int = 0,
-    progress: Progress | None = None,
-    ledger: Ledger | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD adversarial images and the robust mask (see :func:`pgd_eval`)."""
-    x, y = _check_inputs(model, x, y, batch_size, images=True)
-    ta_norm = _check_eps_norm(eps, norm)
-    if steps < 1 or restarts < 1:
-        raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
-    eps = float(eps)
-    alpha = eps / 4 if alpha is None else float(alpha)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    with _frozen_eval(model), _seeded(seed, x.device):
-        cls = torchattacks.PGD if ta_norm == "Linf" else torchattacks.PGDL2
-        atk = cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-        atk.set_device(x.device)
-        return _run_attack(model, atk, x, y, restarts=restarts, batch_size=batch_size,
-                           progress=progress, seed=seed, ledger=ledger)
-
-
 def pgd_eval(
     model: nn.Module,
     x: torch.Tensor,
@@ -348,19 +307,30 @@ def pgd_eval(
     seed: int = 0,
     progress: Progress | None = None,
     ledger: Ledger | None = None,
+    keep_images: bool = False,
 ) -> AttackResult:
     """Accuracy under PGD (``torchattacks.PGD`` / ``PGDL2``, random start), worst case over
-    ``restarts`` per example. ``alpha`` is the absolute step size (default ``eps / 4``)."""
-    _, robust = pgd_attack_images(
-        model, x, y, eps=eps, norm=norm, steps=steps, alpha=alpha, restarts=restarts,
-        batch_size=batch_size, seed=seed, progress=progress, ledger=ledger,
-    )
-    alpha_v = float(eps) / 4 if alpha is None else float(alpha)
+    ``restarts`` per example. ``alpha`` is the absolute step size (default ``eps / 4``).
+    ``keep_images``: the result carries the adversarial images (``.images``)."""
+    x, y = _check_inputs(model, x, y, batch_size, images=True)
+    ta_norm = _check_eps_norm(eps, norm)
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+    eps = float(eps)
+    alpha = eps / 4 if alpha is None else float(alpha)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    with _frozen_eval(model), _seeded(seed, x.device):
+        cls = torchattacks.PGD if ta_norm == "Linf" else torchattacks.PGDL2
+        atk = cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+        atk.set_device(x.device)
+        x_adv, robust = _run_attack(model, atk, x, y, restarts=restarts, batch_size=batch_size,
+                                    progress=progress, seed=seed, ledger=ledger)
     params = {
-        "eps": float(eps), "norm": norm, "steps": int(steps), "alpha": alpha_v,
+        "eps": eps, "norm": norm, "steps": int(steps), "alpha": alpha,
         "restarts": int(restarts), "random_start": True, "seed": int(seed),
     }
-    return _result(f"pgd{steps}-{restarts}", robust, params)
+    return _result(f"pgd{steps}-{restarts}", robust, params, x_adv if keep_images else None)
 
 
 # --------------------------------------------------------------------------------- AutoAttack
@@ -395,7 +365,7 @@ def _autoattack(
     return atk
 
 
-def autoattack_images(
+def autoattack_eval(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -409,8 +379,19 @@ def autoattack_images(
     steps: int = 100,
     progress: Progress | None = None,
     ledger: Ledger | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """AutoAttack adversarial images and the robust mask (see :func:`autoattack_eval`)."""
+    keep_images: bool = False,
+) -> AttackResult:
+    """Accuracy under AutoAttack via torchattacks.
+
+    ``version``: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square-5000, each run on what the
+    previous ones left robust), ``"apgd-ce"`` (``torchattacks.APGD``, CE loss, 1 restart) or
+    ``"apgd-t"`` (``torchattacks.APGDT``, all ``num_classes - 1`` targets, 1 restart) or
+    ``"apgd-ce+apgd-t"`` (APGD-T on what APGD-CE left robust: AutoAttack less FAB-T and
+    Square, for budgets where the standard suite's Square-5000 does not fit).
+    ``steps`` is the APGD/APGD-T/FAB iteration count (100 as in the reference AutoAttack;
+    torchattacks' own default is 10). ``keep_images``: the result carries the adversarial
+    images (``.images``).
+    """
     x, y = _check_inputs(model, x, y, batch_size, images=True)
     ta_norm = _check_eps_norm(eps, norm)
     if version not in AA_VERSIONS:
@@ -434,42 +415,10 @@ def autoattack_images(
                 model, eps=float(eps), ta_norm=ta_norm, version=version,
                 num_classes=num_classes, steps=steps, seed=seed, device=x.device,
             )
-            return _run_attack(model, atk, x, y, restarts=1, batch_size=batch_size,
-                               progress=progress, ledger=ledger)
-
-
-def autoattack_eval(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    norm: str = "linf",
-    version: str = "standard",
-    num_classes: int = 10,
-    batch_size: int = 256,
-    seed: int = 0,
-    steps: int = 100,
-    progress: Progress | None = None,
-    ledger: Ledger | None = None,
-) -> AttackResult:
-    """Accuracy under AutoAttack via torchattacks.
-
-    ``version``: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square-5000, each run on what the
-    previous ones left robust), ``"apgd-ce"`` (``torchattacks.APGD``, CE loss, 1 restart) or
-    ``"apgd-t"`` (``torchattacks.APGDT``, all ``num_classes - 1`` targets, 1 restart) or
-    ``"apgd-ce+apgd-t"`` (APGD-T on what APGD-CE left robust: AutoAttack less FAB-T and
-    Square, for budgets where the standard suite's Square-5000 does not fit).
-    ``steps`` is the APGD/APGD-T/FAB iteration count (100 as in the reference AutoAttack;
-    torchattacks' own default is 10).
-    """
-    _, robust = autoattack_images(
-        model, x, y, eps=eps, norm=norm, version=version, num_classes=num_classes,
-        batch_size=batch_size, seed=seed, steps=steps, progress=progress,
-        ledger=ledger,
-    )
+            x_adv, robust = _run_attack(model, atk, x, y, restarts=1, batch_size=batch_size,
+                                        progress=progress, ledger=ledger)
     params = {
         "eps": float(eps), "norm": norm, "version": version, "num_classes": int(num_classes),
         "steps": int(steps), "seed": int(seed),
     }
-    return _result(f"autoattack-{version}", robust, params)
+    return _result(f"autoattack-{version}", robust, params, x_adv if keep_images else None)

@@ -15,12 +15,9 @@ from bulwark.attacks.evaluation import (
     _autoattack,
     _run_attack,
     autoattack_eval,
-    autoattack_images,
     check_image_range,
     clean_accuracy,
-    fgsm_attack_images,
     fgsm_eval,
-    pgd_attack_images,
     pgd_eval,
 )
 from bulwark.workers.engine.models import build_model
@@ -76,11 +73,8 @@ def _linear_problem(norm: str, n: int = 80, seed: int = 0):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_pgd_matches_closed_form_robustness_of_linear_model(norm):
     model, x, y, eps, expected = _linear_problem(norm)
-    x_adv, robust = pgd_attack_images(
-        model, x, y, eps=eps, norm=norm, steps=20, restarts=2, batch_size=32
-    )
-    assert torch.equal(robust, expected)
     res = pgd_eval(model, x, y, eps=eps, norm=norm, steps=20, restarts=2, batch_size=32)
+    assert torch.equal(res.robust, expected) and res.images is None  # kept only when asked
     assert res.correct == int(expected.sum())
     assert res.n == len(x)
     assert res.acc == pytest.approx(expected.double().mean().item())
@@ -91,7 +85,7 @@ def test_pgd_matches_closed_form_robustness_of_linear_model(norm):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fgsm_is_exact_on_linear_model(norm):
     model, x, y, eps, expected = _linear_problem(norm, seed=3)
-    _, robust = fgsm_attack_images(model, x, y, eps=eps, norm=norm, batch_size=16)
+    robust = fgsm_eval(model, x, y, eps=eps, norm=norm, batch_size=16).robust
     assert torch.equal(robust, expected)
     res = fgsm_eval(model, x, y, eps=eps, norm=norm)
     assert (res.name, res.n, res.correct) == ("fgsm", len(x), int(expected.sum()))
@@ -183,8 +177,8 @@ def cnn_problem():
 def test_more_restarts_never_increase_robust_accuracy(cnn_problem):
     model, x, y = cnn_problem
     kw = dict(eps=0.03, steps=5, batch_size=10, seed=0)
-    _, rob1 = pgd_attack_images(model, x, y, restarts=1, **kw)
-    _, rob3 = pgd_attack_images(model, x, y, restarts=3, **kw)
+    rob1 = pgd_eval(model, x, y, restarts=1, **kw).robust
+    rob3 = pgd_eval(model, x, y, restarts=3, **kw).robust
     assert not (rob3 & ~rob1).any()  # the first restart is shared: a subset, per example
     r1 = pgd_eval(model, x, y, restarts=1, **kw)
     r3 = pgd_eval(model, x, y, restarts=3, **kw)
@@ -218,7 +212,7 @@ class _Stop(Exception):
 def test_a_stopped_pgd_evaluation_resumes_from_its_ledger(cnn_problem):
     model, x, y = cnn_problem
     kw = dict(eps=0.03, steps=5, restarts=2, batch_size=6, seed=0)
-    _, whole = pgd_attack_images(model, x, y, **kw)
+    whole = pgd_eval(model, x, y, **kw).robust
     assert 0 < whole.sum() < len(x) - 2, "some points robust, some not: the mask says something"
 
     def stop_at_12(done, total):
@@ -227,16 +221,16 @@ def test_a_stopped_pgd_evaluation_resumes_from_its_ledger(cnn_problem):
 
     book = _Book()
     with pytest.raises(_Stop):
-        pgd_attack_images(model, x, y, progress=stop_at_12, ledger=book, **kw)
+        pgd_eval(model, x, y, progress=stop_at_12, ledger=book, **kw)
     assert book.puts == [(0, 6), (6, 12)]
-    _, resumed = pgd_attack_images(model, x, y, ledger=book, **kw)
+    resumed = pgd_eval(model, x, y, ledger=book, **kw).robust
     assert book.puts[2:] == [(12, 18), (18, 24)], "only the unfinished batches are attacked"
     assert torch.equal(resumed, whole)
     # a batch's result does not depend on the batches before it: a ledger that claims every
     # point of the first batch robust changes that batch alone
     forged = _Book()
     forged.batches[(0, 6)] = [True] * 6
-    _, mixed = pgd_attack_images(model, x, y, ledger=forged, **kw)
+    mixed = pgd_eval(model, x, y, ledger=forged, **kw).robust
     assert mixed[:6].all() and torch.equal(mixed[6:], whole[6:])
     r = pgd_eval(model, x, y, ledger=book, **kw)
     assert r.correct == int(whole.sum())
@@ -253,14 +247,17 @@ def _assert_in_threat_model(x, x_adv, eps, norm):
 @pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.5)])
 def test_adversarial_images_stay_in_eps_ball_and_box(cnn_problem, norm, eps):
     model, x, y = cnn_problem
-    adv, robust = pgd_attack_images(model, x, y, eps=eps, norm=norm, steps=5, restarts=2)
+    res = pgd_eval(model, x, y, eps=eps, norm=norm, steps=5, restarts=2, keep_images=True)
+    adv, robust = res.images, res.robust
     _assert_in_threat_model(x, adv, eps, norm)
     assert torch.equal(adv[:2], x[:2])  # clean errors are not attacked
     with torch.no_grad():
         assert torch.equal(model(adv).argmax(1) == y, robust)
-    adv, _ = fgsm_attack_images(model, x, y, eps=eps, norm=norm)
+    adv = fgsm_eval(model, x, y, eps=eps, norm=norm, keep_images=True).images
     _assert_in_threat_model(x, adv, eps, norm)
-    adv, robust = autoattack_images(model, x, y, eps=eps, norm=norm, version="apgd-ce", steps=5)
+    res = autoattack_eval(model, x, y, eps=eps, norm=norm, version="apgd-ce", steps=5,
+                          keep_images=True)
+    adv, robust = res.images, res.robust
     _assert_in_threat_model(x, adv, eps, norm)
     with torch.no_grad():
         assert torch.equal(model(adv).argmax(1) == y, robust)
@@ -286,11 +283,12 @@ def test_apgd_ce_then_apgd_t_is_apgd_t_on_what_apgd_ce_left(cnn_problem):
     # oracle: the two attacks run one after the other by hand
     model, x, y = cnn_problem
     kw = {"eps": 0.03, "num_classes": 10, "steps": 10}
-    _, ce = autoattack_images(model, x, y, version="apgd-ce", **kw)
-    _, t = autoattack_images(model, x[ce], y[ce], version="apgd-t", **kw)
+    ce = autoattack_eval(model, x, y, version="apgd-ce", **kw).robust
+    t = autoattack_eval(model, x[ce], y[ce], version="apgd-t", **kw).robust
     expected = ce.clone()
     expected[ce] = t
-    adv, robust = autoattack_images(model, x, y, version="apgd-ce+apgd-t", **kw)
+    res = autoattack_eval(model, x, y, version="apgd-ce+apgd-t", **kw, keep_images=True)
+    adv, robust = res.images, res.robust
     assert 0 < int(ce.sum()) and int(expected.sum()) < int(ce.sum()), "both stages must bite"
     assert torch.equal(robust, expected)
     _assert_in_threat_model(x, adv, 0.03, "linf")
@@ -325,7 +323,8 @@ def test_autoattack_standard_full_cascade(cnn_problem):
     x, y = x[:8], y[:8]
     apgd = autoattack_eval(model, x, y, eps=0.01, version="apgd-ce", steps=20)
     start = time.perf_counter()
-    adv, robust = autoattack_images(model, x, y, eps=0.01, version="standard", steps=20)
+    res = autoattack_eval(model, x, y, eps=0.01, version="standard", steps=20, keep_images=True)
+    adv, robust = res.images, res.robust
     assert time.perf_counter() - start < 600
     _assert_in_threat_model(x, adv, 0.01, "linf")
     assert int(robust.sum()) <= apgd.correct  # APGD-CE is the cascade's first stage
