@@ -10,7 +10,7 @@ CHECKPOINT = "checkpoint.pt"   # the resumable training state (internal, not dow
 CERTIFY_STATE = CERTIFY_TSV + ".json"  # certify.tsv's settings, which a resume must match
 FINAL_STATE = "final.partial.json"  # the final suite's finished batches (gone with the report)
 DOWNLOADABLE = (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
-# everything a run may leave, including the certification sidecar (<state_path>.json)
+# everything a run may leave, including the certification sidecar (certify.tsv.json)
 RUN_OUTPUTS = (*DOWNLOADABLE, CHECKPOINT, CERTIFY_STATE, FINAL_STATE)
 # what a resumed attempt needs back: the training state, a partial certification and a
 # partial final evaluation

@@ -20,35 +20,41 @@ Conventions (as in the reference; docs/methods.md, "Randomized smoothing"):
   The values drawn depend on the packing (``batch_size``, which inputs share a call) and on the
   memory layout (``channels_last``), so results are reproducible for a fixed configuration.
 
-:func:`certify_dataset` runs CERTIFY over a test set in resumable chunks and writes the rows in
-the reference's TSV format; :func:`summarize` turns the rows into certified accuracy per radius,
-ACR and abstain rate.
+:func:`certify_dataset` runs CERTIFY over a test set in chunks, resumable through a
+:class:`RowStore` (the job's ``certify.tsv`` in the reference's format lives with the engine,
+``bulwark.workers.engine.certification``, so this module holds no file handling);
+:func:`summarize` turns the rows into certified accuracy per radius, ACR and abstain rate.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
-from bulwark.contract.files import write_text
 from bulwark.defenses.precision import autocast
 
 ABSTAIN = -1
 PRECISIONS = ("fp32", "bf16", "fp16")
-TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-Row = tuple[int, int, int, float, int, float]  # one line of certify.tsv
+ROW_FIELDS = ("idx", "label", "predict", "radius", "correct", "seconds")  # a CertifyResult row
+Row = tuple[int, int, int, float, int, float]  # ROW_FIELDS' values for one input
+
+
+class RowStore(Protocol):
+    """Where ``certify_dataset`` keeps finished rows so that a stopped run resumes."""
+
+    def load(self, settings: dict[str, Any], *, writer: bool) -> list[Row]:
+        """The rows already made with these settings (refusing rows made with others)."""
+
+    def append(self, rows: list[Row]) -> None:
+        """Keep these rows (called after every chunk, by one process)."""
 Exchange = Callable[[list[Row]], list[Row]]    # every rank's rows of a round, in chunk order
 
 
@@ -278,7 +284,7 @@ class CertifyResult:
 
 def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0: int, n: int,
                     alpha: float, batch_size: int, chunk: int = 16,
-                    state_path: Path | str | None = None,
+                    store: RowStore | None = None,
                     on_progress: Callable[[dict[str, Any]], None] | None = None,
                     seed: int | None = None,
                     idx: Sequence[int] | None = None,
@@ -289,12 +295,11 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
     1 − α, the class is g(x) and g is constant within the radius); the guarantee is per input,
     not simultaneous over the test set.
 
-    ``state_path``: after every chunk its rows are appended to this TSV (columns
-    ``idx label predict radius correct time`` as in the reference's ``certify.py``; ``time`` in
-    seconds, ``radius`` at full precision) and fsync'ed. A rerun with the same file skips the
-    inputs already there (resume). The settings that change the rows (σ, n0, n, α,
-    num_classes) are kept next to it in ``<state_path>.json``; a rerun with other settings
-    raises ``ValueError`` instead of mixing rows.
+    ``store``: where finished rows are kept (a :class:`RowStore`; the job's ``certify.tsv`` is
+    ``bulwark.workers.engine.certification.CertifyTSV``): the rows it already holds for the
+    settings that change them (σ, n0, n, α, num_classes) are skipped (resume), and each
+    chunk's rows are handed to it as they are made. A row for an input that is not this run's,
+    or with another label, raises ``ValueError`` instead of mixing rows.
 
     ``seed``: when given, the noise of each chunk comes from a generator seeded with (seed,
     dataset index of the chunk's first input), so a resumed run draws exactly the noise of an
@@ -307,7 +312,7 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
     ``compute.devices`` job): the chunks are dealt round-robin, chunk c to rank c mod world,
     each drawn from its own seeded generator as above, so the rows are those of one process;
     after every round ``exchange(rows)`` returns every rank's rows of the round (a collective:
-    every rank calls it the same number of times). Rank 0 alone writes ``state_path``; every
+    every rank calls it the same number of times). Rank 0 alone writes to ``store``; every
     rank reads it to resume.
 
     ``on_progress`` receives {"done", "total", "samples_per_second", "eta_seconds"} after each
@@ -327,16 +332,15 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
 
     rank, world, exchange = ranks if ranks is not None else (0, 1, None)
     writer = rank == 0
-    path = Path(state_path) if state_path is not None else None
     done: dict[int, Row] = {}
-    if path is not None:
-        _check_meta(path, {"sigma": smooth.sigma, "n0": n0, "n": n, "alpha": alpha,
-                           "num_classes": smooth.num_classes}, write=writer)
-        for row in _read_tsv(path, repair=writer):
+    if store is not None:
+        settings = {"sigma": smooth.sigma, "n0": n0, "n": n, "alpha": alpha,
+                    "num_classes": smooth.num_classes}
+        for row in store.load(settings, writer=writer):
             if row[0] not in label_of:
-                raise ValueError(f"{path} has a row for idx {row[0]}, not an input of this run")
+                raise ValueError(f"{store} has a row for idx {row[0]}, not an input of this run")
             if row[1] != label_of[row[0]]:
-                raise ValueError(f"{path}: idx {row[0]} has label {row[1]}, this run "
+                raise ValueError(f"{store}: idx {row[0]} has label {row[1]}, this run "
                                  f"{label_of[row[0]]}")
             done[row[0]] = row
 
@@ -367,8 +371,8 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
             if not rows:
                 continue
             done.update((row[0], row) for row in rows)
-            if path is not None and writer:
-                _append_tsv(path, rows)
+            if store is not None and writer:
+                store.append(rows)
             if on_progress is not None:
                 on_progress(_progress(timed, len(done), m, per_input))
     finally:
@@ -376,7 +380,7 @@ def certify_dataset(smooth: Smooth, x: Tensor, y: Tensor | Sequence[int], *, n0:
 
     result = CertifyResult()
     for i in indices:
-        for name, v in zip(TSV_COLUMNS[:-1] + ("seconds",), done[i], strict=True):
+        for name, v in zip(ROW_FIELDS, done[i], strict=True):
             getattr(result, name).append(v)
     return result
 
@@ -392,60 +396,6 @@ def _progress(timed: list[tuple[int, float]], done: int, total: int,
     rate = samples / seconds if seconds > 0 else float("inf")
     eta = None if len(timed) < 2 else (total - done) * per_input / rate
     return {"done": done, "total": total, "samples_per_second": rate, "eta_seconds": eta}
-
-
-def _check_meta(path: Path, meta: dict[str, Any], write: bool = True) -> None:
-    meta_path = path.with_name(path.name + ".json")
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{path} was written with other settings (was, now): {diff}")
-        return
-    if write:
-        write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-
-
-def _parse_seconds(s: str) -> float:
-    """Seconds, or the reference's ``str(timedelta)`` ("0:00:14.123456")."""
-    if ":" not in s:
-        return float(s)
-    h, mnt, sec = s.split(":")
-    return _dt.timedelta(hours=int(h), minutes=int(mnt), seconds=float(sec)).total_seconds()
-
-
-def _read_tsv(path: Path, repair: bool = True) -> list[Row]:
-    """The complete rows of ``path`` (a missing file has none). A trailing line cut short by a
-    crash is dropped (``repair``: from the file too, so that the next append starts on a
-    fresh line)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        if repair:
-            write_text(path, text)
-    lines = text.splitlines()
-    if not lines:
-        return []
-    if tuple(lines[0].split("\t")) != TSV_COLUMNS:
-        raise ValueError(f"{path}: header {lines[0]!r}, expected {chr(9).join(TSV_COLUMNS)!r}")
-    rows = []
-    for line in lines[1:]:
-        i, label, pred, radius, correct, t = line.split("\t")
-        rows.append((int(i), int(label), int(pred), float(radius), int(correct),
-                     _parse_seconds(t)))
-    return rows
-
-
-def _append_tsv(path: Path, rows: list[Row]) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        write_text(path, "\t".join(TSV_COLUMNS) + "\n")
-    with open(path, "a") as f:
-        for i, label, pred, radius, correct, t in rows:
-            f.write(f"{i}\t{label}\t{pred}\t{radius!r}\t{correct}\t{t:.6f}\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -471,4 +421,4 @@ def summarize(result: CertifyResult,
     }
 
 
-__all__ = ["ABSTAIN", "CertifyResult", "Smooth", "certify_dataset", "summarize"]
+__all__ = ["ABSTAIN", "CertifyResult", "RowStore", "Smooth", "certify_dataset", "summarize"]

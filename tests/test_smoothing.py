@@ -23,12 +23,12 @@ from torch import nn
 
 from bulwark.defenses.smoothing import (
     ABSTAIN,
-    TSV_COLUMNS,
     CertifyResult,
     Smooth,
     certify_dataset,
     summarize,
 )
+from bulwark.workers.engine.certification import TSV_COLUMNS, CertifyTSV
 from bulwark.workers.engine.models import build_model
 
 SHAPE = (1, 4, 4)  # C, H, W of the toy inputs
@@ -388,7 +388,8 @@ def test_certify_dataset_resumes_from_its_state_file(tmp_path):
     kw = dict(n0=20, n=200, alpha=0.01, batch_size=64, chunk=2, seed=11, idx=idx)
     state = tmp_path / "certify.tsv"
     progress = []
-    first = certify_dataset(smooth, x, y, state_path=state, on_progress=progress.append, **kw)
+    first = certify_dataset(smooth, x, y, store=CertifyTSV(state), on_progress=progress.append,
+                            **kw)
     assert model.samples == 5 * 220
     assert first.idx == idx and first.label == y
     assert first.correct == [int(p == t) for p, t in zip(first.predict, first.label, strict=True)]
@@ -402,20 +403,20 @@ def test_certify_dataset_resumes_from_its_state_file(tmp_path):
     lines = state.read_text().splitlines(keepends=True)
     state.write_text("".join(lines[:3]) + lines[3][:5])
     model.samples = 0
-    second = certify_dataset(smooth, x, y, state_path=state, **kw)
+    second = certify_dataset(smooth, x, y, store=CertifyTSV(state), **kw)
     assert model.samples == 3 * 220  # only the missing inputs
     for name in ("idx", "label", "predict", "radius", "correct"):
         assert getattr(second, name) == getattr(first, name)
     assert len(_rows(state)) == 5 and state.read_text().endswith("\n")
 
     model.samples = 0
-    third = certify_dataset(smooth, x, y, state_path=state, **kw)
+    third = certify_dataset(smooth, x, y, store=CertifyTSV(state), **kw)
     assert model.samples == 0 and third.radius == first.radius
 
     with pytest.raises(ValueError, match="other settings"):
-        certify_dataset(smooth, x, y, state_path=state, **{**kw, "n": 300})
+        certify_dataset(smooth, x, y, store=CertifyTSV(state), **{**kw, "n": 300})
     with pytest.raises(ValueError, match="not an input"):
-        certify_dataset(smooth, x[:2], y[:2], state_path=state, **{**kw, "idx": [0, 20]})
+        certify_dataset(smooth, x[:2], y[:2], store=CertifyTSV(state), **{**kw, "idx": [0, 20]})
 
 
 def test_certify_dataset_without_state_matches_certify_batch():

@@ -3,6 +3,9 @@ smoothed classifier. Writes ``certify.tsv`` (Cohen's columns; resumable) next to
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +15,81 @@ import torch
 from torch import Tensor, nn
 
 from bulwark.contract.artifacts import CERTIFY_TSV
-from bulwark.defenses.smoothing import Exchange, Smooth, certify_dataset, summarize
+from bulwark.contract.files import write_text
+from bulwark.defenses.smoothing import Exchange, Row, Smooth, certify_dataset, summarize
+
+TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+
+
+class CertifyTSV:
+    """``certify_dataset``'s rows in a TSV file, the reference's ``certify.py`` format (columns
+    ``idx label predict radius correct time``; ``time`` in seconds, ``radius`` at full
+    precision), appended and fsync'ed after every chunk. The settings that change the rows
+    (σ, n0, n, α, num_classes) are kept beside it in ``<path>.json``; rows made with other
+    settings are refused (``ValueError``), never mixed."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def load(self, settings: dict[str, Any], *, writer: bool) -> list[Row]:
+        self._check_meta(settings, write=writer)
+        return self._read(repair=writer)
+
+    def append(self, rows: list[Row]) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            write_text(self.path, "\t".join(TSV_COLUMNS) + "\n")
+        with open(self.path, "a") as f:
+            for i, label, pred, radius, correct, t in rows:
+                f.write(f"{i}\t{label}\t{pred}\t{radius!r}\t{correct}\t{t:.6f}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _check_meta(self, meta: dict[str, Any], write: bool = True) -> None:
+        meta_path = self.path.with_name(self.path.name + ".json")
+        if meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            if diff:
+                raise ValueError(f"{self.path} was written with other settings (was, now): "
+                                 f"{diff}")
+            return
+        if write:
+            write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+
+    def _read(self, repair: bool = True) -> list[Row]:
+        """The complete rows (a missing file has none). A trailing line cut short by a crash
+        is dropped (``repair``: from the file too, so that the next append starts on a fresh
+        line)."""
+        if not self.path.exists():
+            return []
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            if repair:
+                write_text(self.path, text)
+        lines = text.splitlines()
+        if not lines:
+            return []
+        if tuple(lines[0].split("\t")) != TSV_COLUMNS:
+            raise ValueError(f"{self.path}: header {lines[0]!r}, expected "
+                             f"{chr(9).join(TSV_COLUMNS)!r}")
+        rows = []
+        for line in lines[1:]:
+            i, label, pred, radius, correct, t = line.split("\t")
+            rows.append((int(i), int(label), int(pred), float(radius), int(correct),
+                         _parse_seconds(t)))
+        return rows
+
+
+def _parse_seconds(s: str) -> float:
+    """Seconds, or the reference's ``str(timedelta)`` ("0:00:14.123456")."""
+    if ":" not in s:
+        return float(s)
+    h, mnt, sec = s.split(":")
+    return _dt.timedelta(hours=int(h), minutes=int(mnt), seconds=float(sec)).total_seconds()
 
 
 def select_points(n_test: int, plan) -> Tensor:
@@ -64,7 +141,7 @@ def run_certification(model: nn.Module, x: Tensor, y: Tensor, plan, *, num_class
     t0 = time.perf_counter()
     result = certify_dataset(smooth, x[idx], y[idx], n0=plan.n0, n=plan.n, alpha=plan.alpha,
                              batch_size=plan.batch_size, chunk=plan.chunk,
-                             state_path=out / CERTIFY_TSV, seed=seed, idx=idx.tolist(),
+                             store=CertifyTSV(out / CERTIFY_TSV), seed=seed, idx=idx.tolist(),
                              on_progress=lambda p: emit("certification", p), ranks=ranks)
     if ranks is not None and ranks[0] != 0:
         return None
