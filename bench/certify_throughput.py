@@ -55,8 +55,8 @@ from scipy.stats import beta, norm  # noqa: E402
 
 from bulwark.defenses.precision import autocast  # noqa: E402
 from bulwark.defenses.smoothing import Smooth  # noqa: E402
+from bulwark.workers.engine.environment import cpu_model  # noqa: E402
 from bulwark.workers.engine.models import build_model  # noqa: E402
-from bulwark.workers.engine.report import cpu_model  # noqa: E402
 
 # model -> (in_channels, image_size, mean, std)
 MODELS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {

@@ -54,8 +54,8 @@ from bulwark.contract.presets import PRESETS  # noqa: E402
 from bulwark.contract.spec import JobSpec  # noqa: E402
 from bulwark.defenses import Recipe  # noqa: E402
 from bulwark.defenses.precision import autocast as _autocast  # noqa: E402
+from bulwark.workers.engine.environment import cpu_model  # noqa: E402
 from bulwark.workers.engine.models import build_model  # noqa: E402
-from bulwark.workers.engine.report import cpu_model  # noqa: E402
 from bulwark.workers.engine.runner import EpochStats, channels_last_on, train_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -49,16 +49,11 @@ from bulwark.workers.engine.checkpoint import (
 )
 from bulwark.workers.engine.data import DeviceLoader, load_dataset, split_validation
 from bulwark.workers.engine.distributed import Ranks, join, launch, leave
+from bulwark.workers.engine.environment import REPORT_VERSION, environment
+from bulwark.workers.engine.final_attacks import FinalLedger, final_evaluation, weights_digest
 from bulwark.workers.engine.html_report import render as render_html
 from bulwark.workers.engine.models import build_model
 from bulwark.workers.engine.monitor import COWatchdog, monitor
-from bulwark.workers.engine.report import (
-    REPORT_VERSION,
-    FinalLedger,
-    environment,
-    final_evaluation,
-    weights_digest,
-)
 from bulwark.workers.engine.schedule import build_optimizer, epsilon_at, lr_at, warmed_up
 
 Event = Callable[[str, dict[str, Any]], None]

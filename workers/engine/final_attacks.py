@@ -1,4 +1,5 @@
-"""The robustness report: environment facts and the final evaluation suite.
+"""The final attacks: the report's suite (clean, FGSM, PGD, AutoAttack) on each model, with
+its progress and a ledger that resumes a stopped evaluation batch by batch.
 
 Accuracies are fractions in [0, 1], always next to the number of examples they count.
 """
@@ -7,11 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,45 +18,6 @@ from torch import Tensor, nn
 
 from bulwark.attacks.evaluation import Ledger, autoattack_eval, clean_accuracy, fgsm_eval, pgd_eval
 from bulwark.contract.files import write_text
-
-REPORT_VERSION = 1
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device, seed: int, channels_last: bool,
-                precision: str, compiled: bool = False) -> dict[str, Any]:
-    return {
-        "bulwark": _version("bulwark"),
-        "torch": torch.__version__,
-        "torchattacks": _version("torchattacks"),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else cpu_model()),
-        "threads": torch.get_num_threads(),
-        "precision": precision,
-        "channels_last": channels_last,
-        "compile": compiled,
-        "seed": seed,
-    }
 
 
 class AttackProgress:
