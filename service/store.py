@@ -110,8 +110,12 @@ def private_sqlite(url: str) -> None:
 
 
 class Store:
-    def __init__(self, url: str):
+    """``clock``: the store's "now" for leases, heartbeats, staleness and end times (UTC,
+    timezone-aware; the wall clock by default, a controllable one in tests)."""
+
+    def __init__(self, url: str, *, clock: Callable[[], dt.datetime] = utcnow):
         self.url = url
+        self.clock = clock
         private_sqlite(url)
         self.engine = make_engine(url)
         if url.startswith("sqlite"):
@@ -389,7 +393,7 @@ class Store:
 
     def request_cancel(self, tenant_id: str, job_id: str) -> Job:
         """Queued → cancelled at once; running → cancel flag for the trainer to honour."""
-        now = utcnow()
+        now = self.clock()
         with self.session() as s:
             job = self._owned(s, Job, tenant_id, job_id)
             if job.state == QUEUED:
@@ -412,14 +416,14 @@ class Store:
         """The broker accepted the job's message (the outbox mark)."""
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED)
-                      .values(enqueued_at=utcnow())
+                      .values(enqueued_at=self.clock())
                       .execution_options(synchronize_session=False))
 
     def unsent(self, *, older_than: float) -> list[tuple[str, int]]:
         """Queued jobs whose message the broker never accepted (the send failed, or the
         process died between commit and send), unchanged for ``older_than`` seconds: (id,
         attempt) to send again. A duplicate message is harmless (the lease decides)."""
-        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        cutoff = self.clock() - dt.timedelta(seconds=older_than)
         with self.reading() as s:
             return [(r.id, r.attempt) for r in s.execute(
                 select(Job.id, Job.attempt).where(Job.state == QUEUED,
@@ -429,7 +433,7 @@ class Store:
     def sent_before(self, *, older_than: float) -> list[tuple[str, int]]:
         """Queued jobs whose message the broker accepted more than ``older_than`` seconds ago:
         (id, attempt), for the reaper to check against the broker's own list."""
-        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        cutoff = self.clock() - dt.timedelta(seconds=older_than)
         with self.reading() as s:
             return [(r.id, r.attempt) for r in s.execute(
                 select(Job.id, Job.attempt).where(Job.state == QUEUED,
@@ -528,7 +532,7 @@ class Store:
                 claim = None if candidate is None else self._lease(s, candidate, owner, QUEUED)
                 if claim is not None:
                     s.execute(update(Tenant).where(Tenant.id == tenant)
-                              .values(last_claimed_at=utcnow())
+                              .values(last_claimed_at=self.clock())
                               .execution_options(synchronize_session=False))
                     return claim
         return None
@@ -577,12 +581,12 @@ class Store:
     def _take(self, job_id: str, owner: str, *, stale_after: float,
               fit: tuple = ()) -> Claim | None:
         """Take over ``job_id`` when it is running on a stale lease (a lost worker)."""
-        stale = utcnow() - dt.timedelta(seconds=stale_after)
+        stale = self.clock() - dt.timedelta(seconds=stale_after)
         with self.session() as s:
             return self._lease(s, job_id, owner, RUNNING, Job.heartbeat_at < stale, *fit)
 
     def _lease(self, s: Session, job_id: str, owner: str, state: str, *extra) -> Claim | None:
-        now = utcnow()
+        now = self.clock()
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, *self._claimable(), Job.state == state, *extra)
@@ -602,7 +606,7 @@ class Store:
     def heartbeat(self, job_id: str, owner: str, progress: dict[str, Any] | None = None
                   ) -> tuple[bool, bool]:
         """Refresh the lease. Returns (still_owner, cancel_requested)."""
-        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        values: dict[str, Any] = {"heartbeat_at": self.clock()}
         if progress is not None:
             values["progress"] = progress
         with self.session() as s:
@@ -620,7 +624,7 @@ class Store:
         assert state in (SUCCEEDED, FAILED, CANCELLED, QUEUED)
         values: dict[str, Any] = {"state": state, "error": error, "lease_owner": None}
         if state != QUEUED:
-            values["finished_at"] = utcnow()
+            values["finished_at"] = self.clock()
         else:
             values["enqueued_at"] = None  # to be sent again
         if artifacts is not None:
@@ -633,7 +637,7 @@ class Store:
                             .execution_options(synchronize_session=False))
             s.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.owner == owner,
                                             Attempt.ended_at.is_(None))
-                      .values(ended_at=utcnow(), outcome=state)
+                      .values(ended_at=self.clock(), outcome=state)
                       .execution_options(synchronize_session=False))
             return res.rowcount == 1
 
@@ -641,7 +645,7 @@ class Store:
         """A stopping worker's running jobs back to ``queued`` (lease owners ``worker/...``):
         the attempt is ``interrupted`` and not counted (the job did nothing wrong). Returns
         (id, attempt) of each, to be sent again."""
-        now = utcnow()
+        now = self.clock()
         with self.session() as s:
             rows = s.scalars(select(Job).where(
                 Job.state == RUNNING,
@@ -667,17 +671,17 @@ class Store:
     def reap(self, *, stale_after: float) -> dict[str, list[str]]:
         """Running jobs whose heartbeat went stale: back to ``queued`` while attempts remain
         (to be re-enqueued), else ``failed``; ``cancelled`` when a cancel was pending."""
-        stale = utcnow() - dt.timedelta(seconds=stale_after)
+        stale = self.clock() - dt.timedelta(seconds=stale_after)
         out: dict[str, list[str]] = {QUEUED: [], FAILED: [], CANCELLED: []}
         with self.session() as s:
             rows = s.scalars(select(Job).where(Job.state == RUNNING, Job.heartbeat_at < stale)
                              .with_for_update(skip_locked=True)).all()
             for job in rows:
                 if job.cancel_requested:
-                    job.state, job.finished_at = CANCELLED, utcnow()
+                    job.state, job.finished_at = CANCELLED, self.clock()
                     job.error = "cancelled; the worker stopped heartbeating"
                 elif job.attempt >= job.max_attempts:
-                    job.state, job.finished_at = FAILED, utcnow()
+                    job.state, job.finished_at = FAILED, self.clock()
                     job.error = f"worker lost {job.attempt} times (max_attempts)"
                 else:
                     job.state, job.enqueued_at = QUEUED, None
@@ -685,7 +689,7 @@ class Store:
                 job.lease_owner = None
                 s.execute(update(Attempt).where(Attempt.job_id == job.id,
                                                 Attempt.ended_at.is_(None))
-                          .values(ended_at=utcnow(), outcome="lost")
+                          .values(ended_at=self.clock(), outcome="lost")
                           .execution_options(synchronize_session=False))
         return out
 

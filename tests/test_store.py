@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
 
-from bulwark.service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from bulwark.service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, utcnow
 from bulwark.service.store import Conflict, NotFound, QuotaExceeded, Store
 from tests.service_stack import database_url
 
 
+class Clock:
+    """The wall clock plus an offset that ``advance`` moves: leases go stale without the
+    test sleeping past them (rows' creation times, written by the database's defaults, stay
+    on the wall clock and so stay in order with it)."""
+
+    def __init__(self):
+        self.offset = dt.timedelta(0)
+
+    def __call__(self) -> dt.datetime:
+        return utcnow() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=seconds)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
-    s = Store(database_url(request.param, tmp_path))
+    s = Store(database_url(request.param, tmp_path), clock=Clock())
     s.migrate()
     return s
 
@@ -45,12 +61,12 @@ def test_lease_is_exclusive_and_stale_leases_are_reaped(store):
     assert store.claim(job.id, "w2", stale_after=60) is None, "a live lease is exclusive"
     assert store.heartbeat(job.id, "w1") == (True, False)
     assert store.heartbeat(job.id, "w2") == (False, False), "only the owner heartbeats"
-    time.sleep(1.1)
+    store.clock.advance(1.1)
     assert store.reap(stale_after=1.0) == {QUEUED: [job.id], FAILED: [], CANCELLED: []}
     second = store.claim(job.id, "w2", stale_after=60)
     assert second is not None and second.attempt == 2
     assert not store.finish(job.id, "w1", SUCCEEDED), "the old owner can no longer finish"
-    time.sleep(1.1)
+    store.clock.advance(1.1)
     assert store.reap(stale_after=1.0)[FAILED] == [job.id], "attempts exhausted"
     failed = store.get_job("t", job.id)
     assert failed.state == FAILED and "max_attempts" in failed.error
@@ -63,7 +79,7 @@ def test_taking_over_a_stale_lease_marks_the_old_attempt_lost(store):
     held the lease still ends as lost, never open."""
     job = new_job(store, max_attempts=3)
     assert store.claim(job.id, "w1", stale_after=60) is not None
-    time.sleep(0.05)
+    store.clock.advance(0.05)
     second = store.claim(job.id, "w2", stale_after=0.01)
     assert second is not None and second.attempt == 2
     assert [(a.owner, a.outcome) for a in store.attempts(job.id)] == [("w1", "lost"),
@@ -92,7 +108,7 @@ def test_cancel_queued_running_and_reaped(store):
     job = store.request_cancel("t", running.id)
     assert (job.state, job.cancel_requested) == (RUNNING, True)
     assert store.heartbeat(running.id, "w") == (True, True), "the worker learns of it"
-    time.sleep(1.1)
+    store.clock.advance(1.1)
     assert store.reap(stale_after=1.0)[CANCELLED] == [running.id]
 
 
