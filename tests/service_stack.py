@@ -178,3 +178,20 @@ def wait_event(stack: Stack, job_id: str, kind: str, timeout: float = 60.0
             return stream
         assert time.monotonic() < deadline, f"no {kind} event of job {job_id} in {timeout} s"
         time.sleep(0.1)
+
+
+def wait_broker_done(stack: Stack, job_id: str, timeout: float = 60.0) -> None:
+    """Until no message in the broker names ``job_id`` (waiting or delivered and not yet
+    acknowledged): every delivery of it has been consumed and acknowledged."""
+    import redis
+
+    from bulwark.service.queue import broker_job_ids
+    from bulwark.service.settings import get_settings
+
+    client = redis.Redis.from_url(stack.env["BULWARK_REDIS_URL"], decode_responses=True)
+    queue = stack.env.get("BULWARK_QUEUE", get_settings().queue)
+    deadline = time.monotonic() + timeout
+    while job_id in broker_job_ids(client, queue):
+        assert time.monotonic() < deadline, f"the broker still holds job {job_id} after {timeout} s"
+        time.sleep(0.1)
+

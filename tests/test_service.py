@@ -19,6 +19,7 @@ from bulwark.service.store import Store
 from tests.cli import CLI
 from tests.service_stack import (
     tiny_spec,
+    wait_broker_done,
     wait_state,
 )
 
@@ -177,7 +178,7 @@ def test_cancel_queued_and_running(stack, alice):
     assert done["state"] == "cancelled"
     store = Store(stack.database_url)
     assert [a.outcome for a in store.attempts(long["id"])] == ["cancelled"]
-    time.sleep(2)
+    wait_broker_done(stack, queued["id"])  # its message (if any reached a worker) is consumed
     assert alice.get(f"/v1/jobs/{queued['id']}").json()["attempt"] == 0, "never ran"
     assert store.attempts(queued["id"]) == []
 
@@ -190,7 +191,7 @@ def test_duplicate_delivery_runs_once(stack, alice):
     app = make_celery(Settings(redis_url=stack.env["BULWARK_REDIS_URL"]))
     app.send_task(TASK_NAME, args=[job["id"]], task_id=f"{job['id']}.dup", queue="bulwark")
     wait_state(alice, job["id"], ("succeeded",))
-    time.sleep(3)  # let the duplicate be consumed
+    wait_broker_done(stack, job["id"])  # the duplicate delivery too is consumed and acked
     assert len(Store(stack.database_url).attempts(job["id"])) == 1
 
 
