@@ -126,6 +126,12 @@ MNIST_REGULARIZER: dict[tuple[str, str], tuple[dict[str, Any], str]] = {
         "(5.75, 1.5) made FGSM-RS (unclipped start, α 1.25ε) worse on every seed (PGD-20 0.41 "
         "/ 0.01 / 0.09 against 0.87 / 0.08 / 0.00; start.yaml), a fifth of it (1.15, 0.3) on "
         "the MNIST FGSM-RS ends at 0.82, as FGSM-RS alone (lambda.yaml)")),
+    ("fgsm", "elle_a"): ({"lam_max": 1300.0, "official_double_step": False}, (
+        "this project's experiments/elle-scaling (validation only, 5 seeds): at ε = 0.3 "
+        "λ_max searched from 4 to the published 4000, a half decade a step, with one and two "
+        "optimizer steps; 1300 with one step held on 5 seeds of 5 (PGD-20 0.65 ± 0.11), the "
+        "published 4000 with two steps failed on seed 0, 40 (E_lin's carried strength) with "
+        "two steps and 4000 with one held on 3 of 5 (seeds3.yaml)")),
     ("fgsm", "gradalign"): ({"lam": 8.0}, (
         "this project's experiments/mnist-recipe (lambda.yaml): at ε = 0.3 λ 2 (the CIFAR-10 "
         "value from 16/255) and 0.5 overfit, λ 8 holds (PGD-20 0.61)")),
@@ -141,9 +147,9 @@ SRC_ELLE_MNIST = ("ELLE's λ 5000 at 16/255 (run_elle_cifar10.sh) carried to ε 
                   "significant digit, 50 at ε = 0.3); at 0.3 with the official double step it "
                   "held on 5 seeds of 5 (validation PGD-20 0.69 ± 0.09; one step overfits; "
                   "experiments/elle-scaling/seeds2.yaml)")
-SRC_ELLE_SCALE = ("; E_lin grows as ε³, so at ε = 0.3 the published λ_max is ~100× its "
-                  "strength at 16/255: the carried 40 (two steps) and the published 4000 (one "
-                  "step) each hold on 3 seeds of 5 there (experiments/elle-scaling)")
+SRC_ELLE_SCALE = ("; with FGSM at ε = 0.3 (experiments/elle-scaling) λ_max 1300 with one "
+                  "step held on 5 seeds of 5, the published 4000 with two steps failed; not "
+                  "searched with this adversary")
 
 # ADR (config/cifar10/*.gin): τ 2.5 → 2.0 and λ 0.7 → 0.95 with SGD; 1.5 / 0.85 with AWP.
 ADR_SGD = {"kind": "adr", "decay": 0.995, "tau_high": 2.5, "tau_low": 2.0, "lam_low": 0.7,

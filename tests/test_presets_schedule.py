@@ -349,13 +349,18 @@ def test_preset_sources_name_every_supplied_value_and_the_users_overrides():
     assert "experiments/mnist-anchor" in rows["threat.epsilon_warmup"][1]
     assert rows["model.normalization"][0] == "none"
     assert "raw [0, 1] pixels" in rows["model.normalization"][1]
-    assert "twice" in rows["recipe.regularizers.elle_a.official_double_step"][1]
+    # on MNIST: ELLE-A's λ_max and step count as the validation search chose them
+    assert "lam_max=1300" in rows["recipe.regularizers.elle_a"][0]
+    assert "5 seeds of 5" in rows["recipe.regularizers.elle_a"][1]
+    assert "recipe.regularizers.elle_a.official_double_step" not in rows  # one step
+    rows = {f: (v, src) for f, v, src in preset_sources(job("fgsm-elle-a"))}
+    assert "twice" in rows["recipe.regularizers.elle_a.official_double_step"][1]  # CIFAR-10
     assert "lam_max=4000" in rows["recipe.regularizers.elle_a"][0]
     rows = {f: (v, src) for f, v, src in preset_sources(
         mnist({"preset": "fgsm-elle-a",
                "regularizers": [{"kind": "elle_a", "lam_max": 9e4}]}))}
     value, src = rows["recipe.regularizers.elle_a"]
-    assert "lam_max=90000" in value and "your spec changed lam_max (the preset's: 4000)" in src
+    assert "lam_max=90000" in value and "your spec changed lam_max (the preset's: 1300)" in src
     assert preset_sources(JobSpec.model_validate({"recipe": {"adversary": {"kind": "fgsm"}}})) \
         == []
 
