@@ -57,6 +57,50 @@ def test_a_run_lands_in_a_real_mlflow_store(tmp_path):
     assert len(stored) == 1, "artifacts beside the store, not in the working directory"
 
 
+@pytest.mark.stack  # starts MLflow's own server: not in the fast lane
+def test_mlflow_ui_shows_a_run_bulwark_logged(tmp_path):
+    """`mlflow ui` (the `mlflow` package the `bulwark[mlflow]` extra installs) serves its page
+    and, through its API, the run a Bulwark job logged to the same store."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from bulwark.workers.jobs.serve import free_port
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_job(spec(uri), tmp_path / "run", progress=False)
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                           "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert ui.poll() is None, f"mlflow ui exited: {ui.stderr.read()[-2000:]}"
+            try:
+                page = httpx.get(base + "/", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "mlflow ui did not answer in 180 s"
+                time.sleep(1)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        exp = httpx.get(base + "/ajax-api/2.0/mlflow/experiments/get-by-name",
+                        params={"experiment_name": "bulwark-test"}, timeout=30).json()
+        runs = httpx.post(base + "/ajax-api/2.0/mlflow/runs/search", timeout=30,
+                          json={"experiment_ids": [exp["experiment"]["experiment_id"]]}).json()
+        (run,) = runs["runs"]
+        assert run["info"]["run_name"] == "tracked" and run["info"]["status"] == "FINISHED"
+    finally:
+        ui.terminate()
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+
+
 def test_a_tracking_failure_is_an_event_and_the_job_still_succeeds(tmp_path):
     events = []
     report = run_job(spec("sqlite:////proc/no/such/mlflow.db"), tmp_path / "run",
