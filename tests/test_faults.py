@@ -113,6 +113,19 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (children first listed by /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass  # it has exited meanwhile
+    return out
+
+
 def _started(pid: int) -> float:
     """The process's start, in seconds since boot (/proc/PID/stat field 22)."""
     ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
@@ -128,8 +141,25 @@ def test_a_job_runs_in_the_trainer_started_before_it(workers, alice, standby):
     """Each pool child starts its trainer before its job: the job runs in that process (no
     import time in the job's path); with BULWARK_STANDBY_TRAINER=false the trainer starts
     when the job is claimed."""
-    workers.start_worker("w-standby", env={"BULWARK_STANDBY_TRAINER": str(standby).lower()})
-    time.sleep(8)  # the worker is up and its child idle: a standby has done its imports
+    worker = workers.start_worker("w-standby",
+                                  env={"BULWARK_STANDBY_TRAINER": str(standby).lower()})
+    # the worker is up: its pool child exists and, with a standby, so does the standby trainer
+    def ready() -> bool:
+        below = _descendants(worker.pid)[1:]
+        if not standby:
+            return bool(below)
+        for p in below:
+            try:
+                if "--standby" in _cmdline(p):
+                    return True
+            except OSError:
+                pass  # it exited meanwhile
+        return False
+
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker never got ready"
+        time.sleep(0.2)
     store = Store(workers.database_url)
     submitted = _uptime()
     job = alice.post("/v1/jobs", json=tiny_spec(3, name="standby")).json()["id"]
