@@ -98,11 +98,12 @@ def main() -> int:
 
     args.reports.mkdir(parents=True, exist_ok=True)
     print(f"\nreports (kept after the service stops), in {args.reports}/:")
+    width = max(len(label) for label, _ in jobs)
     for label, job in jobs:
         if job.status().state == "succeeded":
             html = job.download("report.html", args.reports / f"{label}.html")
             job.download("report.json", args.reports / f"{label}.json")
-            print(f"  {label:<8} {html}  (+ .json)   job {job.id}")
+            print(f"  {label:<{width}}  {html}  (+ .json)   job {job.id}")
     return 0 if all(job.status().state == "succeeded" for _, job in jobs) else 1
 
 
