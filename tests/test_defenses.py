@@ -530,8 +530,18 @@ def test_every_preset_runs_one_step(name):
     assert any(p.grad.abs().max() > 0 for p in model.parameters())
     recipe.before_optimizer_step(model)
     recipe.after_step(model)
-    # the ELLE presets step twice per batch, as the official code
-    assert recipe.optimizer_steps == (2 if "elle" in name else 1)
+    # the ELLE presets step twice per batch, as the official code — except FGSM + ELLE-A on
+    # MNIST (the spec's default dataset), which the validation search set to one step
+    assert recipe.optimizer_steps == (2 if "elle" in name and name != "fgsm-elle-a" else 1)
+
+
+def test_elle_a_steps_twice_on_cifar10_and_once_on_mnist():
+    cifar = S.JobSpec.model_validate({"recipe": "fgsm-elle-a", "dataset": {"name": "cifar10"},
+                                      "threat": {"epsilon": "8/255"}}).recipe
+    assert Recipe(cifar, eps=8 / 255, norm="linf").optimizer_steps == 2
+    mnist = S.JobSpec.model_validate({"recipe": "fgsm-elle-a", "dataset": {"name": "mnist"},
+                                      "threat": {"epsilon": 0.3}}).recipe
+    assert Recipe(mnist, eps=0.3, norm="linf").optimizer_steps == 1
 
 
 @pytest.mark.parametrize("kind", ["elle", "elle_a"])
