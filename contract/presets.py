@@ -116,11 +116,19 @@ MNIST_ADVERSARY: dict[str, tuple[dict[str, Any], str]] = {
     "fgsm_rs": ({"alpha": 1.25, "clip_start": False}, SRC_MNIST_RS),
     "n_fgsm": ({}, SRC_ADVERSARY["n_fgsm"] + SRC_MNIST_NFGSM),
 }
+SRC_ELLE_MNIST = ("ELLE's λ 5000 at 16/255 (run_elle_cifar10.sh) carried to ε by E_lin ∝ ε³ "
+                  "(this project's experiments/elle-scaling: 5000·(16/255 / ε)³ to one "
+                  "significant digit, 50 at ε = 0.3); at 0.3 with the official double step it "
+                  "held on 5 seeds of 5 (validation PGD-20 0.69 ± 0.09; one step overfits; "
+                  "experiments/elle-scaling/seeds2.yaml)")
 # MNIST values of a regularizer on an adversary (ε = 0.3, every ε), with their source: this
 # project's experiments/mnist-recipe (lambda.yaml) on the MNIST schedule and mnist_net, measured
 # on the presets' earlier MNIST base (dataset normalization, a 1-epoch warm-up) with 1 000 test
-# images; issue 36 §3 re-measures them on the published base, choosing on validation
-MNIST_REGULARIZER: dict[tuple[str, str], tuple[dict[str, Any], str]] = {
+# images; issue 36 §3 re-measures them on the published base, choosing on validation. A value
+# may be a function of ε (in /255): ELLE's λ, carried by E_lin's growth (experiments/elle-scaling)
+MNIST_REGULARIZER: dict[tuple[str, str],
+                        tuple[dict[str, Any] | Callable[[float], dict[str, Any]], str]] = {
+    ("fgsm", "elle"): (lambda e: {"lam": elle_lambda_carried(e)}, SRC_ELLE_MNIST),
     ("fgsm_rs", "aaer"): ({"lam2": 1.15, "lam3": 0.3}, (
         "this project's experiments/mnist-recipe: at ε = 0.3 the CIFAR-10 table's nearest row "
         "(5.75, 1.5) made FGSM-RS (unclipped start, α 1.25ε) worse on every seed (PGD-20 0.41 "
@@ -142,11 +150,6 @@ SRC_TRADES_MNIST = ("TRADES train_trades_mnist.py (since commit c56d2f2, 2019-05
                     "momentum 0.9, no wd, 100 epochs, batch 128, lr ×0.1 from epoch 55, ×0.01 "
                     "from 75, ×0.001 from 90; attack 40 steps of 0.01; β 1")
 SRC_NOT_TUNED = "{what}: no {family} value published; the CIFAR-10 value"
-SRC_ELLE_MNIST = ("ELLE's λ 5000 at 16/255 (run_elle_cifar10.sh) carried to ε by E_lin ∝ ε³ "
-                  "(this project's experiments/elle-scaling: 5000·(16/255 / ε)³ to one "
-                  "significant digit, 50 at ε = 0.3); at 0.3 with the official double step it "
-                  "held on 5 seeds of 5 (validation PGD-20 0.69 ± 0.09; one step overfits; "
-                  "experiments/elle-scaling/seeds2.yaml)")
 SRC_ELLE_SCALE = ("; with FGSM at ε = 0.3 (experiments/elle-scaling) λ_max 1300 with one "
                   "step held on 5 seeds of 5, the published 4000 with two steps failed; not "
                   "searched with this adversary")
@@ -273,12 +276,9 @@ def _single(adversary: dict, *regs: tuple[Callable[[float], dict] | dict, str]) 
                 src + "; " + SRC_NOT_TUNED.format(what="λ", family=family.upper())
                 + " (at ε = 0.3 none tried holds on every seed)" * (family == "mnist")
                 + SRC_ELLE_SCALE * (family == "mnist" and part["kind"] in ("elle", "elle_a")))
-            if family == "mnist" and (adv["kind"], part["kind"]) == ("fgsm", "elle"):
-                part["lam"] = elle_lambda_carried(e)
-                note = SRC_ELLE_MNIST
             if family == "mnist" and (adv["kind"], part["kind"]) in MNIST_REGULARIZER:
                 values, note = MNIST_REGULARIZER[(adv["kind"], part["kind"])]
-                part.update(values)
+                part.update(values(e) if callable(values) else values)
             sources[f"recipe.regularizers.{part['kind']}"] = note
             if part.get("official_double_step"):
                 sources[f"recipe.regularizers.{part['kind']}.official_double_step"] = \
