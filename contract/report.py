@@ -207,6 +207,9 @@ class Verdict(_Open):
     chance: float | None = None
 
 
+REPORT_VERSION = 1  # the report_version the runner writes and Report reads
+
+
 class Report(_Open):
     report_version: int
     spec: dict[str, Any]

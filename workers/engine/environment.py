@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-REPORT_VERSION = 1
-
 
 def _version(dist: str) -> str | None:
     try:

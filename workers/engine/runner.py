@@ -33,7 +33,7 @@ from bulwark.contract.artifacts import (
 )
 from bulwark.contract.files import write_json, write_text
 from bulwark.contract.presets import describe_recipe
-from bulwark.contract.report import Report
+from bulwark.contract.report import REPORT_VERSION, Report
 from bulwark.contract.spec import SINGLE_STEP, JobSpec, RecipeSpec, as_spec, remedied, same_spec
 from bulwark.contract.tracking import TrackingServers
 from bulwark.contract.verdict import verdict
@@ -49,7 +49,7 @@ from bulwark.workers.engine.checkpoint import (
 )
 from bulwark.workers.engine.data import DeviceLoader, load_dataset, split_validation
 from bulwark.workers.engine.distributed import Ranks, join, launch, leave
-from bulwark.workers.engine.environment import REPORT_VERSION, environment
+from bulwark.workers.engine.environment import environment
 from bulwark.workers.engine.final_attacks import FinalLedger, final_evaluation, weights_digest
 from bulwark.workers.engine.html_report import render as render_html
 from bulwark.workers.engine.models import build_model
