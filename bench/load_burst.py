@@ -28,7 +28,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bulwark.service.store import Store  # noqa: E402
+from bulwark.store.store import Store  # noqa: E402
 from tests.service_stack import Stack, tiny_spec  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from bulwark.workers.jobs.serve import LocalStack  # noqa: E402
+from bulwark.workers.client.serve import LocalStack  # noqa: E402
 
 
 def spec(epochs: int) -> dict:

@@ -1,5 +1,5 @@
 """Every kind of event a job's stream carries, with what its data holds: the one list the
-publishers are held to (``bulwark.service.events.Events.publish`` refuses any other kind) and
+publishers are held to (``bulwark.store.events.Events.publish`` refuses any other kind) and
 docs/api.md's events table follows (tests/test_events_list.py). Torch-free."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import select
 
-from bulwark.service.db import Job
+from bulwark.store.db import Job
 
 
 class JobCollector:

@@ -16,7 +16,7 @@ from bulwark.contract.api import (
     SweepOut,
 )
 from bulwark.contract.sweep import sweep_state
-from bulwark.service.db import STATES, TERMINAL, Job, Sweep, UploadedDataset, UploadedModel
+from bulwark.store.db import STATES, TERMINAL, Job, Sweep, UploadedDataset, UploadedModel
 
 _ERRORS = {
     400: "a malformed request: a body that is not JSON (or not multipart, for uploads), or a "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bulwark.contract.artifacts import DOWNLOADABLE
-from bulwark.service.settings import Settings
+from bulwark.store.settings import Settings
 
 
 def job_key(tenant_id: str, job_id: str) -> str:

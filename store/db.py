@@ -1,6 +1,6 @@
 """The SQL schema (SQLAlchemy 2). The job row is the single source of truth for a job's state.
 
-Migrations live in ``service/migrations`` (Alembic); ``bulwark.service.store.Store.migrate``
+Migrations live in ``store/migrations`` (Alembic); ``bulwark.store.store.Store.migrate``
 applies them.
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from bulwark.service.settings import Settings, get_settings
+from bulwark.store.settings import Settings, get_settings
 
 TASK_NAME = "bulwark.run_job"
 

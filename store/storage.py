@@ -2,9 +2,9 @@
 an S3-compatible bucket (``BULWARK_ARTIFACT_URL=s3://bucket/prefix``), so that workers on other
 hosts than the API's deliver reports and weights.
 
-Both speak in keys, the relative paths ``bulwark.service.artifacts`` builds from ids the service
+Both speak in keys, the relative paths ``bulwark.store.artifacts`` builds from ids the service
 made (``tenants/<tenant>/jobs/<job>/<name>``); a user-supplied name is never one. A trainer always
-works in a local folder (``bulwark.service.artifacts.job_dir``); with a bucket, ``Artifacts.pull``
+works in a local folder (``bulwark.store.artifacts.job_dir``); with a bucket, ``Artifacts.pull``
 fills it from the bucket before a run (a resume on another host reads its checkpoint back) and
 ``push`` copies the run's files there as they are written. The bucket is reached with boto3
 (a dependency of Bulwark's); its endpoint and region come from settings, the credentials from
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bulwark.service.settings import Settings, parse_s3_url
+from bulwark.store.settings import Settings, parse_s3_url
 
 CHUNK = 1 << 20
 

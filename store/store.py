@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bulwark.service.db import (
+from bulwark.store.db import (
     CANCELLED,
     FAILED,
     QUEUED,

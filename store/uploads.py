@@ -19,9 +19,9 @@ from typing import Any, BinaryIO
 
 from bulwark.contract.files import new_file
 from bulwark.contract.spec import ARCHS
-from bulwark.service.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
-from bulwark.service.db import new_id
-from bulwark.service.storage import Artifacts
+from bulwark.store.artifacts import dataset_key, dataset_path, model_key, model_path, sha256_file
+from bulwark.store.db import new_id
+from bulwark.store.storage import Artifacts
 
 ALLOWED_ARCHS = ARCHS
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

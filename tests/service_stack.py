@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from bulwark.service.events import Events
-from bulwark.workers.jobs.serve import LocalStack
+from bulwark.store.events import Events
+from bulwark.workers.client.serve import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {
@@ -119,7 +119,7 @@ def app_in_thread(app) -> Iterator[str]:
 
     import uvicorn
 
-    from bulwark.workers.jobs.serve import free_port
+    from bulwark.workers.client.serve import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -185,8 +185,8 @@ def wait_broker_done(stack: Stack, job_id: str, timeout: float = 60.0) -> None:
     acknowledged): every delivery of it has been consumed and acknowledged."""
     import redis
 
-    from bulwark.service.queue import broker_job_ids
-    from bulwark.service.settings import get_settings
+    from bulwark.store.queue import broker_job_ids
+    from bulwark.store.settings import get_settings
 
     client = redis.Redis.from_url(stack.env["BULWARK_REDIS_URL"], decode_responses=True)
     queue = stack.env.get("BULWARK_QUEUE", get_settings().queue)

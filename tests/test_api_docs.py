@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from bulwark.service.app import create_app
-from bulwark.service.settings import Settings
+from bulwark.store.settings import Settings
 from tests.service_stack import app_in_thread
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

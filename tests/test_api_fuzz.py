@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from bulwark.service.app import create_app
-from bulwark.service.settings import Settings
-from bulwark.workers.jobs.serve import free_port, redis_url, start_redis
+from bulwark.store.settings import Settings
+from bulwark.workers.client.serve import free_port, redis_url, start_redis
 from tests.service_stack import app_in_thread
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

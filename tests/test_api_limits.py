@@ -11,8 +11,8 @@ import pytest
 import uvicorn
 
 from bulwark.service.app import create_app
-from bulwark.service.settings import Settings
-from bulwark.workers.jobs.serve import free_port
+from bulwark.store.settings import Settings
+from bulwark.workers.client.serve import free_port
 from tests.service_stack import tiny_spec
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

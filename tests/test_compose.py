@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from bulwark.service.settings import Settings
+from bulwark.store.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -314,12 +314,12 @@ def test_api_runs_the_factory_and_checks_its_healthz(svc, tmp_path):
                            redis_url="redis://127.0.0.1:1/0", artifact_root=tmp_path,
                            reaper_enabled=False))
     path = "/" + url.split("/", 3)[3]
-    assert any(getattr(r, "path", None) == path and "GET" in r.methods for r in app.routes)
+    assert "get" in app.openapi()["paths"].get(path, {}), f"the API serves no GET {path}"
 
 
 # ------------------------------------------------------------------------------ the worker
 def test_worker_stops_cold_within_its_grace_period(svc):
-    from bulwark.service.queue import celery_config
+    from bulwark.store.queue import celery_config
 
     worker = svc[WORKER]
     env = env_of(worker)
@@ -346,7 +346,7 @@ def test_worker_reserves_exactly_its_gpu(svc):
 def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
     from celery import Celery
 
-    from bulwark.workers.jobs.serve import worker_command
+    from bulwark.workers.client.serve import worker_command
 
     worker = svc[WORKER]
     args = argv(worker)
@@ -361,7 +361,7 @@ def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
     assert option(args, "-Q", "--queues") == queue == Settings.model_fields["queue"].default
     node = option(args, "-n", "--hostname")
     assert node == "gpu0@%h"
-    # the same argv `bulwark worker` would exec (workers/jobs/serve.py), minus `python -m`
+    # the same argv `bulwark worker` would exec (workers/client/serve.py), minus `python -m`
     assert args[1:] == worker_command(queue=queue, name=node)[3:]
     # the healthcheck pings this very node through the same Celery app
     health = health_argv(worker)
@@ -373,7 +373,7 @@ def test_worker_command_is_the_code_s_worker_command(svc, monkeypatch):
 
 
 def test_artifacts_go_through_the_minio_bucket(svc, compose, dotenv_example, monkeypatch):
-    from bulwark.service.settings import parse_s3_url
+    from bulwark.store.settings import parse_s3_url
 
     minio = env_of(svc["minio"])
     bucket_job = " ".join(argv(svc["minio-bucket"]))
@@ -418,7 +418,7 @@ def test_startup_order(svc):
 def test_migrate_is_one_shot_and_really_migrates(svc, tmp_path, monkeypatch):
     from sqlalchemy import create_engine, inspect
 
-    from bulwark.service.settings import get_settings
+    from bulwark.store.settings import get_settings
 
     migrate = svc["migrate"]
     assert migrate["restart"] == "no"
@@ -482,7 +482,7 @@ def test_api_image_has_no_torch(pyproject):
         "        if name.split('.')[0] in BLOCK:\n"
         "            raise ImportError('not in the API image: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import bulwark.service.app, bulwark.service.store, bulwark.workers.client.cli,"
+        "import bulwark.service.app, bulwark.store.store, bulwark.workers.client.cli,"
         " bulwark.workers.jobs.celery_app, bulwark.workers.jobs.tasks\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}

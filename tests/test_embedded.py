@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bulwark.workers.jobs.serve import free_port
+from bulwark.workers.client.serve import free_port
 from tests.cli import CLI
 from tests.service_stack import FAST, REPO, tiny_spec
 

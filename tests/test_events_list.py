@@ -32,8 +32,8 @@ def test_every_kind_has_a_description():
 
 
 def test_a_kind_outside_the_list_is_refused_and_a_listed_one_lands(tmp_path):
-    from bulwark.service.events import Events
-    from bulwark.workers.jobs.serve import free_port, redis_url, start_redis, wait_for_port
+    from bulwark.store.events import Events
+    from bulwark.workers.client.serve import free_port, redis_url, start_redis, wait_for_port
 
     port = free_port()
     (tmp_path / "redis").mkdir()

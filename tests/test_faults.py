@@ -16,9 +16,9 @@ import httpx
 import pytest
 import redis
 
-from bulwark.service.events import Events
-from bulwark.service.queue import broker_job_ids
-from bulwark.service.store import Store
+from bulwark.store.events import Events
+from bulwark.store.queue import broker_job_ids
+from bulwark.store.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_state
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from bulwark.service.events import Events
-from bulwark.service.queue import announce_worker
-from bulwark.workers.jobs.serve import free_port, wait_for_port
+from bulwark.store.events import Events
+from bulwark.store.queue import announce_worker
+from bulwark.workers.client.serve import free_port, wait_for_port
 from tests.service_stack import REPO, Stack, tiny_spec, wait_event, wait_state
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

@@ -4,10 +4,14 @@ repository's top-level folders install as subpackages of ``bulwark`` (pyproject.
 package-dir), so every module is named, and imported, as ``bulwark.<folder>...``.
 
     bulwark           the public face (bulwark/__init__.py): may import anything below
-    workers/client/   CLI and HTTP client: contract, service, workers.engine, workers.jobs
-    workers/jobs/     Celery app, task, trainer process, embedded serve: contract, service, engine
+    workers/client/   CLI, HTTP client, embedded serve: contract, store, service, workers.engine,
+                      workers.jobs
+    workers/jobs/     Celery app, task, trainer process: contract, store, workers.engine (never
+                      the HTTP API)
     workers/engine/   data, models, runner, reports: contract, attacks, defenses
-    service/          the API and its store: contract only (and never torch)
+    service/          the HTTP API (app, routers): contract, store (and never torch)
+    store/            the job store, its lifecycle, events, queue, artifact storage: contract
+                      (and never torch)
     defenses/         attacks, contract
     attacks/          nothing of Bulwark
     contract/         the torch-free job contract: nothing of Bulwark
@@ -20,8 +24,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("bulwark", "contract", "attacks", "defenses", "workers", "service")
-FOLDERS = ("contract", "attacks", "defenses", "workers", "service")  # installed under bulwark.
+PACKAGES = ("bulwark", "contract", "attacks", "defenses", "workers", "store", "service")
+# the folders installed under bulwark.
+FOLDERS = ("contract", "attacks", "defenses", "workers", "store", "service")
 
 # layer -> the layers it may import (itself always allowed), by installed name
 _B = "bulwark."
@@ -30,12 +35,13 @@ ALLOWED = {
     _B + "workers": set(),  # the umbrella package itself holds nothing
     _B + "attacks": set(),
     _B + "defenses": {_B + "attacks", _B + "contract"},
-    _B + "service": {_B + "contract"},
+    _B + "store": {_B + "contract"},
+    _B + "service": {_B + "contract", _B + "store"},
     _B + "workers.engine": {_B + "contract", _B + "attacks", _B + "defenses"},
-    _B + "workers.jobs": {_B + "contract", _B + "service", _B + "workers.engine"},
-    _B + "workers.client": {_B + "contract", _B + "service", _B + "workers.engine",
+    _B + "workers.jobs": {_B + "contract", _B + "store", _B + "workers.engine"},
+    _B + "workers.client": {_B + "contract", _B + "store", _B + "service", _B + "workers.engine",
                             _B + "workers.jobs"},
-    "bulwark": {_B + "contract", _B + "attacks", _B + "defenses", _B + "service",
+    "bulwark": {_B + "contract", _B + "attacks", _B + "defenses", _B + "store", _B + "service",
                 _B + "workers.engine", _B + "workers.jobs", _B + "workers.client"},
 }
 
@@ -176,9 +182,9 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
         raise AssertionError("the upward import went unnoticed")
 
 
-def test_service_and_contract_never_import_torch():
+def test_service_store_and_contract_never_import_torch():
     for mod, path in project_modules().items():
-        if layer(mod) in (_B + "service", _B + "contract"):
+        if layer(mod) in (_B + "service", _B + "store", _B + "contract"):
             tree = ast.parse(path.read_text())
             names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                      for a in n.names}

@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from bulwark.service.events import Events
-from bulwark.service.store import Store
+from bulwark.store.events import Events
+from bulwark.store.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_event, wait_state
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from bulwark.service.settings import Settings
-from bulwark.service.storage import S3Artifacts, artifacts
-from bulwark.service.store import Store
+from bulwark.store.settings import Settings
+from bulwark.store.storage import S3Artifacts, artifacts
+from bulwark.store.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_event, wait_state
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane
@@ -35,7 +35,7 @@ def s3(tmp_path_factory):
     """A moto S3 server process on a free port, with an empty bucket; yields its endpoint."""
     import boto3
 
-    from bulwark.workers.jobs.serve import free_port, wait_for_port
+    from bulwark.workers.client.serve import free_port, wait_for_port
 
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"

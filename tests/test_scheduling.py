@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from bulwark.service.store import Store
+from bulwark.store.store import Store
 from tests.service_stack import Stack, tiny_spec, wait_state
 
 pytestmark = pytest.mark.stack  # starts the service stack or its processes: not in the fast lane

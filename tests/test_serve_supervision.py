@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from bulwark.workers.jobs.serve import free_port
+from bulwark.workers.client.serve import free_port
 from tests.cli import CLI
 from tests.service_stack import FAST, REPO, tiny_spec, wait_state
 

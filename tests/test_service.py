@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from bulwark.service.queue import TASK_NAME
-from bulwark.service.store import Store
+from bulwark.store.queue import TASK_NAME
+from bulwark.store.store import Store
 from tests.cli import CLI
 from tests.service_stack import (
     tiny_spec,
@@ -79,7 +79,7 @@ def test_submit_to_report_and_weights(stack, alice):
     # after the row's mark): the stream still ends with it, read from the row
     import redis
 
-    from bulwark.service.events import stream_key
+    from bulwark.store.events import stream_key
 
     r = redis.Redis.from_url(stack.env["BULWARK_REDIS_URL"], decode_responses=True)
     (last_id, last), = r.xrevrange(stream_key(job["id"]), count=1)
@@ -185,8 +185,8 @@ def test_cancel_queued_and_running(stack, alice):
 
 def test_duplicate_delivery_runs_once(stack, alice):
     job = alice.post("/v1/jobs", json=tiny_spec(epochs=1, name="dup")).json()
-    from bulwark.service.queue import make_celery
-    from bulwark.service.settings import Settings
+    from bulwark.store.queue import make_celery
+    from bulwark.store.settings import Settings
 
     app = make_celery(Settings(redis_url=stack.env["BULWARK_REDIS_URL"]))
     app.send_task(TASK_NAME, args=[job["id"]], task_id=f"{job['id']}.dup", queue="bulwark")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from bulwark.service.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, utcnow
-from bulwark.service.store import Conflict, NotFound, QuotaExceeded, Store
+from bulwark.store.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, utcnow
+from bulwark.store.store import Conflict, NotFound, QuotaExceeded, Store
 from tests.service_stack import database_url
 
 
@@ -48,7 +48,7 @@ def test_keys_are_hashed_and_bound_to_tenants(store):
     assert key.startswith("bwk_") and store.authenticate(key) == "acme"
     assert store.authenticate(key + "x") is None
     with store.session() as s:
-        from bulwark.service.db import ApiKey
+        from bulwark.store.db import ApiKey
 
         stored = [k.key_hash for k in s.query(ApiKey).all()]
     assert key not in stored and all(len(h) == 64 for h in stored)

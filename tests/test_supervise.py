@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from bulwark.service.db import QUEUED, RUNNING, SUCCEEDED
-from bulwark.service.settings import get_settings
-from bulwark.service.store import Store
+from bulwark.store.db import QUEUED, RUNNING, SUCCEEDED
+from bulwark.store.settings import get_settings
+from bulwark.store.store import Store
 
 STAND_IN = """
 import sys, time
-from bulwark.service.store import Store
+from bulwark.store.store import Store
 store = Store(sys.argv[1])
 job_id, owner, action = sys.argv[2], sys.argv[3], sys.argv[4]
 if action == "finish":
@@ -38,10 +38,10 @@ def tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("BULWARK_HEARTBEAT_SECONDS", "0.1")
     from bulwark.workers.jobs import tasks as module
 
-    for cached in (get_settings, module.store):
+    for cached in (get_settings, module.store, module.lifecycle):
         cached.cache_clear()
     yield module, url
-    for cached in (get_settings, module.store):
+    for cached in (get_settings, module.store, module.lifecycle):
         cached.cache_clear()
 
 

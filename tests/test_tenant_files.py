@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from bulwark.service.queue import make_celery
-from bulwark.service.settings import Settings
-from bulwark.service.store import Store
+from bulwark.store.queue import make_celery
+from bulwark.store.settings import Settings
+from bulwark.store.store import Store
 from bulwark.workers.jobs.trainer import scrub_paths
 from tests.cli import CLI
 from tests.service_stack import (

@@ -67,7 +67,7 @@ def test_mlflow_ui_shows_a_run_bulwark_logged(tmp_path):
 
     import httpx
 
-    from bulwark.workers.jobs.serve import free_port
+    from bulwark.workers.client.serve import free_port
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_job(spec(uri), tmp_path / "run", progress=False)
@@ -160,7 +160,7 @@ def test_a_hostile_server_gets_no_file_written_where_it_points(tmp_path):
     import httpx
 
     from bulwark.contract.tracking import TrackingServers
-    from bulwark.workers.jobs.serve import free_port, wait_for_port
+    from bulwark.workers.client.serve import free_port, wait_for_port
     from tests.service_stack import REPO
 
     victim = tmp_path / "victim"

@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from bulwark.service.db import Base
+from bulwark.store.db import Base
 
 config = context.config
 target_metadata = Base.metadata

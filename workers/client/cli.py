@@ -283,7 +283,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- service
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bulwark.workers.jobs.serve import serve
+    from bulwark.workers.client.serve import serve
 
     try:
         return serve(host=args.host, port=args.port, home=args.home, workers=args.workers,
@@ -295,8 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
-    from bulwark.service.settings import get_settings
-    from bulwark.workers.jobs.serve import worker_command
+    from bulwark.store.settings import get_settings
+    from bulwark.workers.client.serve import worker_command
 
     devices = args.devices
     if args.device:
@@ -319,19 +319,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_reaper(args: argparse.Namespace) -> int:
     import time
 
-    from bulwark.service.app import reap_once
-    from bulwark.service.events import Events
-    from bulwark.service.settings import get_settings
-    from bulwark.service.store import Store
+    from bulwark.store.lifecycle import Lifecycle
+    from bulwark.store.settings import get_settings
 
     s = get_settings()
-    store = Store(s.resolved_database_url())
-    store.migrate()
-    events = Events.from_settings(s)
+    lifecycle = Lifecycle.from_settings(s)
+    lifecycle.store.migrate()
     print(f"reaper: every {s.reaper_interval_seconds:g} s, stale after "
           f"{s.stale_after_seconds:g} s", flush=True)
     while True:
-        for job_id in reap_once(store, s, events):
+        for job_id in lifecycle.reap(s):
             print(f"re-enqueued {job_id}", flush=True)
         if args.once:
             return 0
@@ -339,8 +336,8 @@ def cmd_reaper(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from bulwark.service.settings import get_settings
-    from bulwark.service.store import Store, StoreError
+    from bulwark.store.settings import get_settings
+    from bulwark.store.store import Store, StoreError
 
     store = Store(get_settings().resolved_database_url())
     store.migrate()

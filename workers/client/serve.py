@@ -98,8 +98,8 @@ def worker_command(*, queue: str, name: str) -> list[str]:
 
 def ensure_api_key(home: Path, tenant: str = "default") -> str:
     """The embedded API key, created once and kept (mode 0600) in ``home/api_key``."""
-    from bulwark.service.settings import get_settings
-    from bulwark.service.store import Store
+    from bulwark.store.settings import get_settings
+    from bulwark.store.store import Store
 
     path = home / KEY_FILE
     if path.exists():
@@ -208,11 +208,11 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, home: str = "bulwark-dat
             redis_port = free_port()
             sup.add("redis", lambda: start_redis(home_path / "redis", redis_port))
             os.environ["BULWARK_REDIS_URL"] = redis_url(home_path / "redis", redis_port)
-        from bulwark.service.settings import get_settings
+        from bulwark.store.settings import get_settings
 
         get_settings.cache_clear()
         settings = get_settings()
-        from bulwark.service.store import Store
+        from bulwark.store.store import Store
 
         Store(settings.resolved_database_url()).migrate()
         key = ensure_api_key(home_path)

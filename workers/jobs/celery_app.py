@@ -9,7 +9,6 @@ worker with ``bulwark worker`` (prefork, concurrency 1, a fresh child per job).
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import threading
 import time
@@ -17,7 +16,7 @@ import time
 from celery.signals import worker_ready, worker_shutdown
 
 from bulwark.contract.files import private_files
-from bulwark.service.queue import WORKER_KEY, WORKER_TTL_SECONDS, announce_worker, make_celery
+from bulwark.store.queue import WORKER_KEY, WORKER_TTL_SECONDS, announce_worker, make_celery
 
 private_files()  # this worker's children and trainers write the service's state: 0600 / 0700
 app = make_celery(include=["bulwark.workers.jobs.tasks"])
@@ -30,7 +29,7 @@ def _announce(sender=None, **_kwargs) -> None:
     runs, so /healthz can say how many workers serve the queue."""
     import redis
 
-    from bulwark.service.settings import get_settings
+    from bulwark.store.settings import get_settings
 
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     atexit.register(_release_jobs, name, os.getpid())
@@ -66,16 +65,8 @@ def _release_jobs(name: str, main_pid: int) -> None:
     reaper's stale-heartbeat timeout."""
     if os.getpid() != main_pid:  # a pool child inherits the handler: only the main releases
         return
-    from bulwark.service.events import Events
-    from bulwark.service.queue import send
-    from bulwark.service.settings import get_settings
-    from bulwark.service.store import Store
+    from bulwark.store.lifecycle import Lifecycle
+    from bulwark.store.settings import get_settings
 
-    s = get_settings()
-    store = Store(s.resolved_database_url())
-    events = Events.from_settings(s)
-    reason = f"the worker {name} stopped; resumed on the next worker"
-    for job_id, attempt in store.release_worker(name, reason):
-        logging.getLogger("bulwark.worker").warning("job %s: %s", job_id, reason)
-        send(store, job_id, attempt)  # should Redis be away, the reaper sends it later
-        events.publish(job_id, "retrying", {"error": reason, "attempt": attempt})
+    Lifecycle.from_settings(get_settings()).release_worker(
+        name, f"the worker {name} stopped; resumed on the next worker")

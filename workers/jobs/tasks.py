@@ -28,11 +28,12 @@ from functools import lru_cache
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-from bulwark.service.db import CANCELLED, FAILED, QUEUED, TERMINAL
-from bulwark.service.events import Events
-from bulwark.service.queue import TASK_NAME, send
-from bulwark.service.settings import get_settings
-from bulwark.service.store import Store
+from bulwark.store.db import CANCELLED, FAILED, QUEUED, TERMINAL
+from bulwark.store.events import Events
+from bulwark.store.lifecycle import Lifecycle
+from bulwark.store.queue import TASK_NAME
+from bulwark.store.settings import get_settings
+from bulwark.store.store import Store
 from bulwark.workers.jobs.celery_app import app
 from bulwark.workers.jobs.trainer import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK
 
@@ -48,9 +49,8 @@ def store() -> Store:
 
 
 @lru_cache
-def events() -> Events:
-    s = get_settings()
-    return Events.from_settings(s)
+def lifecycle() -> Lifecycle:
+    return Lifecycle(store(), Events.from_settings(get_settings()))
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -159,8 +159,7 @@ def run_job(self, message_job_id: str) -> str:
     s = get_settings()
     owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
     # the message is a token: the store picks the job it runs (its own, or a fairer one)
-    claim = store().claim(message_job_id, owner, stale_after=s.stale_after_seconds,
-                          max_running=s.max_running, devices=s.worker_devices)
+    claim = lifecycle().claim(message_job_id, owner, s)
     own = store().get_job_or_none(message_job_id)
     waiting = own is not None and own.state == QUEUED
     if claim is None:
@@ -170,7 +169,7 @@ def run_job(self, message_job_id: str) -> str:
         # first): put the message back so that no queued job is left without one
         if claim is None:
             time.sleep(s.defer_seconds)
-        send(store(), message_job_id, own.attempt)
+        lifecycle().requeue_message(message_job_id, own.attempt)
     if claim is None:
         log.info("job %s: nothing claimable now (taken, finished, cancelled or capped)",
                  message_job_id)
@@ -178,7 +177,6 @@ def run_job(self, message_job_id: str) -> str:
     job_id = claim.job_id
     log.info("job %s: attempt %d by %s (message for %s)", job_id, claim.attempt, owner,
              message_job_id)
-    events().publish(job_id, "running", {"attempt": claim.attempt, "worker": owner})
     proc = start_trainer(job_id, owner)
     try:
         code = supervise(proc, job_id, owner)
@@ -186,26 +184,22 @@ def run_job(self, message_job_id: str) -> str:
         _kill_group(proc, signal.SIGKILL)
         proc.wait()
         msg = f"time limit of {s.max_run_seconds} s exceeded"
-        store().finish(job_id, owner, FAILED, error=msg)
-        events().publish(job_id, "failed", {"error": msg})
+        lifecycle().end(job_id, owner, FAILED, {"error": msg}, error=msg)
         return "failed"
     if code in (EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED):
         return {EXIT_OK: "succeeded", EXIT_BAD_INPUT: "failed", EXIT_CANCELLED: "cancelled"}[code]
     job = store().get_job(None, job_id)
     if job.cancel_requested:  # killed after the grace period, or crashed while stopping
-        if store().finish(job_id, owner, CANCELLED, error="cancelled by request"):
-            events().publish(job_id, "cancelled", {"exit_code": code})
+        lifecycle().end(job_id, owner, CANCELLED, {"exit_code": code},
+                        error="cancelled by request")
         return "cancelled"
     # The trainer crashed or was killed: retry from its last checkpoint while attempts remain.
     reason = f"trainer {_exit_text(code)} on attempt {claim.attempt}"
     if job.error:  # what the trainer said of it (an exception's summary)
         reason += f": {job.error}"
     if job.attempt < job.max_attempts and not job.cancel_requested:
-        if store().finish(job_id, owner, QUEUED, error=reason):
-            # send first: should Redis be down now, the reaper sends the unmarked row later
-            send(store(), job_id, job.attempt)
-            events().publish(job_id, "retrying", {"error": reason, "attempt": job.attempt})
+        lifecycle().retry(job_id, owner, reason, job.attempt)
         return "requeued"
-    store().finish(job_id, owner, FAILED, error=f"{reason} (max_attempts reached)")
-    events().publish(job_id, "failed", {"error": reason})
+    lifecycle().end(job_id, owner, FAILED, {"error": reason},
+                    error=f"{reason} (max_attempts reached)")
     return "failed"

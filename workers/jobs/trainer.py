@@ -28,7 +28,7 @@ from bulwark.contract.artifacts import (
     RESUMABLE,
 )
 from bulwark.contract.files import private_files
-from bulwark.service.artifacts import (
+from bulwark.store.artifacts import (
     dataset_key,
     dataset_path,
     describe_artifacts,
@@ -37,11 +37,11 @@ from bulwark.service.artifacts import (
     model_key,
     model_path,
 )
-from bulwark.service.db import CANCELLED, FAILED, SUCCEEDED
-from bulwark.service.events import Events
-from bulwark.service.settings import get_settings
-from bulwark.service.storage import Artifacts, artifacts
-from bulwark.service.store import Store, StoreError
+from bulwark.store.db import CANCELLED, FAILED, SUCCEEDED
+from bulwark.store.lifecycle import Lifecycle
+from bulwark.store.settings import get_settings
+from bulwark.store.storage import Artifacts, artifacts
+from bulwark.store.store import Store, StoreError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_ERROR = 0, 2, 3, 1
 # events that update the job row's ``progress`` (and the keys of theirs it keeps)
@@ -125,18 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
     job_id, owner = args[:2]
     settings = get_settings()
-    store = Store(settings.resolved_database_url())
-    events = Events.from_settings(settings)
+    lifecycle = Lifecycle.from_settings(settings)
+    store, events = lifecycle.store, lifecycle.events
     job = store.get_job(None, job_id)
 
     def end(state: str, data: dict, **row) -> bool:
-        """The row's terminal transition, then the stream's terminal event, only while this
-        attempt still holds the lease (a job the reaper re-queued keeps its stream open)."""
-        if not store.finish(job_id, owner, state, **row):
+        """The attempt's terminal transition (store/lifecycle.py), while it holds the lease."""
+        if not lifecycle.end(job_id, owner, state, data, **row):
             print(f"job {job_id}: lease lost before it could be marked {state}",
                   file=sys.stderr)
             return False
-        events.publish(job_id, state, data)
         return True
 
     def fail(msg: str, code: int) -> int:
