@@ -106,6 +106,75 @@ class Mirror:
             self.blobs.delete(f"{self.key}/{name}")
 
 
+class InputLost(Exception):
+    """An upload the job names is gone (a bad-input failure, not retried)."""
+
+
+def job_inputs(job, spec, store: Store, settings, blobs: Artifacts
+               ) -> tuple[str | None, str | None]:
+    """The job's uploaded dataset and weights as files on this host: the recorded paths with
+    the local artifact root, else fetched from the bucket into this host's scratch."""
+
+    def local_copy(key: str, local: Path, recorded: str) -> str | None:
+        if not blobs.remote:
+            return recorded
+        return str(local) if blobs.pull(key, local) else None
+
+    data_path = None
+    if spec.dataset.name == "npz":
+        dataset_id = spec.dataset.path.split("/", 1)[1]
+        try:
+            row = store.get_dataset(job.tenant_id, dataset_id)
+        except StoreError:
+            raise InputLost(f"dataset.path {spec.dataset.path}: no such upload of yours") from None
+        data_path = local_copy(dataset_key(job.tenant_id, dataset_id),
+                               dataset_path(settings, job.tenant_id, dataset_id), row.path)
+        if data_path is None:
+            raise InputLost(f"dataset.path {spec.dataset.path}: the artifact store has lost the "
+                            "upload; upload it again")
+    weights = None
+    if job.model_id:
+        weights = local_copy(model_key(job.tenant_id, job.model_id),
+                             model_path(settings, job.tenant_id, job.model_id),
+                             store.get_model(job.tenant_id, job.model_id).path)
+        if weights is None:
+            raise InputLost(f"model.weights: the artifact store has lost model {job.model_id}; "
+                            "upload it again")
+    return data_path, weights
+
+
+class Relay:
+    """The runner's ``on_event``: new checkpoints and partial results mirrored to the artifact
+    store, every event published on the job's stream, and the row's ``progress`` (with the
+    lease's heartbeat) kept current."""
+
+    def __init__(self, job_id: str, owner: str, store: Store, events, mirror: Mirror, *,
+                 attempt: int):
+        self.job_id, self.owner, self.store, self.events = job_id, owner, store, events
+        self.mirror = mirror
+        self.progress: dict[str, Any] = {"attempt": attempt}
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind in ("epoch", "remediated"):  # each follows a new checkpoint
+            self.mirror((CHECKPOINT,))
+        elif kind in ("certification", "evaluation"):  # partial results, every 10 s at most
+            self.mirror(RESUMABLE[1:], throttled=True)
+        self.events.publish(self.job_id, kind, data)
+        if kind not in PROGRESS_EVENTS:
+            return
+        progress = self.progress
+        if kind == "phase":  # a new phase: the previous one's counters are done
+            for k in ("attack", "model", "done", "total", "eta_seconds"):
+                progress.pop(k, None)
+        if kind == "certification":
+            progress["phase"] = "certification"
+        progress.update({"last_event": kind, **{k: v for k, v in data.items()
+                                                if k in PROGRESS_KEYS}})
+        if kind == "started":
+            progress["epochs"] = data.get("epochs")
+        self.store.heartbeat(self.job_id, self.owner, dict(progress))
+
+
 def standby() -> list[str] | None:
     """``--standby``: import what a job needs, then wait for its id and owner, one line each,
     on stdin (the Celery task's hand-off). None at end of input: the task had no job."""
@@ -168,58 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"invalid job spec: {problem[0]}: {problem[1]}", EXIT_BAD_INPUT)
     blobs = artifacts(settings)
 
-    def local_copy(key: str, local: Path, recorded: str) -> str | None:
-        """An upload's file on this host: the recorded path (local root), else fetched from
-        the bucket into this host's scratch; None when the store has lost it."""
-        if not blobs.remote:
-            return recorded
-        return str(local) if blobs.pull(key, local) else None
-
-    data_path = None
-    if spec.dataset.name == "npz":
-        dataset_id = spec.dataset.path.split("/", 1)[1]
-        try:
-            row = store.get_dataset(job.tenant_id, dataset_id)
-        except StoreError:
-            return fail(f"dataset.path {spec.dataset.path}: no such upload of yours",
-                        EXIT_BAD_INPUT)
-        data_path = local_copy(dataset_key(job.tenant_id, dataset_id),
-                               dataset_path(settings, job.tenant_id, dataset_id), row.path)
-        if data_path is None:
-            return fail(f"dataset.path {spec.dataset.path}: the artifact store has lost the "
-                        "upload; upload it again", EXIT_BAD_INPUT)
+    try:
+        data_path, weights = job_inputs(job, spec, store, settings, blobs)
+    except InputLost as e:
+        return fail(str(e), EXIT_BAD_INPUT)
     out = job_dir(settings, job.tenant_id, job_id)
     key = job_key(job.tenant_id, job_id)
-    weights = None
-    if job.model_id:
-        weights = local_copy(model_key(job.tenant_id, job.model_id),
-                             model_path(settings, job.tenant_id, job.model_id),
-                             store.get_model(job.tenant_id, job.model_id).path)
-        if weights is None:
-            return fail(f"model.weights: the artifact store has lost model {job.model_id}; "
-                        "upload it again", EXIT_BAD_INPUT)
     for name in RESUMABLE:  # an earlier attempt's state, maybe from another host
         blobs.pull(f"{key}/{name}", out / name)
     mirror = Mirror(blobs, key, out)
-    progress: dict[str, Any] = {"attempt": job.attempt}
-
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind in ("epoch", "remediated"):  # each follows a new checkpoint
-            mirror((CHECKPOINT,))
-        elif kind in ("certification", "evaluation"):  # partial results, every 10 s at most
-            mirror(RESUMABLE[1:], throttled=True)
-        events.publish(job_id, kind, data)
-        if kind in PROGRESS_EVENTS:
-            if kind == "phase":  # a new phase: the previous one's counters are done
-                for k in ("attack", "model", "done", "total", "eta_seconds"):
-                    progress.pop(k, None)
-            if kind == "certification":
-                progress["phase"] = "certification"
-            progress.update({"last_event": kind, **{k: v for k, v in data.items()
-                                                    if k in PROGRESS_KEYS}})
-            if kind == "started":
-                progress["epochs"] = data.get("epochs")
-            store.heartbeat(job_id, owner, dict(progress))
+    on_event = Relay(job_id, owner, store, events, mirror, attempt=job.attempt)
+    progress = on_event.progress
 
     try:
         # resume=True: continue from the checkpoint an earlier attempt left, if there is one
