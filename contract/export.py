@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bulwark.contract.verdict import final_split, verdict
+from bulwark.contract.report import AttackResult, FinalResult, Report, as_report
 
 ARCH_NAMES = {"small_cnn": "SmallCNN", "mnist_net": "MNIST-Net (Wong et al. 2020)",
               "preact_resnet18": "PreActResNet-18",
@@ -27,19 +27,19 @@ def eps_text(eps: float, norm: str) -> str:
     return f"{eps:g}"
 
 
-def _attack(final: dict[str, Any], prefix: str) -> tuple[str, dict[str, Any]] | None:
-    return next(((k, v) for k, v in (final.get("attacks") or {}).items()
-                 if k.startswith(prefix)), None)
+def _attack(final: FinalResult, prefix: str) -> tuple[str, AttackResult] | None:
+    return next(((k, v) for k, v in final.attacks.items() if k.startswith(prefix)), None)
 
 
 def _pct(x: float | None) -> str | None:
     return None if x is None else f"{100 * x:.2f}"
 
 
-def robustbench_card(report: dict[str, Any], *, job_id: str | None = None,
+def robustbench_card(report: Report | dict[str, Any], *, job_id: str | None = None,
                      weights_sha256: str | None = None) -> dict[str, Any]:
     """The model card of a finished job's report (the last-epoch model's figures)."""
-    spec, final = report["spec"], report["final"]
+    rep = as_report(report)
+    spec, final = rep.spec, rep.final
     threat, model = spec["threat"], spec["model"]
     arch = ARCH_NAMES.get(model["arch"], model["arch"])
     if model["arch"] == "wide_resnet":
@@ -51,14 +51,14 @@ def robustbench_card(report: dict[str, Any], *, job_id: str | None = None,
         "authors": None, "additional_data": False, "number_forward_passes": 1,
         "dataset": spec["dataset"]["name"], "venue": None, "architecture": arch,
         "eps": eps_text(threat["epsilon"], threat["norm"]),
-        "clean_acc": _pct(final["clean_acc"]),
-        "reported": _pct(pgd[1]["acc"]) if pgd else None,
-        "autoattack_acc": _pct(aa[1]["acc"]) if aa else None,
+        "clean_acc": _pct(final.clean_acc),
+        "reported": _pct(pgd[1].acc) if pgd else None,
+        "autoattack_acc": _pct(aa[1].acc) if aa else None,
         # beyond RobustBench's fields
         "threat_model": {"linf": "Linf", "l2": "L2"}[threat["norm"]],
         "training": {"preset": recipe.get("preset"), "recipe": recipe,
                      "source": "Bulwark job " + (job_id or "(local run)")},
-        "evaluation": {"n": final["n"], "model": final.get("model", "last"),
+        "evaluation": {"n": final.n, "model": final.model,
                        "autoattack": aa[0] if aa else None, "pgd": pgd[0] if pgd else None,
                        "note": "reported = Bulwark's PGD accuracy (multi-restart); "
                                "autoattack_acc = torchattacks' AutoAttack"},
@@ -67,44 +67,44 @@ def robustbench_card(report: dict[str, Any], *, job_id: str | None = None,
     }
 
 
-def leaderboard_row(report: dict[str, Any], metric: str = "autoattack",
+def leaderboard_row(report: Report | dict[str, Any], metric: str = "autoattack",
                     radius: float = 0.5) -> dict[str, Any] | None:
     """A finished job's entry for ``metric`` (None when the report has no such figure):
     AutoAttack or PGD accuracy, or certified accuracy at ``radius`` (the largest tabulated
     radius not above it), with the threat it is ranked within, the attack suite and its n,
     whether that suite is AutoAttack ``standard`` on the whole test set, and the verdict."""
-    spec, final = report["spec"], report["final"]
+    rep = as_report(report)
+    spec, final = rep.spec, rep.final
     value, what, extra = None, None, {}
     if metric in ("autoattack", "pgd"):
         found = _attack(final, metric)
         if found:
-            what, value = found[0], found[1]["acc"]
+            what, value = found[0], found[1].acc
     elif metric == "certified":
-        cert = report.get("certification")
+        cert = rep.certification
         if cert:
-            radii = [r for r in cert["radii"] if r <= radius + 1e-12]
+            radii = [r for r in cert.radii if r <= radius + 1e-12]
             if radii:
                 r = max(radii)
                 what = f"certified@{r:g}"
-                value = cert["certified_accuracy"][cert["radii"].index(r)]
-                extra = {"radius": r, "sigma": cert.get("sigma")}
+                value = cert.certified_accuracy[cert.radii.index(r)]
+                extra = {"radius": r, "sigma": cert.sigma}
     else:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if value is None:
         return None
     threat = spec["threat"]
-    test = (report.get("dataset") or {}).get("test")
-    attacks = list(final.get("attacks") or {})
+    attacks = list(final.attacks)
     return {"name": spec.get("name"), "dataset": spec["dataset"]["name"],
             "norm": threat["norm"], "epsilon": threat["epsilon"],
             "method": (spec.get("recipe") or {}).get("preset"), "arch": spec["model"]["arch"],
-            "metric": what, "robust_acc": value, "clean_acc": final["clean_acc"],
-            "n": final["n"], "seconds": (report.get("timing") or {}).get("total"),
+            "metric": what, "robust_acc": value, "clean_acc": final.clean_acc,
+            "n": final.n, "seconds": rep.timing.get("total"),
             "suite": ", ".join(attacks) or "none",
-            "standard": "autoattack-standard" in attacks and test is not None
-                        and final["n"] >= test and final_split(report) == "test",
-            "verdict": (report.get("verdict") or verdict(report))["label"],
-            "split": final_split(report), **extra}
+            "standard": "autoattack-standard" in attacks and final.n >= rep.dataset.test
+                        and rep.split == "test",
+            "verdict": rep.verdict.label if rep.verdict else None,
+            "split": rep.split, **extra}
 
 
 def threat_of(row: dict[str, Any]) -> tuple[str, str, float]:

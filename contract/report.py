@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from bulwark.contract.spec import JobSpec, as_ran
-from bulwark.contract.verdict import attack_warnings, pgd_reach, verdict
+from bulwark.contract.verdict import attack_warnings, final_split, pgd_reach, verdict
 
 
 class _Open(BaseModel):
@@ -191,12 +191,6 @@ class DatasetInfo(_Open):
     majority_share: float | None = None  # of the final suite's images: the chance level
 
 
-def final_by_model(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A report's final results per model ("last", "best", "wa"), from its JSON: the runner's
-    ``final_models``, else (a report without them) ``final`` as the last model's."""
-    return report.get("final_models") or {"last": report["final"]}
-
-
 class Verdict(_Open):
     """What the job made (contract/verdict.py): ``label`` one of ``verdict.LABELS``."""
 
@@ -231,7 +225,10 @@ class Report(_Open):
     @classmethod
     def _verdict(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("verdict") is None and data.get("final"):
-            data = {**data, "verdict": verdict(data)}
+            try:
+                data = {**data, "verdict": verdict(data)}
+            except (KeyError, TypeError):  # malformed figures: the fields' checks say which
+                pass
         return data
     finished_at: str | None = None  # RFC 3339 UTC, when the report was written
 
@@ -241,9 +238,29 @@ class Report(_Open):
         return JobSpec.model_validate(as_ran(self.spec))
 
     @property
+    def models(self) -> dict[str, FinalResult]:
+        """The final results per model (``last``, ``best``, ``wa``); ``final`` as the last
+        model's in a report without ``final_models``."""
+        return self.final_models or {"last": self.final}
+
+    @property
+    def split(self) -> str:
+        """The images the final suite ran on: ``test`` or ``validation``."""
+        return final_split({"spec": self.spec})
+
+    @property
+    def reach(self) -> float | None:
+        """How far the final PGD's steps carry it, in ε (steps × α)."""
+        return pgd_reach({"spec": self.spec})
+
+    def events_of(self, kind: str) -> list[int]:
+        """The epochs of the watchdog's ``kind`` events."""
+        return [e.epoch for e in self.events if e.type == kind]
+
+    @property
     def co_epochs(self) -> list[int]:
         """Epochs at which the watchdog saw catastrophic overfitting begin."""
-        return [e.epoch for e in self.events if e.type == "catastrophic_overfitting"]
+        return self.events_of("catastrophic_overfitting")
 
     @property
     def co_at_end(self) -> bool:
@@ -288,3 +305,9 @@ class Report(_Open):
                          f"{r.get('rolled_back_to')} and went on with {r.get('remedy')} "
                          f"({r.get('recipe')})")
         return "\n".join(lines)
+
+
+def as_report(report: Report | dict[str, Any]) -> Report:
+    """``report`` as the typed ``Report`` (a report.json's mapping is validated: a malformed
+    one raises ``ValueError``)."""
+    return report if isinstance(report, Report) else Report.model_validate(report)

@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from bulwark.contract.presets import merge
+from bulwark.contract.report import Report, as_report
 from bulwark.contract.spec import (
     JobSpec,
     SpecError,
@@ -39,7 +40,6 @@ from bulwark.contract.spec import (
     format_validation_error,
     read_spec_file,
 )
-from bulwark.contract.verdict import attack_warnings, pgd_reach, verdict
 
 MAX_CHILDREN = 1000
 MAX_INCLUDE_DEPTH = 8
@@ -193,17 +193,6 @@ def expand(sweep: SweepSpec) -> list[Child]:
     return children
 
 
-def _warnings(report: dict[str, Any]) -> list[str]:
-    """The final suite's attack checks (``bulwark.contract.verdict.attack_warnings``, with its
-    noise on n images and the PGD's reach); none for a malformed one."""
-    try:
-        final = report["final"]
-        return attack_warnings({k: a["acc"] for k, a in (final.get("attacks") or {}).items()},
-                               final.get("n"), pgd_reach(report))
-    except (KeyError, TypeError, AttributeError):
-        return []
-
-
 POOL_APART = ("name", "schedule.seed", "compute.devices", "compute.compile")
 
 
@@ -234,41 +223,29 @@ def flat_fields(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def _verdict_label(report: dict[str, Any]) -> str | None:
-    """The report's verdict (read from its figures when it has none); None when malformed."""
-    try:
-        return (report.get("verdict") or verdict(report))["label"]
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The figures a sweep table shows for one finished child."""
-    final = report["final"]
-    attacks = final.get("attacks", {})
-    pgd = next((v["acc"] for k, v in attacks.items() if k.startswith("pgd")), None)
-    history = report.get("history") or []
-    spec = report.get("spec") or {}
+def headline(report: Report | dict[str, Any]) -> dict[str, Any]:
+    """The figures a sweep table shows for one finished child (a report's JSON is read as the
+    typed ``Report``: a malformed one raises ``ValueError``)."""
+    rep = as_report(report)
+    final, history, spec = rep.final, rep.history, rep.spec
     # the median epoch: a run paused or starved for a while (another job on its cores,
     # SIGSTOP) keeps the cost of its ordinary epochs
-    per_epoch = statistics.median(h["train_seconds"] for h in history) if history else None
+    per_epoch = statistics.median(h.train_seconds for h in history) if history else None
     return {
         "preset": (spec.get("recipe") or {}).get("preset"),
         "epsilon": (spec.get("threat") or {}).get("epsilon"),
         "seed": (spec.get("schedule") or {}).get("seed"),
-        "clean_acc": final.get("clean_acc"), "fgsm_acc": attacks.get("fgsm", {}).get("acc"),
-        "pgd_acc": pgd, "autoattack_acc": next(
-            (v["acc"] for k, v in attacks.items() if k.startswith("autoattack")), None),
-        "n": final.get("n"),
-        "co_epochs": [e["epoch"] for e in report.get("events", [])
-                      if e.get("type") == "catastrophic_overfitting"],
-        "co_at_end": bool(history) and bool(history[-1].get("catastrophic_overfitting")),
+        "clean_acc": final.clean_acc, "fgsm_acc": final.fgsm.acc if final.fgsm else None,
+        "pgd_acc": final.pgd.acc if final.pgd else None,
+        "autoattack_acc": final.autoattack.acc if final.autoattack else None,
+        "n": final.n,
+        "co_epochs": rep.co_epochs,
+        "co_at_end": rep.co_at_end,
         "epochs_run": len(history),
-        "monitor_pgd": [round(h["monitor"]["pgd_acc"], 3) if h.get("monitor") else None
-                        for h in history],
-        "seconds": report.get("timing", {}).get("total"),
-        "warnings": _warnings(report),
-        "verdict": _verdict_label(report),
+        "monitor_pgd": [round(h.monitor.pgd_acc, 3) if h.monitor else None for h in history],
+        "seconds": rep.timing.get("total"),
+        "warnings": final.warnings(rep.reach),
+        "verdict": rep.verdict.label if rep.verdict else None,
         "pool": pool_key(spec),
         "seconds_per_epoch": per_epoch,
         # the whole training's cost on the same terms: what a recipe's budget is compared by

@@ -14,3 +14,21 @@ def linear_model(w: np.ndarray, b: np.ndarray) -> nn.Module:
         model[1].weight.copy_(torch.from_numpy(w))
         model[1].bias.copy_(torch.from_numpy(b))
     return model
+
+
+def report_doc(**parts) -> dict:
+    """A minimal report.json that the typed ``Report`` reads, with ``parts`` in place of its
+    fields (``dataset`` merged into the default one); what a test does not set stays empty."""
+    doc = {"report_version": 1, "spec": {}, "environment": {},
+           "dataset": {"name": "mnist", "num_classes": 10, "train": 100, "validation": 0,
+                       "test": 100, "monitor": 0, "shape": [1, 28, 28]},
+           "history": [], "events": [], "final": {"clean_acc": 0.0, "n": 0, "attacks": {}}}
+    for key, value in parts.items():
+        doc[key] = {**doc[key], **value} if key == "dataset" else value
+    return doc
+
+
+def history_row(epoch: int, **fields) -> dict:
+    """One epoch of a report's history with the required fields filled."""
+    return {"epoch": epoch, "lr": 0.0, "train_loss": 0.0, "train_acc": 0.0, "seconds": 0.0,
+            "train_seconds": 0.0, **fields}

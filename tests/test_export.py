@@ -16,6 +16,7 @@ from bulwark.contract.export import leaderboard_row, rank, robustbench_card
 from bulwark.contract.spec import JobSpec
 from bulwark.workers.engine.runner import run_job
 from tests.cli import CLI
+from tests.helpers import report_doc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,11 +25,12 @@ def _report(name, aa, clean, pgd=None, cert=None, seconds=10.0, norm="linf", eps
     attacks = {"pgd20-1": {"acc": pgd if pgd is not None else aa, "n": 100}}
     if aa is not None:
         attacks["autoattack-standard"] = {"acc": aa, "n": 100}
-    return {"spec": {"name": name, "dataset": {"name": "mnist"}, "model": {"arch": "small_cnn"},
-                     "threat": {"norm": norm, "epsilon": eps}, "recipe": {"preset": "n-aaer"}},
-            "dataset": {"name": "mnist", "num_classes": 10, "test": 100},
-            "final": {"clean_acc": clean, "n": 100, "model": "last", "attacks": attacks},
-            "certification": cert, "timing": {"total": seconds}}
+    return report_doc(
+        spec={"name": name, "dataset": {"name": "mnist"}, "model": {"arch": "small_cnn"},
+              "threat": {"norm": norm, "epsilon": eps}, "recipe": {"preset": "n-aaer"}},
+        dataset={"test": 100},
+        final={"clean_acc": clean, "n": 100, "model": "last", "attacks": attacks},
+        certification=cert, timing={"total": seconds})
 
 
 def test_leaderboard_ranks_by_robust_then_clean_then_time():
@@ -42,8 +44,9 @@ def test_leaderboard_ranks_by_robust_then_clean_then_time():
     assert pgd[-1]["name"] == "d" and pgd[-1]["rank"] is None, "PGD 0.1: not robust, apart"
     assert all(r["standard"] for r in rank(rows)), "AutoAttack standard on all 100 images"
     cert = {"radii": [0.0, 0.25, 0.5, 1.0], "certified_accuracy": [0.9, 0.7, 0.5, 0.1],
-            "sigma": 0.25}
-    row = leaderboard_row(_report("s", None, 0.9, cert=cert), "certified", radius=0.6)
+            "sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001, "num_points": 100,
+            "acr": 0.4, "abstain_rate": 0.05}
+    row = leaderboard_row(_report("s", None, 0.9, pgd=0.3, cert=cert), "certified", radius=0.6)
     assert (row["metric"], row["robust_acc"]) == ("certified@0.5", 0.5)
     assert (row["radius"], row["sigma"]) == (0.5, 0.25), "a certified figure carries both"
     with pytest.raises(ValueError, match="metric"):
@@ -64,7 +67,8 @@ def test_the_leaderboard_ranks_within_one_threat_and_only_robust_verdicts():
                      ("linf", 0.3, "linf-b", 1), ("linf", 0.3, "linf-a", 2),
                      ("linf", 0.3, "chance", None)]
     assert board[-1]["verdict"] == "chance"
-    short = dict(_report("few", 0.5, 0.9), dataset={"name": "mnist", "test": 10_000})
+    few = _report("few", 0.5, 0.9)
+    short = dict(few, dataset={**few["dataset"], "test": 10_000})
     assert leaderboard_row(short)["standard"] is False, "100 of 10 000 images"
     # a figure on the validation slice chose a setting: it is never ranked, however robust
     chosen = _report("chosen", 0.97, 0.99)

@@ -13,28 +13,26 @@ from bulwark.workers.engine.html_report import (
     epsilon_text,
     render,
 )
+from tests.helpers import history_row, report_doc
 
 
 def report(**over) -> dict:
-    hist = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.2 * e,
-             "monitor": {"clean_acc": 0.5, "fgsm_acc": 0.4, "pgd_acc": p, "n": 64}}
+    hist = [history_row(e, train_loss=2.0 / e, train_acc=0.2 * e,
+                        monitor={"clean_acc": 0.5, "fgsm_acc": 0.4, "pgd_acc": p, "n": 64})
             for e, p in ((1, 0.30), (2, 0.35), (3, 0.05))]
-    base = {
-        "report_version": 1,
-        "spec": {"name": "<script>alert(1)</script>", "dataset": {"name": "mnist"},
-                 "model": {"arch": "small_cnn"}, "threat": {"norm": "linf", "epsilon": 0.1},
-                 "recipe": {"preset": "fgsm"}},
-        "history": hist,
-        "events": [{"type": "catastrophic_overfitting", "epoch": 3, "pgd_acc": 0.05,
-                    "fgsm_acc": 0.4}],
-        "final": {"clean_acc": 0.9123, "n": 100, "attacks": {"pgd50-10": {"acc": 0.4567,
-                                                                           "n": 100}}},
-        "final_models": None,
-        "selection": {"epoch": 2, "monitor_pgd_acc": 0.35, "last_monitor_pgd_acc": 0.05,
-                      "robust_generalization_gap": 0.30},
-        "certification": None,
-        "timing": {"train": 1.5},
-    }
+    base = report_doc(
+        spec={"name": "<script>alert(1)</script>", "dataset": {"name": "mnist"},
+              "model": {"arch": "small_cnn"}, "threat": {"norm": "linf", "epsilon": 0.1},
+              "recipe": {"preset": "fgsm"}},
+        history=hist,
+        events=[{"type": "catastrophic_overfitting", "epoch": 3, "pgd_acc": 0.05,
+                 "fgsm_acc": 0.4}],
+        final={"clean_acc": 0.9123, "n": 100, "attacks": {"pgd50-10": {"acc": 0.4567,
+                                                                        "n": 100}}},
+        selection={"epoch": 2, "monitor_pgd_acc": 0.35, "last_monitor_pgd_acc": 0.05,
+                   "robust_generalization_gap": 0.30},
+        certification=None,
+        timing={"train": 1.5})
     base.update(over)
     return base
 

@@ -14,6 +14,7 @@ from bulwark.contract.spec import SpecError
 from bulwark.contract.sweep import MAX_CHILDREN, SweepSpec, expand, load_sweep
 from bulwark.workers.engine.runner import Cancelled, run_job
 from tests.cli import CLI
+from tests.helpers import history_row, report_doc
 
 pytestmark = pytest.mark.training  # trains real models: not in the fast lane
 
@@ -365,10 +366,10 @@ def test_compare_lists_runs_whose_attacks_disagree():
     from bulwark.contract.sweep import headline
 
     def rep(pgd, aa):
-        return {"final": {"clean_acc": 0.91, "n": 100, "attacks": {
+        return report_doc(final={"clean_acc": 0.91, "n": 100, "attacks": {
             "fgsm": {"acc": 0.89, "n": 100}, "pgd50-10": {"acc": pgd, "n": 100},
             "autoattack-apgd-ce+apgd-t": {"acc": aa, "n": 100}}},
-            "spec": {"recipe": {"preset": "fgsm-gradalign"}, "threat": {"epsilon": 0.2}}}
+            spec={"recipe": {"preset": "fgsm-gradalign"}, "threat": {"epsilon": 0.2}})
 
     rows = [{"name": "masked", "state": "succeeded", **headline(rep(0.862, 0.0))},
             {"name": "fine", "state": "succeeded", **headline(rep(0.862, 0.85))}]
@@ -378,7 +379,8 @@ def test_compare_lists_runs_whose_attacks_disagree():
     assert "- fine:" not in md
     page = render(rows, "t")
     assert "Attacks that disagree" in page and page.count("<li class='co'>") == 1
-    assert headline({"final": {"attacks": {}}, "spec": {}})["warnings"] == [], "malformed: none"
+    with pytest.raises(ValueError, match="clean_acc"):  # malformed: said so, not half-read
+        headline({"final": {"attacks": {}}, "spec": {}})
 
 
 def test_a_sweep_file_names_its_own_folder(tmp_path):
@@ -464,8 +466,8 @@ def test_seconds_per_epoch_is_the_ordinary_epochs_cost():
     from bulwark.contract.sweep import headline
 
     def report(seconds):
-        return {"final": {"clean_acc": 0.9, "attacks": {}}, "spec": {},
-                "history": [{"epoch": i + 1, "train_seconds": s} for i, s in enumerate(seconds)]}
+        return report_doc(history=[history_row(i + 1, train_seconds=s)
+                                   for i, s in enumerate(seconds)])
 
     assert headline(report([15.0, 14.0, 16.0, 15.5, 1438.0]))["seconds_per_epoch"] == 15.5
     assert headline(report([10.0, 12.0]))["seconds_per_epoch"] == 11.0

@@ -67,7 +67,7 @@ def with_chance_level(report: dict) -> dict:
     if key not in _SHARES:
         from bulwark.contract.spec import DatasetSpec
         from bulwark.workers.engine.data import load_dataset
-        from bulwark.workers.engine.runner import majority_share
+        from bulwark.workers.engine.reporting import majority_share
 
         _SHARES[key] = majority_share(load_dataset(DatasetSpec(name=key[0])).test_y, n)
     return {**report, "dataset": {**data, "majority_share": _SHARES[key]}}

@@ -29,7 +29,7 @@ def child_figures(svc: Services):
         rep = svc.job_report(job)
         try:
             return headline(rep) if rep else None
-        except KeyError:
+        except ValueError:  # a report the typed Report cannot read
             return None
     return figures
 

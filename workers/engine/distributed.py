@@ -105,6 +105,35 @@ class Ranks:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+@dataclass
+class OneProcess:
+    """The stand-in for ``Ranks`` in a job of one process: rank 0 of 1, no share of a batch
+    (``share`` is None: the whole batch, no sharding), every collective the identity."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    main: bool = True
+
+    def share(self, total: int) -> Share | None:
+        return None
+
+    def agree(self, flag: bool) -> bool:
+        return flag
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def gather(self, items: list) -> list:
+        return list(items)
+
+    def sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def wrap(self, model: nn.Module, sync_batchnorm: bool) -> nn.Module:
+        return model
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

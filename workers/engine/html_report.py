@@ -22,8 +22,7 @@ import math
 from typing import Any
 
 from bulwark.contract.export import eps_text
-from bulwark.contract.report import Event, FinalResult, final_by_model, probe_time
-from bulwark.contract.verdict import final_split, pgd_reach, verdict
+from bulwark.contract.report import Certification, HistoryRow, Report, as_report, probe_time
 
 # the method traces a history row may carry, with a readable name (others are shown as named)
 TRACES = {
@@ -93,20 +92,20 @@ def _co_lines(ax, co_epochs: list[int], label: bool = True,
                    label="recovered" if label and i == 0 else None)
 
 
-def training_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
+def training_figure(hist: list[HistoryRow], co_epochs: list[int]) -> str:
     plt = _plt()
-    ep = [h["epoch"] for h in hist]
+    ep = [h.epoch for h in hist]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    axes[0].plot(ep, [h["train_loss"] for h in hist], marker="o", color="#444")
+    axes[0].plot(ep, [h.train_loss for h in hist], marker="o", color="#444")
     axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].plot(ep, [h["train_acc"] for h in hist], marker="o", color="#9467bd")
+    axes[1].plot(ep, [h.train_acc for h in hist], marker="o", color="#9467bd")
     axes[1].set(title="train accuracy (at the training attack)", xlabel="epoch",
-                ylim=_acc_limits([h["train_acc"] for h in hist]))
-    axes[2].plot(ep, [h.get("lr") for h in hist], marker="o", color="#8c564b", label="lr")
+                ylim=_acc_limits([h.train_acc for h in hist]))
+    axes[2].plot(ep, [h.lr for h in hist], marker="o", color="#8c564b", label="lr")
     axes[2].set(title="lr and training ε", xlabel="epoch (value at its last step)")
-    if any(h.get("train_epsilon") is not None for h in hist):
+    if any(h.train_epsilon is not None for h in hist):
         twin = axes[2].twinx()
-        twin.plot(ep, [h.get("train_epsilon") for h in hist], marker="s", ls="--",
+        twin.plot(ep, [h.train_epsilon for h in hist], marker="s", ls="--",
                   color="#17becf", label="training ε")
         twin.set_ylabel("training ε")
         twin.set_ylim(bottom=0)
@@ -121,31 +120,31 @@ def training_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
     return _img(fig, "training curves")
 
 
-def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
+def monitor_figure(hist: list[HistoryRow], co_epochs: list[int],
                    recovered: list[int] | None = None) -> str:
     plt = _plt()
-    rows = [(h["epoch"], h["monitor"]) for h in hist if h.get("monitor")]
+    rows = [(h.epoch, h.monitor) for h in hist if h.monitor is not None]
     if not rows:
         return ""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     values = []
     curves = [("clean", "clean_acc"), ("FGSM", "fgsm_acc"), ("PGD", "pgd_acc")]
-    if any(m.get("dlr_acc") is not None for _, m in rows):  # the gradient-masking check
+    if any(m.dlr_acc is not None for _, m in rows):  # the gradient-masking check
         curves.append(("PGD (DLR)", "dlr_acc"))
     for name, key in curves:
         ls, marker, color = STYLES[name]
-        ys = [m.get(key) for _, m in rows]
+        ys = [getattr(m, key) for _, m in rows]
         values += ys
         ax.plot([e for e, _ in rows], ys, ls=ls, marker=marker, color=color, label=name,
                 markersize=6 if name != "PGD" else 7)
-    probes = [p for h in hist for p in h.get("probes") or []]
+    probes = [p for h in hist for p in h.probes]
     if probes:  # the checks within epochs: PGD on the probe slice, small markers
         ax.plot([probe_time(p) for p in probes], [p["pgd_acc"] for p in probes], ls="none",
                 marker=".", color=STYLES["PGD"][2], alpha=0.6,
                 label=f"PGD, probes ({probes[0].get('n')} images)")
         values += [p["pgd_acc"] for p in probes]
     _co_lines(ax, co_epochs, recovered=recovered)
-    n = rows[0][1].get("n")
+    n = rows[0][1].n
     ax.set(xlabel="epoch", ylabel="accuracy", ylim=_acc_limits(values),
            title=f"held-out monitor{f' ({n} images)' if n else ''}: clean, FGSM, PGD"
                  + (", PGD on DLR" if len(curves) > 3 else ""))
@@ -156,8 +155,8 @@ def monitor_figure(hist: list[dict[str, Any]], co_epochs: list[int],
     return _img(fig, "monitor accuracy per epoch")
 
 
-def traces_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
-    keys = sorted({k for h in hist for k in (h.get("metrics") or {})},
+def traces_figure(hist: list[HistoryRow], co_epochs: list[int]) -> str:
+    keys = sorted({k for h in hist for k in h.metrics},
                   key=lambda k: (k not in TRACES, list(TRACES).index(k) if k in TRACES else 0, k))
     if keys == ["loss_main"]:  # no regularizer: the same curve as the training loss
         keys = []
@@ -167,9 +166,9 @@ def traces_figure(hist: list[dict[str, Any]], co_epochs: list[int]) -> str:
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
-    ep = [h["epoch"] for h in hist]
+    ep = [h.epoch for h in hist]
     for ax, k in zip(axes.flat, keys, strict=False):
-        ys = [(h.get("metrics") or {}).get(k) for h in hist]
+        ys = [h.metrics.get(k) for h in hist]
         ax.plot(ep, ys, marker="o", color="#333")
         pos = [y for y in ys if y is not None and y > 0]
         if k == "elle_e_lin" and pos and max(pos) / min(pos) > 100:
@@ -216,7 +215,7 @@ def certified_curve(points: list[tuple[float, bool]]) -> tuple[list[float], list
     return radii, [sum(ok and rr >= r for rr, ok in points) / n for r in radii]
 
 
-def certification_figure(cert: dict[str, Any], points: list[tuple[float, bool]]) -> str:
+def certification_figure(cert: Certification, points: list[tuple[float, bool]]) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     xs, ys = certified_curve(points)
@@ -224,10 +223,10 @@ def certification_figure(cert: dict[str, Any], points: list[tuple[float, bool]])
         x_end = max(xs) * 1.08 if max(xs) > 0 else 1.0
         ax.step(xs + [x_end], ys + [ys[-1]], where="post", color="#1f77b4",
                 label=f"certified accuracy ({len(points)} points)")
-    ax.plot(cert["radii"], cert["certified_accuracy"], ls="none", marker="o", color="#ff7f0e",
+    ax.plot(cert.radii, cert.certified_accuracy, ls="none", marker="o", color="#ff7f0e",
             label="at the report's radii")
     ax.set(xlabel="ℓ2 radius", ylabel="certified accuracy", ylim=(0, 1.02),
-           title=f"randomized smoothing, σ = {cert['sigma']:g}: ACR {cert['acr']:.3f}")
+           title=f"randomized smoothing, σ = {cert.sigma:g}: ACR {cert.acr:.3f}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -242,61 +241,64 @@ VERDICT_TEXT = {"robust": "Robust", "not_robust": "Not robust",
                 "unverified": "Unverified: no multi-step attack was run"}
 
 
-def _verdict_banner(report: dict[str, Any]) -> str:
+def _verdict_banner(rep: Report) -> str:
     """The verdict at the top of the page: what the job made (the job's state only says it
     ran). Green for robust, red otherwise."""
-    if not report.get("final"):
+    v = rep.verdict
+    if v is None:
         return ""
-    v = report.get("verdict") or verdict(report)
-    label = v["label"]
-    return (f"<div class='verdict {'ok' if label == 'robust' else 'bad'}' "
-            f"data-verdict='{_esc(label)}'><strong>Verdict: "
-            f"{_esc(VERDICT_TEXT.get(label, label))}</strong> — {_esc(v['reason'])}. "
+    return (f"<div class='verdict {'ok' if v.label == 'robust' else 'bad'}' "
+            f"data-verdict='{_esc(v.label)}'><strong>Verdict: "
+            f"{_esc(VERDICT_TEXT.get(v.label, v.label))}</strong> — {_esc(v.reason)}. "
             "<span class='note'>(The rule: docs/methods.md, \"Verdicts\".)</span></div>")
 
 
-def _final_table(report: dict[str, Any]) -> str:
-    models = final_by_model(report)
+def _final_table(rep: Report) -> str:
+    models = rep.models
     names = list(models)
-    attacks = list(dict.fromkeys(a for res in models.values() for a in res["attacks"]))
-    rows = [("clean", *(models[m]["clean_acc"] for m in names),
-             *(models[names[0]]["n"],))]
+    attacks = list(dict.fromkeys(a for res in models.values() for a in res.attacks))
+
+    def acc(m: str, a: str) -> Any:
+        return models[m].attacks[a].acc if a in models[m].attacks else "–"
+
+    first = models[names[0]]
+    rows = [("clean", *(models[m].clean_acc for m in names), first.n)]
     for a in attacks:
-        rows.append((a, *(models[m]["attacks"].get(a, {}).get("acc", "–") for m in names),
-                     models[names[0]]["attacks"].get(a, {}).get("n", "–")))
-    head = ("accuracy", *(_model_label(report, m) for m in names), "n")
+        rows.append((a, *(acc(m, a) for m in names),
+                     first.attacks[a].n if a in first.attacks else "–"))
+    head = ("accuracy", *(_model_label(rep, m) for m in names), "n")
     return _table(rows, head, "final")
 
 
-def _model_label(report: dict[str, Any], name: str) -> str:
+def _model_label(rep: Report, name: str) -> str:
     """'best model (epoch 13)': the epoch each model's weights come from, where one does."""
-    hist = report.get("history") or []
-    epoch = {"best": (report.get("selection") or {}).get("epoch"),
-             "last": hist[-1].get("epoch") if hist else None}.get(name)
+    epoch = {"best": (rep.selection or {}).get("epoch"),
+             "last": rep.history[-1].epoch if rep.history else None}.get(name)
     return f"{name} model" + (f" (epoch {epoch})" if epoch is not None else "")
 
 
-def _warnings(report: dict[str, Any]) -> str:
+def _warnings(rep: Report) -> str:
     """The final suite's own sanity checks (bulwark.contract.report.FinalResult.warnings)."""
-    models = final_by_model(report)
+    models = rep.models
     items = [f"{w}" + (f" ({name} model)" if len(models) > 1 else "")
-             for name, res in models.items()
-             for w in FinalResult.model_validate(res).warnings(pgd_reach(report))]
+             for name, res in models.items() for w in res.warnings(rep.reach)]
     return ("<ul class='co warnings'>" + "".join(f"<li>{_esc(w)}</li>" for w in items)
             + "</ul>") if items else ""
 
 
-def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
+def _or_dash(v: Any) -> Any:
+    return "–" if v is None else v
+
+
+def render(report: Report | dict[str, Any], certify_tsv: str | None = None) -> str:
     """The page for ``report`` (``certify_tsv``: the text of the job's certify.tsv, for the
     certified-accuracy step curve)."""
-    spec, hist = report["spec"], report.get("history") or []
+    rep = as_report(report)
+    spec, hist, events = rep.spec, rep.history, rep.events
     threat = spec["threat"]
-    events = report.get("events") or []
-    co_epochs = [e["epoch"] for e in events if e.get("type") == "catastrophic_overfitting"]
-    recovered = [e["epoch"] for e in events if e.get("type") == "co_recovered"]
+    co_epochs, recovered = rep.co_epochs, rep.events_of("co_recovered")
     recipe = spec.get("recipe") or {}
     title = spec.get("name") or recipe.get("preset") or "job"
-    env = report.get("environment") or {}
     sections = [
         f"<h1>Bulwark report: {html.escape(title)}</h1>",
         "<p class='meta'>"
@@ -305,13 +307,13 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
             f"{threat['norm']} ε = {epsilon_text(threat['epsilon'], threat['norm'])}",
             f"preset {recipe.get('preset')}" if recipe.get("preset") else "no preset",
             f"mode {spec.get('mode', 'train')}",
-            *([f"finished {report['finished_at']}"] if report.get("finished_at") else [])))
-        + f" · report_version {_esc(report['report_version'])}</p>",
-        _verdict_banner(report),
+            *([f"finished {rep.finished_at}"] if rep.finished_at else [])))
+        + f" · report_version {_esc(rep.report_version)}</p>",
+        _verdict_banner(rep),
         "<h2>Final evaluation" + (" on the validation slice (not the test set)"
-                                  if final_split(report) == "validation" else "") + "</h2>",
-        _final_table(report),
-        _warnings(report)]
+                                  if rep.split == "validation" else "") + "</h2>",
+        _final_table(rep),
+        _warnings(rep)]
     if hist:
         sections += ["<h2>Training</h2>", training_figure(hist, co_epochs),
                      "<h2>Robustness per epoch</h2>", monitor_figure(hist, co_epochs,
@@ -329,9 +331,9 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
                         + ", ".join(str(e) for e in co_epochs) + " (red dashed lines)"
                         + ("; recovered at epoch(s) " + ", ".join(map(str, recovered))
                            + " (grey dash-dot lines)" if recovered else "")
-                        + ("; still overfit at the last epoch" if hist and
-                           hist[-1].get("catastrophic_overfitting") else "") + ".</p>")
-    closed = [e["epoch"] for e in events if e.get("type") == "fgsm_pgd_gap_closed"]
+                        + ("; still overfit at the last epoch" if rep.co_at_end else "")
+                        + ".</p>")
+    closed = rep.events_of("fgsm_pgd_gap_closed")
     for kind, css, lead, text in (
             ("fgsm_pgd_gap", "note", "An FGSM-PGD gap was recorded at",
              (" and closed at epoch(s) " + ", ".join(map(str, closed)) if closed else "")
@@ -348,48 +350,46 @@ def render(report: dict[str, Any], certify_tsv: str | None = None) -> str:
              ": PGD on cross-entropy leaves more accuracy than the same PGD on the DLR loss (the "
              "purple dash-dot line), so cross-entropy's gradients mislead the attack; trust the "
              "lower figure and AutoAttack's")):
-        epochs = [str(e["epoch"]) for e in events if e.get("type") == kind]
+        epochs = [str(e) for e in rep.events_of(kind)]
         if epochs:
             sections.append(f"<p class='{css}'>{lead} epoch(s) {', '.join(epochs)}{text}.</p>")
     if events:
         sections += ["<h2>Watchdog events</h2>", _table(
-            [(e.get("type"), Event.model_validate(e).when, e.get("pgd_acc", "–"),
-              e.get("dlr_acc", "–"), e.get("fgsm_acc", "–"), e.get("clean_acc", "–"))
-             for e in events],
+            [(e.type, e.when, _or_dash(e.pgd_acc), _or_dash(e.dlr_acc), _or_dash(e.fgsm_acc),
+              _or_dash(e.clean_acc)) for e in events],
             ("event", "when", "PGD", "PGD (DLR)", "FGSM", "clean"), "events")]
-    if report.get("remediations"):
+    if rep.remediations:
         sections += ["<h2>Remediations</h2>", _table(
             [(r["epoch"], r["remedy"], r["rolled_back_to"], r["recipe"])
-             for r in report["remediations"]],
+             for r in rep.remediations],
             ("epoch", "remedy", "rolled back to", "recipe from then on"))]
-    if report.get("stopped_early"):
-        se = report["stopped_early"]
+    if rep.stopped_early:
+        se = rep.stopped_early
         sections.append(f"<p class='co'>Training stopped early at epoch {_esc(se['epoch'])}: "
                         f"{_esc(se['reason'])}.</p>")
-    if report.get("selection"):
-        sel = report["selection"]
+    if rep.selection:
+        sel = rep.selection
         sections += ["<h2>Best and last epoch</h2>", _table(
             [(sel["epoch"], sel["monitor_pgd_acc"], sel["last_monitor_pgd_acc"],
               sel["robust_generalization_gap"])],
             ("best epoch", "best monitor PGD", "last monitor PGD", "gap"))]
-    cert = report.get("certification")
+    cert = rep.certification
     if cert:
         sections += [
             "<h2>Certified robustness (randomized smoothing)</h2>",
-            f"<p>σ = {_esc(cert['sigma'])}, n0 = {_esc(cert['n0'])}, n = {_esc(cert['n'])}, "
-            f"α = {_esc(cert['alpha'])}, {_esc(cert['num_points'])} points; "
-            f"ACR {cert['acr']:.4f}, abstain rate {cert['abstain_rate']:.4f}</p>",
+            f"<p>σ = {_esc(cert.sigma)}, n0 = {_esc(cert.n0)}, n = {_esc(cert.n)}, "
+            f"α = {_esc(cert.alpha)}, {_esc(cert.num_points)} points; "
+            f"ACR {cert.acr:.4f}, abstain rate {cert.abstain_rate:.4f}</p>",
             certification_figure(cert, certified_points(certify_tsv)),
-            _table(list(zip(cert["radii"], cert["certified_accuracy"], strict=True)),
+            _table(list(zip(cert.radii, cert.certified_accuracy, strict=True)),
                    ("radius", "certified accuracy"))]
-        emp = cert.get("empirical")
-        if emp:
+        if cert.empirical is not None:
             sections += ["<h3>Smoothed-classifier PGD (empirical)</h3>",
-                         _table([(k, v) for k, v in emp.items()
+                         _table([(k, v) for k, v in cert.empirical.model_dump().items()
                                  if not isinstance(v, dict | list)], ("", "value"))]
     sections += ["<h2>Timing (s)</h2>",
-                 _table(list((report.get("timing") or {}).items()), ("phase", "seconds")),
-                 "<h2>Environment</h2>", _table(list(env.items()), ("", "value")),
+                 _table(list(rep.timing.items()), ("phase", "seconds")),
+                 "<h2>Environment</h2>", _table(list(rep.environment.items()), ("", "value")),
                  "<h2>Spec as run</h2>",
                  "<details><summary>the resolved spec (JSON), exactly as the job ran</summary>"
                  f"<pre>{html.escape(json.dumps(spec, indent=2))}</pre></details>"]

@@ -23,20 +23,13 @@ from safetensors import SafetensorError
 from bulwark.attacks import shard
 from bulwark.contract.artifacts import (
     BEST,
-    CERTIFY_TSV,
     CHECKPOINT,
     FINAL_STATE,
-    REPORT,
-    REPORT_HTML,
-    WA,
-    WEIGHTS,
 )
-from bulwark.contract.files import write_json, write_text
 from bulwark.contract.presets import describe_recipe
-from bulwark.contract.report import REPORT_VERSION, Report
+from bulwark.contract.report import Report
 from bulwark.contract.spec import SINGLE_STEP, JobSpec, RecipeSpec, as_spec, remedied, same_spec
 from bulwark.contract.tracking import TrackingServers
-from bulwark.contract.verdict import verdict
 from bulwark.defenses import Recipe, StepOutput
 from bulwark.defenses.precision import autocast
 from bulwark.workers.engine.checkpoint import (
@@ -48,12 +41,11 @@ from bulwark.workers.engine.checkpoint import (
     weights_metadata,
 )
 from bulwark.workers.engine.data import DeviceLoader, load_dataset, split_validation
-from bulwark.workers.engine.distributed import Ranks, join, launch, leave
-from bulwark.workers.engine.environment import environment
+from bulwark.workers.engine.distributed import OneProcess, Ranks, join, launch, leave
 from bulwark.workers.engine.final_attacks import FinalLedger, final_evaluation, weights_digest
-from bulwark.workers.engine.html_report import render as render_html
 from bulwark.workers.engine.models import build_model
 from bulwark.workers.engine.monitor import COWatchdog, monitor
+from bulwark.workers.engine.reporting import build_report, write_report
 from bulwark.workers.engine.schedule import build_optimizer, epsilon_at, lr_at, warmed_up
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -185,13 +177,6 @@ def judge(watchdog: COWatchdog, t: float, mon: dict[str, Any] | None,
     return watchdog.check(t, mon)
 
 
-def majority_share(labels: torch.Tensor, n: int | None) -> float:
-    """The largest class's share of the first ``n`` labels (the images the final suite
-    evaluates): the accuracy of always predicting it."""
-    y = labels[:n] if n is not None else labels
-    return round(float(torch.bincount(y.long()).max()) / max(int(y.numel()), 1), 6)
-
-
 PROBE_BUDGET = 0.10  # of an epoch's training work, at most
 PROBE_AUTO = 3
 
@@ -218,7 +203,7 @@ def probe_steps(probes: int, steps: int) -> set[int]:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                *, lr: float, precision: str, channels_last: bool,
-               ranks: Ranks | None = None) -> StepOutput:
+               ranks: Ranks | OneProcess | None = None) -> StepOutput:
     """One optimizer step of ``recipe`` on (x, y) at learning rate ``lr``; NonFiniteStep
     (nothing updated) when the loss, a term of it or the gradient is not finite.
 
@@ -269,7 +254,7 @@ class EpochStats:
         for k, v in out.metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
 
-    def summary(self, ranks: Ranks | None = None) -> dict[str, Any]:
+    def summary(self, ranks: Ranks | OneProcess | None = None) -> dict[str, Any]:
         """The epoch's means (over every rank's examples with ``ranks``)."""
         keys = sorted(self.sums)
         packed = torch.stack([self.loss_sum.float(), self.correct.float()]
@@ -312,8 +297,10 @@ class Training:
                  weights: str | Path | None, data_path: str | Path | None = None,
                  ranks: Ranks | None = None):
         self.spec, self.out, self.dev, self.timing = spec, out, dev, timing
-        self.ranks = ranks  # None: one process; else this rank (0 writes, emits, monitors)
-        self.writes = ranks is None or ranks.main
+        # this rank of a multi-process job (rank 0 writes, emits, monitors), or the
+        # single-process stand-in whose collectives are the identity
+        self.ranks: Ranks | OneProcess = ranks or OneProcess(dev)
+        self.writes = self.ranks.main
         self.channels_last = channels_last_on(spec.compute.channels_last, dev)
         sched, ev = spec.schedule, spec.evaluation
         with timing.phase("data"):
@@ -353,7 +340,7 @@ class Training:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         # what a training step runs: the DDP module (sharing ``model``'s parameters) or model
-        self.net = model if ranks is None else ranks.wrap(model, spec.compute.sync_batchnorm)
+        self.net = self.ranks.wrap(model, spec.compute.sync_batchnorm)
         self.compiled = compile_on(spec.compute.compile, dev)
         if self.compiled:  # the training step only: evaluation and the EMA copies stay eager
             self.net = torch.compile(self.net)
@@ -556,13 +543,13 @@ class Training:
         with self.timing.phase("train"):
             for i, (x, y) in enumerate(self.loader.epoch(gen)):
                 stop = should_stop is not None and should_stop()
-                if stop or ranks is not None and ranks.agree(stop):
+                if stop or ranks.agree(stop):
                     raise Cancelled(f"stopped during epoch {epoch + 1}")
                 t = epoch + i / self.steps_per_epoch
                 lr = lr_at(sched.lr, t, sched.epochs)
                 self.recipe.set_epsilon(epsilon_at(spec.threat.training_epsilon,
                                                    spec.threat.epsilon_warmup, t))
-                part = None if ranks is None else ranks.share(y.shape[0])
+                part = ranks.share(y.shape[0])
                 if part is not None:  # this rank's slice; an empty one steps on an example
                     sl = slice(part.start, part.stop) if part.size else slice(0, 1)  # at weight
                     x, y = x[sl], y[sl]  # 0: DDP needs every rank's backward
@@ -594,8 +581,7 @@ class Training:
                                   alpha=ev.monitor.pgd_alpha,
                                   batch_size=max(sched.batch_size, 256),
                                   dlr_pgd=ev.monitor.masking_gap is not None)
-                if ranks is not None:  # one set of figures: every watchdog decides alike
-                    mon = ranks.broadcast(mon)
+                mon = ranks.broadcast(mon)  # one set of figures: every watchdog decides alike
         co = judge(self.watchdog, epoch + 1, mon, spec.threat.epsilon_warmup)
         if mon and (self.best is None or mon["pgd_acc"] > self.best["monitor_pgd_acc"]):
             self.best = {"epoch": epoch + 1, "monitor_pgd_acc": mon["pgd_acc"],
@@ -629,8 +615,7 @@ class Training:
                                   norm=spec.threat.norm, steps=mon_spec.probe_pgd_steps,
                                   alpha=mon_spec.pgd_alpha,
                                   batch_size=max(spec.schedule.batch_size, 256))
-            if self.ranks is not None:
-                fig = self.ranks.broadcast(fig)
+            fig = self.ranks.broadcast(fig)
         judge(self.watchdog, t, fig, spec.threat.epsilon_warmup)
         return {"at_epoch": round(t, 4), **fig, "seconds": time.perf_counter() - t0}
 
@@ -641,8 +626,8 @@ class Training:
         test_x, test_y = self.eval_x, self.eval_y
         if ev.final.n is not None:
             test_x, test_y = test_x[:ev.final.n], test_y[:ev.final.n]
-        if self.ranks is not None:  # this rank's contiguous share of the test images
-            part = self.ranks.share(int(test_x.shape[0]))
+        part = self.ranks.share(int(test_x.shape[0]))  # this rank's contiguous share
+        if part is not None:
             test_x, test_y = test_x[part.start:part.stop], test_y[part.start:part.stop]
         test_x, test_y = self.layout(test_x.to(self.dev).float().div_(255)), test_y.to(self.dev)
         candidates = {"last": self.model}
@@ -654,7 +639,7 @@ class Training:
         finals: dict[str, Any] = {}
         evaluated: dict[str, str] = {}  # weights digest -> the model evaluated with them
         # one process keeps a ledger of finished batches: a stopped evaluation resumes
-        ledger = FinalLedger(self.out / FINAL_STATE) if self.ranks is None else None
+        ledger = FinalLedger(self.out / FINAL_STATE) if self.ranks.world == 1 else None
         with self.timing.phase("final_evaluation"):
             for name in ev.final.models:
                 if name not in candidates:
@@ -683,7 +668,7 @@ class Training:
                     on_progress=lambda p: emit("evaluation", p), check=check, ledger=book)
                 if book is not None:  # the kept batches' seconds, spent by earlier processes
                     self.timing.carry({"final_evaluation": book.before, "total": book.before})
-        return finals if self.ranks is None else merge_finals(self.ranks.gather([finals]))
+        return finals if self.ranks.world == 1 else merge_finals(self.ranks.gather([finals]))
 
     def certify(self, emit: Event, check: Callable[[], None]) -> dict[str, Any] | None:
         plan = self.spec.evaluation.certification
@@ -698,53 +683,8 @@ class Training:
                 self.eval_y.to(self.dev), plan, num_classes=self.data.num_classes,
                 out=self.out, precision=self.spec.compute.precision,
                 channels_last=self.channels_last, seed=self.spec.schedule.seed, emit=emit,
-                check=check, ranks=None if self.ranks is None else (
+                check=check, ranks=None if self.ranks.world == 1 else (
                     self.ranks.rank, self.ranks.world, self.ranks.gather))
-
-    # ---------------------------------------------------------------------- report
-    def selection(self) -> dict[str, Any] | None:
-        if self.best is None:
-            return None
-        last = self.history[-1]["monitor"] if self.history else None
-        last_pgd = last["pgd_acc"] if last else None
-        return {**self.best, "last_epoch": self.spec.schedule.epochs,
-                "last_monitor_pgd_acc": last_pgd,
-                "robust_generalization_gap": None if last_pgd is None
-                else self.best["monitor_pgd_acc"] - last_pgd,
-                "note": "best = the epoch with the highest monitor PGD accuracy (validation "
-                        "slice); the gap is best minus last"}
-
-    def report(self, finals: dict[str, dict[str, Any]],
-               certification: dict[str, Any] | None) -> dict[str, Any]:
-        spec, data = self.spec, self.data
-        save_weights(self.out / WEIGHTS, self.model, self.meta)
-        if self.recipe.weight_average is not None:
-            save_weights(self.out / WA, self.recipe.weight_average.module,
-                         {**self.meta, "model": "wa"})
-        return {
-            "report_version": REPORT_VERSION,
-            "spec": spec.model_dump(mode="json"),
-            "environment": environment(self.dev, spec.schedule.seed, self.channels_last,
-                                       spec.compute.precision, self.compiled),
-            "dataset": {"name": data.name, "num_classes": data.num_classes, **self.sizes,
-                        "test": int(data.test_x.shape[0]), "monitor": self.n_mon,
-                        "shape": list(data.train_x.shape[1:]),
-                        "final_split": self.spec.evaluation.final.split,
-                        # the chance level of the final figures (contract/verdict.py)
-                        "majority_share": majority_share(self.eval_y,
-                                                         self.spec.evaluation.final.n)},
-            "history": self.history,
-            "events": self.watchdog.events,
-            "final": finals.get("last") or next(iter(finals.values())),
-            "final_models": finals,
-            "selection": self.selection(),
-            "stopped_early": self.stopped_early,
-            "remediations": self.remediations,
-            "certification": certification,
-            "timing": {},
-            "artifacts": [n for n in (REPORT, REPORT_HTML, WEIGHTS, BEST, WA, CERTIFY_TSV)
-                          if n in (REPORT, REPORT_HTML) or (self.out / n).exists()],
-        }
 
 
 def run_job(spec: JobSpec, out_dir: str | Path, *, device: str | None = "cpu",
@@ -820,21 +760,11 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
         check()
         emit("phase", {"phase": "final_evaluation"})
         finals = job.evaluate(emit, check)
-    world = 1 if ranks is None else ranks.world
-    job.ranks, job.net = None, job.model
+    world = job.ranks.world
+    job.ranks, job.net = OneProcess(job.dev), job.model  # the process group is gone
     check()
-    report = job.report(finals, certification)
-    report["timing"] = {k: round(v, 3) for k, v in timing.snapshot().items()}
-    report["environment"]["training_ranks"] = world
-    import datetime as dt
-
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["verdict"] = verdict(report)  # what the job made, beside its state
-    write_json(out / REPORT, report)
-    (out / FINAL_STATE).unlink(missing_ok=True)  # the report holds what it kept
-    tsv = out / CERTIFY_TSV
-    write_text(out / REPORT_HTML, render_html(
-        report, tsv.read_text() if certification is not None and tsv.is_file() else None))
+    report = build_report(job, finals, certification, timing, world)
+    write_report(out, report, certified=certification is not None)
     emit("finished", {"final": report["final"], "verdict": report["verdict"]})
     return report
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bulwark.contract.artifacts import BEST, REPORT, REPORT_HTML, WA, WEIGHTS
-from bulwark.contract.report import WATCH_EVENTS, final_by_model
+from bulwark.contract.report import WATCH_EVENTS, Report
 from bulwark.contract.tracking import TrackingServers, artifact_location, artifact_uri_problem
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -56,19 +56,18 @@ def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and math.isfinite(float(v))}
 
 
-def final_metrics(report: dict[str, Any]) -> dict[str, float]:
+def final_metrics(report: Report) -> dict[str, float]:
     out: dict[str, float] = {}
-    models = final_by_model(report)
-    for model, res in models.items():
-        out[f"final_{model}_clean_acc"] = res["clean_acc"]
-        for attack, a in res["attacks"].items():
-            out[f"final_{model}_{attack}_acc".replace("-", "_")] = a["acc"]
-    cert = report.get("certification")
+    for model, res in report.models.items():
+        out[f"final_{model}_clean_acc"] = res.clean_acc
+        for attack, a in res.attacks.items():
+            out[f"final_{model}_{attack}_acc".replace("-", "_")] = a.acc
+    cert = report.certification
     if cert:
-        out["certified_acr"] = cert["acr"]
-        for r, acc in zip(cert["radii"], cert["certified_accuracy"], strict=True):
+        out["certified_acr"] = cert.acr
+        for r, acc in zip(cert.radii, cert.certified_accuracy, strict=True):
             out[f"certified_acc_at_{r:g}".replace(".", "_")] = acc
-    out["total_seconds"] = (report.get("timing") or {}).get("total") or 0.0
+    out["total_seconds"] = report.timing.get("total") or 0.0
     return out
 
 
@@ -141,7 +140,8 @@ class MLflowTracker:
 
         def go() -> None:
             if report is not None:
-                self._metrics(final_metrics(report), len(report.get("history") or []))
+                typed = Report.model_validate(report)
+                self._metrics(final_metrics(typed), len(typed.history))
                 from mlflow.store.artifact.artifact_repository_registry import (
                     get_artifact_repository,
                 )
