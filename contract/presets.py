@@ -119,8 +119,9 @@ MNIST_ADVERSARY: dict[str, tuple[dict[str, Any], str]] = {
 SRC_ELLE_MNIST = ("ELLE's λ 5000 at 16/255 (run_elle_cifar10.sh) carried to ε by E_lin ∝ ε³ "
                   "(this project's experiments/elle-scaling: 5000·(16/255 / ε)³ to one "
                   "significant digit, 50 at ε = 0.3); at 0.3 with the official double step it "
-                  "held on 5 seeds of 5 (validation PGD-20 0.69 ± 0.09; one step overfits; "
-                  "experiments/elle-scaling/seeds2.yaml)")
+                  "held on 5 seeds of 5 on one machine (validation PGD-20 0.69 ± 0.09; one step "
+                  "overfits) and on 2 of 5 retrained on another (test AutoAttack 0.32 / 0.35): "
+                  "fragile (experiments/elle-scaling §5)")
 # MNIST values of a regularizer on an adversary (ε = 0.3, every ε), with their source: this
 # project's experiments/mnist-recipe (lambda.yaml) on the MNIST schedule and mnist_net, measured
 # on the presets' earlier MNIST base (dataset normalization, a 1-epoch warm-up) with 1 000 test
@@ -137,7 +138,8 @@ MNIST_REGULARIZER: dict[tuple[str, str],
     ("fgsm", "elle_a"): ({"lam_max": 1300.0, "official_double_step": False}, (
         "this project's experiments/elle-scaling (validation only, 5 seeds): at ε = 0.3 "
         "λ_max searched from 4 to the published 4000, a half decade a step, with one and two "
-        "optimizer steps; 1300 with one step held on 5 seeds of 5 (PGD-20 0.65 ± 0.11), the "
+        "optimizer steps; 1300 with one step held on 5 seeds of 5 (PGD-20 0.65 ± 0.11) and, "
+        "retrained on another machine, on 3 of 5 (test AutoAttack 0.34-0.73): fragile; the "
         "published 4000 with two steps failed on seed 0, 40 (E_lin's carried strength) with "
         "two steps and 4000 with one held on 3 of 5 (seeds3.yaml)")),
     ("fgsm", "gradalign"): ({"lam": 8.0}, (
@@ -151,8 +153,8 @@ SRC_TRADES_MNIST = ("TRADES train_trades_mnist.py (since commit c56d2f2, 2019-05
                     "from 75, ×0.001 from 90; attack 40 steps of 0.01; β 1")
 SRC_NOT_TUNED = "{what}: no {family} value published; the CIFAR-10 value"
 SRC_ELLE_SCALE = ("; with FGSM at ε = 0.3 (experiments/elle-scaling) λ_max 1300 with one "
-                  "step held on 5 seeds of 5, the published 4000 with two steps failed; not "
-                  "searched with this adversary")
+                  "step held on 8 runs of 10 over two machines, the published 4000 with two "
+                  "steps failed; not searched with this adversary")
 
 # ADR (config/cifar10/*.gin): τ 2.5 → 2.0 and λ 0.7 → 0.95 with SGD; 1.5 / 0.85 with AWP.
 ADR_SGD = {"kind": "adr", "decay": 0.995, "tau_high": 2.5, "tau_low": 2.0, "lam_low": 0.7,

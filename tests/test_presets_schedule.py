@@ -352,6 +352,7 @@ def test_preset_sources_name_every_supplied_value_and_the_users_overrides():
     # on MNIST: ELLE-A's λ_max and step count as the validation search chose them
     assert "lam_max=1300" in rows["recipe.regularizers.elle_a"][0]
     assert "5 seeds of 5" in rows["recipe.regularizers.elle_a"][1]
+    assert "fragile" in rows["recipe.regularizers.elle_a"][1], "what the test set said too"
     assert "recipe.regularizers.elle_a.official_double_step" not in rows  # one step
     rows = {f: (v, src) for f, v, src in preset_sources(job("fgsm-elle-a"))}
     assert "twice" in rows["recipe.regularizers.elle_a.official_double_step"][1]  # CIFAR-10
