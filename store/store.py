@@ -361,11 +361,15 @@ class Store:
             raise NotFound(f"{what} {row_id} not found")
         return row
 
-    def get_job(self, tenant_id: str | None, job_id: str) -> Job:
+    def _read(self, cls, tenant_id: str | None, row_id: str):
+        """One row of ``cls`` owned by ``tenant_id`` (any tenant's with None), detached."""
         with self.reading() as s:
-            job = self._owned(s, Job, tenant_id, job_id)
-            s.expunge(job)
-            return job
+            row = self._owned(s, cls, tenant_id, row_id)
+            s.expunge(row)
+            return row
+
+    def get_job(self, tenant_id: str | None, job_id: str) -> Job:
+        return self._read(Job, tenant_id, job_id)
 
     def get_job_or_none(self, job_id: str) -> Job | None:
         """Any tenant's job, for workers; None once deleted."""
@@ -486,16 +490,10 @@ class Store:
             return row
 
     def get_dataset(self, tenant_id: str | None, dataset_id: str) -> UploadedDataset:
-        with self.reading() as s:
-            row = self._owned(s, UploadedDataset, tenant_id, dataset_id)
-            s.expunge(row)
-            return row
+        return self._read(UploadedDataset, tenant_id, dataset_id)
 
     def get_model(self, tenant_id: str | None, model_id: str) -> UploadedModel:
-        with self.reading() as s:
-            row = self._owned(s, UploadedModel, tenant_id, model_id)
-            s.expunge(row)
-            return row
+        return self._read(UploadedModel, tenant_id, model_id)
 
     # ------------------------------------------------------------------ worker side
     def claim(self, job_id: str, owner: str, *, stale_after: float,

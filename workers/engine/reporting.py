@@ -20,7 +20,7 @@ from bulwark.contract.artifacts import (
     WEIGHTS,
 )
 from bulwark.contract.files import write_json, write_text
-from bulwark.contract.report import REPORT_VERSION
+from bulwark.contract.report import REPORT_VERSION, Report
 from bulwark.contract.verdict import verdict
 from bulwark.workers.engine.checkpoint import save_weights
 from bulwark.workers.engine.environment import environment
@@ -84,6 +84,7 @@ def build_report(job: Any, finals: dict[str, dict[str, Any]],
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     report["verdict"] = verdict(report)  # what the job made, beside its state
+    Report.model_validate(report)  # the runner writes only what the contract reads
     return report
 
 
