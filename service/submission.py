@@ -30,11 +30,11 @@ def admit(svc: Services, tenant_id: str, spec: JobSpec) -> str | None:
     return model_id
 
 
-def enqueue(svc: Services, tenant_id: str, jobs: Iterable[Job], *,
+def enqueue(svc: Services, jobs: Iterable[Job], *,
             discard: Callable[[], None], data: dict[str, Any] | None = None) -> None:
     """Stored rows into the queue; 503 (and nothing kept) when the broker is unreachable."""
     try:
-        svc.lifecycle.queued(tenant_id, jobs, data=data, discard=discard)
+        svc.lifecycle.queued(jobs, data=data, discard=discard)
     except QueueUnavailable as e:
         raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
 

@@ -46,7 +46,7 @@ class Lifecycle:
         return cls(Store(s.resolved_database_url()), Events.from_settings(s))
 
     # -------------------------------------------------------------- new jobs
-    def queued(self, tenant_id: str, jobs: Iterable[Job], *, data: dict[str, Any] | None = None,
+    def queued(self, jobs: Iterable[Job], *, data: dict[str, Any] | None = None,
                discard: Callable[[], None]) -> None:
         """Freshly stored jobs enter the queue: each its ``queued`` event and its message.
         Should the broker refuse the first message, ``discard`` removes what was stored (one

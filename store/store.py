@@ -443,20 +443,23 @@ class Store:
                 select(Job.id, Job.attempt).where(Job.state == QUEUED,
                                                   Job.enqueued_at < cutoff))]
 
+    @staticmethod
+    def _never_sent() -> tuple:
+        """Rows just created whose first message has not reached the broker."""
+        return Job.state == QUEUED, Job.enqueued_at.is_(None), Job.attempt == 0
+
     def discard_unsent(self, tenant_id: str, job_id: str) -> None:
         """Remove a just-created job whose message could not be sent (the submit fails)."""
         with self.session() as s:
             s.execute(delete(Job).where(Job.id == job_id, Job.tenant_id == tenant_id,
-                                        Job.state == QUEUED, Job.enqueued_at.is_(None),
-                                        Job.attempt == 0)
+                                        *self._never_sent())
                       .execution_options(synchronize_session=False))
 
     def discard_sweep(self, tenant_id: str, sweep_id: str) -> None:
         """Remove a just-created sweep none of whose messages could be sent."""
         with self.session() as s:
             s.execute(delete(Job).where(Job.sweep_id == sweep_id, Job.tenant_id == tenant_id,
-                                        Job.state == QUEUED, Job.enqueued_at.is_(None),
-                                        Job.attempt == 0)
+                                        *self._never_sent())
                       .execution_options(synchronize_session=False))
             s.execute(delete(Sweep).where(Sweep.id == sweep_id, Sweep.tenant_id == tenant_id)
                       .execution_options(synchronize_session=False))

@@ -38,8 +38,7 @@ def submit(spec: JobSpec, tenant_id: Tenant, svc: Svc, response: Response,
                                         max_queued=s.max_queued_per_tenant,
                                         idempotency_key=idempotency_key, model_id=model_id)
     if created:
-        enqueue(svc, tenant_id, [job], discard=lambda: svc.store.discard_unsent(tenant_id,
-                                                                                job.id))
+        enqueue(svc, [job], discard=lambda: svc.store.discard_unsent(tenant_id, job.id))
     else:
         response.status_code = 200
     return job_out(job)

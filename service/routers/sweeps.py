@@ -66,7 +66,7 @@ def submit_sweep(sweep: SweepSpec, tenant_id: Tenant, svc: Svc) -> SweepOut:
         tenant_id, sweep.model_dump(mode="json"),
         [(c.name, c.overrides, c.spec.model_dump(mode="json")) for c in children],
         max_attempts=s.max_attempts, max_queued=s.max_queued_per_tenant, model_ids=model_ids)
-    enqueue(svc, tenant_id, jobs, data={"sweep_id": row.id},
+    enqueue(svc, jobs, data={"sweep_id": row.id},
             discard=lambda: svc.store.discard_sweep(tenant_id, row.id))
     return show_sweep(svc, tenant_id, row.id)
 

@@ -760,10 +760,8 @@ def _run_job(spec: JobSpec, out: Path, emit: Event, device: str | None, resume: 
         check()
         emit("phase", {"phase": "final_evaluation"})
         finals = job.evaluate(emit, check)
-    world = job.ranks.world
-    job.ranks, job.net = OneProcess(job.dev), job.model  # the process group is gone
     check()
-    report = build_report(job, finals, certification, timing, world)
+    report = build_report(job, finals, certification, timing, job.ranks.world)
     write_report(out, report, certified=certification is not None)
     emit("finished", {"final": report["final"], "verdict": report["verdict"]})
     return report
