@@ -11,9 +11,6 @@ fi
 PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 $PIP install --quiet -c constraints.txt -e ".[dev]"
-# torchattacks 3.5.1 declares torchvision and requests~=2.25.1 but imports neither; its real
-# needs (numpy, scipy, tqdm) come with Bulwark's own dependencies.
-$PIP install --quiet --no-deps "torchattacks==3.5.1"
 # Debian's Chromium for the browser test of /docs (Playwright drives the system browser and
 # never downloads one). Installed only where it is missing and apt is ours to use.
 if [ -z "${BULWARK_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
