@@ -23,9 +23,10 @@ Conventions shared by every function here:
   batch it already holds is not attacked again: an evaluation stopped half-way resumes where
   it stopped, with the result of an uninterrupted one.
 
-torchattacks notes (3.3.0; the same code in 3.5.1): ``AutoAttack`` does not forward a step count, so its APGD-CE,
-APGD-T and FAB run 10 iterations instead of the 100 of the reference implementation
-(fra31/auto-attack); :func:`autoattack_eval` sets ``steps`` (default 100) on the sub-attacks.
+torchattacks notes (3.3.0; the same code in 3.5.1): ``AutoAttack`` does not forward a step
+count, so its APGD-CE, APGD-T and FAB run 10 iterations instead of the 100 of the reference
+implementation (fra31/auto-attack); :func:`autoattack_eval` sets ``steps`` (default 100) on the
+sub-attacks.
 APGD-T's targeted DLR loss reads the 4th-largest logit, so it needs at least 4 classes.
 """
 
