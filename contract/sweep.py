@@ -168,7 +168,9 @@ def expand(sweep: SweepSpec) -> list[Child]:
     children: list[Child] = []
     for vname, override in variants.items():
         for combo in combos:
-            data = merge(copy.deepcopy(sweep.base), override, by_kind=False)
+            # a part of another kind replaces the base's (an FGSM variant of an FGSM-RS base
+            # keeps no clip_start); a part of the same kind is merged field by field
+            data = merge(copy.deepcopy(sweep.base), override)
             for k, value in zip(keys, combo, strict=True):
                 _set(data, k, value)
             if sweep.stop_on_catastrophic_overfitting:

@@ -59,6 +59,24 @@ def test_grid_over_a_preset_named_by_string_and_stop_on_co():
     assert a.spec.evaluation.monitor.stop_on_co and b.spec.evaluation.monitor.stop_on_co
 
 
+def test_a_variant_of_another_kind_replaces_the_part_and_one_of_the_same_kind_merges():
+    rs = {"kind": "fgsm_rs", "alpha": 1.25, "clip_start": False}
+    base = {**BASE, "recipe": {"preset": "fgsm-rs", "adversary": rs},
+            "schedule": {**BASE["schedule"], "lr": {"kind": "cyclic", "lr_max": 0.05, "peak": 0.4}}}
+    sweep = SweepSpec.model_validate({"base": base, "variants": {
+        "fgsm": {"recipe": {"preset": "fgsm-gradalign",
+                            "adversary": {"kind": "fgsm", "alpha": 1.0}}},
+        "rs": {"recipe": {"adversary": {"kind": "fgsm_rs", "alpha": 1.0}}},
+        "step": {"schedule": {"lr": {"kind": "piecewise", "lr_max": 0.1, "milestones": [0.5],
+                                     "gamma": 0.1}}}}})
+    fgsm, rs, step = expand(sweep)
+    assert fgsm.spec.recipe.adversary.kind == "fgsm" and fgsm.spec.recipe.adversary.alpha == 1.0
+    assert not hasattr(fgsm.spec.recipe.adversary, "clip_start")
+    assert rs.spec.recipe.adversary.alpha == 1.0 and rs.spec.recipe.adversary.clip_start is False
+    assert step.spec.schedule.lr.kind == "piecewise" and step.spec.schedule.lr.milestones == [0.5]
+    assert step.spec.schedule.lr.peak == 0.5, "the cyclic lr's peak is not carried over"
+
+
 def test_bad_sweeps_name_the_child_and_field(tmp_path):
     with pytest.raises(SpecError, match=r"(?s)sweep child epsilon=2:.*threat.epsilon.*\(0, 1\]"):
         expand(SweepSpec.model_validate({"base": BASE, "grid": {"threat.epsilon": [0.1, 2]}}))
